@@ -1,0 +1,5 @@
+import sys
+
+from ovlrun.cli import main
+
+sys.exit(main())

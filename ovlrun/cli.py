@@ -1,0 +1,110 @@
+"""Command line.
+
+Two shapes share one program:
+- ``ovlrun --profile NAME [--user U] [--strict] [--] [CMD ARGS...]`` launches a job;
+- ``ovlrun SUBCOMMAND ...`` (snapshot, doctor, profile, ...) administers.
+
+The launch path is parsed by hand: importing typer/click costs ~30 ms, more than the
+whole rest of a launch, and launch overhead is what every job pays.  ``--help`` and all
+subcommands go through typer.  :class:`OvlrunError` is caught here and only here.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ovlrun.errors import EXIT_OVLRUN, OvlrunError
+
+SUBCOMMANDS = ("snapshot", "doctor", "profile", "status", "slurm", "enter")
+HELP_FLAGS = ("-h", "--help", "--version")
+
+LAUNCH_HELP = """\
+Run CMD (or, with none, your login shell) in a private mount namespace where the release
+paths the profile localises are served from local metadata snapshots: lookups there,
+including the failing ones of long PATH/LD_LIBRARY_PATH/PYTHONPATH searches, never
+reach the shared (NFS) tree, while file data still comes from it.  Everything else is the
+plain shared tree.  Nothing is mounted on the host.
+
+Must run as root (sudo, a scheduler prolog); under sudo the command runs as the calling
+user with no capabilities.  Exit status: CMD's own, or 125 (ovlrun failed), 126 (CMD not
+executable), 127 (CMD not found).
+
+Other commands: snapshot build|list, profile check, doctor, status (see ovlrun COMMAND --help).
+Environment: OVLRUN_PROFILE_PATH (profile directories, colon-separated),
+OVLRUN_STORE (snapshot store, default /var/lib/ovlrun).
+"""
+
+
+class UsageError(OvlrunError):
+    pass
+
+
+def parse_launch(argv: list[str]) -> tuple[str, str | None, bool, list[str]]:
+    """Parse ``--profile P [--user U] [--strict] [--] CMD...``; options end at CMD."""
+    profile: str | None = None
+    user: str | None = None
+    strict = False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            i += 1
+            break
+        if not arg.startswith("-") or arg == "-":
+            break
+        name, eq, value = arg.partition("=")
+        if name in ("--profile", "-p", "--user", "-u"):
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise UsageError(f"option {name} needs a value")
+                value = argv[i]
+            if name in ("--profile", "-p"):
+                profile = value
+            else:
+                user = value
+        elif arg == "--strict":
+            strict = True
+        else:
+            raise UsageError(f"unknown option {arg!r} (see ovlrun --help)")
+        i += 1
+    if profile is None:
+        raise UsageError("missing --profile NAME (see ovlrun --help)")
+    return profile, user, strict, argv[i:]
+
+
+def launch(argv: list[str]) -> int:
+    import os
+
+    from ovlrun.launch import run_job
+    from ovlrun.privileges import target_identity
+    from ovlrun.profile import load_profile
+
+    profile_spec, user, strict, command = parse_launch(argv)
+    if os.geteuid() != 0:
+        raise OvlrunError("ovlrun must run as root: use 'sudo ovlrun ...', a scheduler prolog, or a root shell")
+    profile = load_profile(profile_spec)
+    identity = target_identity(user, dict(os.environ))
+    return run_job(profile, command, identity=identity, strict=strict)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        if not args or args[0] in SUBCOMMANDS or args[0] in HELP_FLAGS:
+            from ovlrun.commands import run_typer
+
+            return run_typer(args)
+        return launch(args)
+    except OvlrunError as e:
+        print(f"ovlrun: {e.message}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OVLRUN
+
+
+def main_exit() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

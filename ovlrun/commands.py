@@ -1,0 +1,164 @@
+"""Administrative subcommands (typer): snapshot, profile, doctor, status."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Annotated, Any
+
+import click
+import typer
+
+from ovlrun import __version__
+from ovlrun.errors import EXIT_OVLRUN, OvlrunError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="ovlrun administration.",
+                  context_settings={"help_option_names": ["-h", "--help"]})
+snapshot_app = typer.Typer(no_args_is_help=True, help="Build and inspect metadata snapshots.")
+profile_app = typer.Typer(no_args_is_help=True, help="Inspect profiles.")
+app.add_typer(snapshot_app, name="snapshot")
+app.add_typer(profile_app, name="profile")
+
+ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="Profile name (searched in OVLRUN_PROFILE_PATH, "
+                                         "/etc/ovlrun/profiles, bundled profiles/) or path to a .toml file.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise OvlrunError(f"{what} must run as root (trusted.overlay.* xattrs can only be written by root)")
+
+
+@snapshot_app.command("build")
+def snapshot_build(profile: ProfileOpt,
+                   rebuild: Annotated[bool, typer.Option(help="Re-walk sources that already have a snapshot and "
+                                                         "publish a new one if they changed.")] = False) -> None:
+    """Build a snapshot for every directory the profile localises (idempotent).
+
+    Sources that already have a snapshot are left alone (releases are immutable); use
+    --rebuild to re-walk them.  Exits 1 if any source failed.
+    """
+    from ovlrun.build import build_profile
+    from ovlrun.profile import load_profile
+    from ovlrun.store import Store
+
+    _require_root("snapshot build")
+    results = build_profile(load_profile(profile), Store.open())
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        raise OvlrunError(f"{len(failed)} of {len(results)} snapshots failed", status=1)
+
+
+@snapshot_app.command("list")
+def snapshot_list(as_json: JsonOpt = False) -> None:
+    """List the snapshots in the store and which path each serves."""
+    from ovlrun.store import Store
+
+    store = Store.open()
+    index = store.read_index()
+    serving = {rel: path for path, rel in index.items()}
+    rows: list[dict[str, Any]] = []
+    for snap in store.all_snapshots():
+        rel = str(snap.directory.relative_to(store.path))
+        m = snap.manifest
+        rows.append({"path": m.path, "source": m.source, "id": m.id, "current": rel in serving,
+                     "built": m.built, "counts": m.counts, "directory": str(snap.directory),
+                     "fingerprint": m.fingerprint, "max_redirect": m.max_redirect,
+                     "long_redirects": m.long_redirects})
+    if as_json:
+        json.dump(rows, sys.stdout, indent=1)
+        print()
+        return
+    if not rows:
+        print(f"no snapshots in {store.path}")
+        return
+    for r in rows:
+        counts = r["counts"]
+        entries = counts.get("dirs", 0) + counts.get("files", 0) + counts.get("symlinks", 0) + 1
+        built = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["built"]))
+        mark = "*" if r["current"] else " "
+        print(f"{mark} {r['path']}  {r['id']}  {entries} entries  built {built}")
+    print("(* = current snapshot for its path)")
+
+
+@profile_app.command("check")
+def profile_check(name: Annotated[str, typer.Argument(help="Profile name or path.")]) -> None:
+    """Validate a profile (the submit-time check); prints what it would localise."""
+    from ovlrun.profile import load_profile
+    from ovlrun.store import Store
+
+    profile = load_profile(name)
+    index = Store.open().read_index()
+    print(f"{profile.name}: {profile.file} OK ({profile.description or 'no description'})")
+    for tree in profile.trees:
+        for pattern in tree.patterns:
+            path = tree.path_of(pattern.text)
+            prefix = tree.root.rstrip("/") + "/"
+            built = [p for p in index if p.startswith(prefix) and pattern.matches(p[len(prefix):])]
+            print(f"  {path}: {len(built)} snapshot(s) built")
+
+
+@app.command("doctor")
+def doctor(as_json: JsonOpt = False) -> None:
+    """Report what the running kernel supports and how ovlrun will mount."""
+    from ovlrun.kernel import probe
+
+    f = probe()
+    info = {"kernel": os.uname().release, "overlay": f.overlay, "new_mount_api": f.new_mount_api,
+            "lowerdir+/datadir+": f.layer_append, "data_only_layers": f.data_only_layers,
+            "redirect_max": f.redirect_max, "mount_method": f.mount_method,
+            "layout": "lowerdir=SNAPSHOT::SHARED (data-only)" if f.data_only_layers
+            else "lowerdir=SNAPSHOT:SHARED (fallback: stat of localised files walks the shared tree)"}
+    if as_json:
+        print(json.dumps(info, indent=1))
+        return
+    for k, v in info.items():
+        print(f"{k:20} {v}")
+    if not f.overlay:
+        raise OvlrunError("overlayfs is not available (modprobe overlay)", status=1)
+
+
+@app.command("status")
+def status(as_json: JsonOpt = False) -> None:
+    """Inside a job: the profile and each localised path with its snapshot."""
+    from ovlrun.jobstatus import job_status
+
+    info = job_status()
+    if as_json:
+        print(json.dumps(info, indent=1))
+        return
+    if not info["profile"]:
+        print("not inside an ovlrun job (OVLRUN_PROFILE is unset)")
+    else:
+        print(f"profile: {info['profile']}")
+    for m in info["localised"]:
+        print(f"  {m['path']}  <- {m['snapshot']}  ({m['mode']})")
+
+
+def run_typer(args: list[str]) -> int:
+    if args and args[0] in ("-h", "--help"):
+        from ovlrun.cli import LAUNCH_HELP
+
+        print("Usage: ovlrun --profile NAME [--user USER] [--strict] [--] [CMD [ARGS...]]\n"
+              "       ovlrun COMMAND [ARGS...]\n")
+        print(LAUNCH_HELP)
+        print("Options:\n  -p, --profile NAME  profile name or path to a .toml file\n"
+              "  -u, --user USER     run as USER (root callers only, e.g. prologs)\n"
+              "  --strict            fail if a localised path has no snapshot\n")
+        return 0
+    if args and args[0] == "--version":
+        print(f"ovlrun {__version__}")
+        return 0
+    try:
+        result = app(args=args, prog_name="ovlrun", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return int(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        return EXIT_OVLRUN
+    except click.exceptions.Abort:
+        return EXIT_OVLRUN
+    return result if isinstance(result, int) else 0
+

@@ -1,0 +1,178 @@
+"""Launching a job: private mount namespace, localising overlays, drop, exec.
+
+Plan first, then execute (mkosi style): :func:`plan` reads only the local store's index
+and manifests (never the shared tree) and decides which paths get which snapshot; only
+then does :func:`enter_private_namespace` + :func:`mount_plan` change anything, inside a
+namespace that dies with the job, so nothing can be left mounted on the host.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ovlrun import syscalls
+from ovlrun.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, OvlrunError
+from ovlrun.kernel import Features, probe
+from ovlrun.overlay import OverlaySpec, mount_overlay
+from ovlrun.privileges import Identity, drop_to
+from ovlrun.profile import Profile
+from ovlrun.store import Snapshot, Store
+
+Warn = Callable[[str], None]
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def warn_stderr(message: str) -> None:
+    print(f"ovlrun: warning: {message}", file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class Localised:
+    path: str  # as the profile names it
+    snapshot: Snapshot
+    data_only: bool
+
+    @property
+    def source(self) -> str:
+        return self.snapshot.manifest.source
+
+
+def plan(profile: Profile, store: Store, features: Features, *, strict: bool, warn: Warn) -> list[Localised]:
+    """Which localised paths this job gets, from the store index alone."""
+    index = store.read_index()
+    chosen: dict[str, str] = {}
+    missing: list[str] = []
+    for tree in profile.trees:
+        prefix = tree.root.rstrip("/") + "/"
+        for pattern in tree.patterns:
+            if pattern.is_literal:
+                path = tree.path_of(pattern.text)
+                if path in index:
+                    chosen[path] = index[path]
+                else:
+                    missing.append(path)
+                continue
+            hits = [p for p in index if p.startswith(prefix) and pattern.matches(p[len(prefix):])]
+            if not hits:
+                missing.append(tree.path_of(pattern.text))
+            chosen.update((p, index[p]) for p in hits)
+    for path in missing:
+        message = (f"no snapshot for {path}; it stays unlocalised "
+                   f"(build it with: ovlrun snapshot build --profile {profile.name})")
+        if strict:
+            raise OvlrunError(message.replace("; it stays unlocalised", ""))
+        warn(message)
+    result = []
+    for path, relative in sorted(chosen.items()):
+        snapshot = store.load(relative)
+        store.check_trusted(snapshot)
+        result.append(Localised(path, snapshot, features.data_only_layers))
+    return result
+
+
+def enter_private_namespace() -> None:
+    """Become the only member of a new mount namespace that cannot affect the host.
+
+    MS_SLAVE (not private) so mounts the host makes later (e.g. automounted NFS
+    releases) still appear in the job, while nothing the job mounts propagates out.
+    """
+    try:
+        syscalls.unshare(syscalls.CLONE_NEWNS)
+        syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_SLAVE)
+    except OSError as e:
+        raise OvlrunError(f"cannot create a private mount namespace: {e}") from None
+
+
+def mount_plan(localised: list[Localised], features: Features, *, strict: bool, warn: Warn) -> list[Localised]:
+    """Mount every planned overlay; a vanished source is skipped (or fatal with strict)."""
+    mounted = []
+    for item in localised:
+        if not os.path.isdir(item.source):
+            message = f"{item.source} (localised path {item.path}) is missing on the shared tree"
+            if strict:
+                raise OvlrunError(message)
+            warn(message + "; skipped")
+            continue
+        spec = OverlaySpec(target=item.source, snapshot_tree=str(item.snapshot.tree), data=item.source)
+        mount_overlay(spec, features)
+        mounted.append(item)
+    return mounted
+
+
+def mount_profile(profile: Profile, store: Store, *, strict: bool, warn: Warn) -> list[Localised]:
+    """Plan and mount the profile's overlays in the current (already private) namespace."""
+    features = probe()
+    if not features.overlay:
+        raise OvlrunError("this kernel has no overlayfs (modprobe overlay)")
+    return mount_plan(plan(profile, store, features, strict=strict, warn=warn), features, strict=strict, warn=warn)
+
+
+def find_executable(name: str, path_var: str) -> str | None:
+    """execvp(3)'s search done up front (as root, inside the namespace) so that after the
+    privilege drop nothing but execve() remains.  A non-executable match is returned so
+    execve() reports EACCES (-> 126), as a shell would."""
+    if "/" in name:
+        return name
+    fallback = None
+    for d in path_var.split(":"):
+        candidate = os.path.join(d or ".", name)
+        if os.path.isfile(candidate):
+            if os.access(candidate, os.X_OK):
+                return candidate
+            fallback = fallback or candidate
+    return fallback
+
+
+def exec_command(argv: list[str], environ: dict[str, str], identity: Identity | None) -> int:
+    """Drop to ``identity`` and exec; returns an exit status only if exec failed."""
+    path = find_executable(argv[0], environ.get("PATH", DEFAULT_PATH))
+    if path is None:
+        print(f"ovlrun: {argv[0]}: command not found", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    if identity is not None:
+        drop_to(identity)
+    try:
+        os.execve(path, argv, environ)
+    except OSError as e:
+        print(f"ovlrun: {argv[0]}: {e.strerror}", file=sys.stderr)
+        return EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_CANNOT_EXECUTE
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def shell_argv(identity: Identity | None) -> list[str]:
+    """The user's login shell, from the password database, started as a login shell."""
+    shell = identity.shell if identity else Identity.of_uid(0).shell
+    return [shell, "-l"]
+
+
+def run_job(profile: Profile, command: list[str], *, identity: Identity | None, strict: bool,
+            store: Store | None = None, environ: dict[str, str] | None = None) -> int:
+    if os.geteuid() != 0:
+        raise OvlrunError("ovlrun must run as root: use 'sudo ovlrun ...', a scheduler prolog, or a root shell")
+    env = dict(os.environ if environ is None else environ)
+    try:
+        cwd: str | None = os.getcwd()
+    except OSError:
+        cwd = None
+    enter_private_namespace()
+    mount_profile(profile, store or Store.open(), strict=strict, warn=warn_stderr)
+    if profile.network == "none":
+        from ovlrun.network import isolate_network  # pyroute2 is slow to import: only here
+
+        isolate_network()
+    # Re-enter the working directory by path: if it lies in a localised subtree the job's
+    # cwd is now the overlay's view of it, not the shared tree's inode below the mount.
+    try:
+        os.chdir(cwd or "/")
+    except OSError:
+        os.chdir("/")
+    env["OVLRUN_PROFILE"] = profile.name
+    argv = command or shell_argv(identity)
+    if identity is not None and not command:
+        env.setdefault("HOME", identity.home)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return exec_command(argv, env, identity)

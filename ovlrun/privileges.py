@@ -1,0 +1,132 @@
+"""Who the job runs as, and dropping root to that user in a fixed, verified order.
+
+Order (as bubblewrap does it): keepcaps off -> empty the capability bounding set (needs
+CAP_SETPCAP, so while still root) -> supplementary groups -> gid -> uid (a uid change
+from 0 with keepcaps off clears the permitted, effective and ambient sets) ->
+no_new_privs (set-uid binaries in the job cannot regain anything) -> verify every id and
+capability set, and refuse to exec if anything is off.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from dataclasses import dataclass
+
+import prctl
+
+from ovlrun.errors import OvlrunError
+
+CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+    shell: str
+
+    @classmethod
+    def of_uid(cls, uid: int, gid: int | None = None) -> Identity:
+        try:
+            pw = pwd.getpwuid(uid)
+        except KeyError:
+            raise OvlrunError(f"uid {uid} has no entry in the password database") from None
+        return cls._from_pw(pw, gid)
+
+    @classmethod
+    def of_name(cls, name: str) -> Identity:
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            raise OvlrunError(f"no such user: {name!r}") from None
+        return cls._from_pw(pw, None)
+
+    @classmethod
+    def _from_pw(cls, pw: pwd.struct_passwd, gid: int | None) -> Identity:
+        primary = pw.pw_gid if gid is None else gid
+        groups = tuple(sorted(set(os.getgrouplist(pw.pw_name, primary))))
+        return cls(pw.pw_name, pw.pw_uid, primary, groups, pw.pw_dir, pw.pw_shell or "/bin/sh")
+
+
+def sudo_caller(environ: dict[str, str]) -> int | None:
+    """The uid that invoked us through sudo, if not root."""
+    raw = environ.get("SUDO_UID", "")
+    if not raw:
+        return None
+    try:
+        uid = int(raw)
+    except ValueError:
+        raise OvlrunError(f"SUDO_UID={raw!r} is not a number") from None
+    return uid or None
+
+
+def target_identity(user: str | None, environ: dict[str, str]) -> Identity | None:
+    """Whom to run the command as; ``None`` means stay root.
+
+    ``--user`` is for root callers (scheduler prologs); a sudo caller always runs as
+    themselves, with their supplementary groups.
+    """
+    caller = sudo_caller(environ)
+    if user is not None:
+        if caller is not None:
+            raise OvlrunError("--user is only for root; under sudo the job runs as the calling user")
+        ident = Identity.of_name(user)
+        return ident if ident.uid != 0 else None
+    if caller is not None:
+        gid = None
+        if environ.get("SUDO_GID", "").isdigit():
+            gid = int(environ["SUDO_GID"])
+        return Identity.of_uid(caller, gid)
+    return None
+
+
+def _last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return int(max(prctl.ALL_CAPS))
+
+
+def capability_sets() -> dict[str, int]:
+    with open("/proc/self/status") as f:
+        return {k: int(v, 16) for k, _, v in (line.partition(":\t") for line in f) if k in CAP_SETS}
+
+
+def drop_to(ident: Identity) -> None:
+    """Irreversibly become ``ident`` with no capabilities; raise if the result is not exact."""
+    try:
+        prctl.set_keepcaps(False)
+        for cap in range(_last_cap() + 1):
+            prctl.capbset_drop(cap)
+        os.setgroups(list(ident.groups))
+        os.setresgid(ident.gid, ident.gid, ident.gid)
+        os.setresuid(ident.uid, ident.uid, ident.uid)
+        prctl.set_no_new_privs(True)
+    except OSError as e:
+        raise OvlrunError(f"cannot drop privileges to {ident.name}: {e.strerror}") from None
+    verify_dropped(ident)
+
+
+def verify_dropped(ident: Identity) -> None:
+    problems = []
+    if os.getresuid() != (ident.uid,) * 3:
+        problems.append(f"uids are {os.getresuid()}")
+    if os.getresgid() != (ident.gid,) * 3:
+        problems.append(f"gids are {os.getresgid()}")
+    if tuple(sorted(set(os.getgroups()))) != ident.groups:
+        problems.append(f"groups are {sorted(os.getgroups())}")
+    nonzero = {k: v for k, v in capability_sets().items() if v}
+    if nonzero:
+        problems.append("capabilities remain: " + ", ".join(f"{k}={v:x}" for k, v in nonzero.items()))
+    try:
+        os.setuid(0)
+        problems.append("setuid(0) succeeded")
+    except PermissionError:
+        pass
+    if problems:
+        raise OvlrunError(f"privilege drop to {ident.name} not complete ({'; '.join(problems)}); refusing to run")

@@ -1,0 +1,192 @@
+"""Profiles: which release paths of which shared trees a job localises.
+
+A profile is ``NAME.toml``::
+
+    description = "pipeline 2024"
+    network = "host"            # or "none": private network namespace with loopback only
+    [[tree]]
+    root = "/sw"
+    localise = ["thing/UIIDA/versionXX", "apps/*/2.1/lib"]
+
+TOML is read with the stdlib ``tomllib``: the third-party ``toml`` 0.10 package silently
+drops valid TOML 1.0 data (e.g. some inline-table and dotted-key forms), and a profile that
+loses a ``localise`` entry without an error is exactly the kind of silent wrongness we
+refuse.  Every problem is reported as ``OvlrunError`` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ovlrun.errors import OvlrunError
+from ovlrun.patterns import Pattern, PatternError, overlap
+
+DEFAULT_PROFILE_DIRS = ("/etc/ovlrun/profiles",)
+BUNDLED_PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+NETWORK_MODES = ("host", "none")
+
+
+@dataclass(frozen=True)
+class Tree:
+    root: str
+    patterns: tuple[Pattern, ...]
+
+    def path_of(self, relpath: str) -> str:
+        return posixpath.join(self.root, relpath)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    file: Path
+    description: str
+    trees: tuple[Tree, ...]
+    network: str = "host"
+
+
+def profile_dirs(environ: dict[str, str] | None = None) -> list[Path]:
+    """Directories searched for ``NAME.toml``, in order."""
+    env = os.environ if environ is None else environ
+    if env.get("OVLRUN_PROFILE_PATH"):
+        return [Path(p) for p in env["OVLRUN_PROFILE_PATH"].split(":") if p]
+    return [Path(d) for d in DEFAULT_PROFILE_DIRS] + [BUNDLED_PROFILE_DIR]
+
+
+def is_path_spec(spec: str) -> bool:
+    return "/" in spec or spec.endswith(".toml")
+
+
+def find_profile(spec: str, dirs: list[Path] | None = None) -> Path:
+    """Map ``--profile`` to a file: a path if it looks like one, else a name to search."""
+    if is_path_spec(spec):
+        path = Path(spec)
+        if not path.is_file():
+            raise OvlrunError(f"profile file {spec} does not exist")
+        return path
+    if not NAME_RE.fullmatch(spec):
+        raise OvlrunError(f"invalid profile name {spec!r}: use letters, digits, '_', '.', '+', '-'")
+    search = profile_dirs() if dirs is None else dirs
+    for d in search:
+        candidate = d / f"{spec}.toml"
+        if candidate.is_file():
+            return candidate
+    where = ", ".join(str(d) for d in search) or "(no directories)"
+    raise OvlrunError(f"no profile named {spec!r} (searched {where})")
+
+
+def load_profile(spec: str, dirs: list[Path] | None = None) -> Profile:
+    path = find_profile(spec, dirs)
+    return parse_profile(path, path.stem)
+
+
+def parse_profile(path: Path, name: str | None = None) -> Profile:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise OvlrunError(f"cannot read profile {path}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise OvlrunError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        # The message carries "(at line N, column M)".
+        raise OvlrunError(f"{path}: TOML syntax error: {e}") from None
+    return validate(data, path, name or path.stem)
+
+
+def _fail(path: Path, key: str, why: str) -> OvlrunError:
+    return OvlrunError(f"{path}: {key}: {why}")
+
+
+def _type_name(value: object) -> str:
+    return {str: "a string", list: "an array", dict: "a table", bool: "a boolean", int: "an integer",
+            float: "a float"}.get(type(value), type(value).__name__)
+
+
+def validate(data: dict[str, object], path: Path, name: str) -> Profile:
+    known = {"description", "tree", "network"}
+    for key in data:
+        if key not in known:
+            raise _fail(path, key, f"unknown key (allowed: {', '.join(sorted(known))})")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise _fail(path, "description", f"must be a string, not {_type_name(description)}")
+    network = data.get("network", "host")
+    if not isinstance(network, str) or network not in NETWORK_MODES:
+        raise _fail(path, "network", f"must be one of {', '.join(repr(m) for m in NETWORK_MODES)}")
+    tables = data.get("tree")
+    if tables is None:
+        raise _fail(path, "tree", "missing: a profile needs at least one [[tree]] table")
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise _fail(path, "tree", "must be an array of tables ([[tree]])")
+    trees = tuple(_validate_tree(t, path, f"tree[{i}]") for i, t in enumerate(tables))
+    _check_overlaps(trees, path)
+    return Profile(name=name, file=path, description=description, trees=trees, network=network)
+
+
+def _validate_tree(table: dict[str, object], path: Path, where: str) -> Tree:
+    for key in table:
+        if key not in ("root", "localise"):
+            raise _fail(path, f"{where}.{key}", "unknown key (allowed: localise, root)")
+    root = table.get("root")
+    if root is None:
+        raise _fail(path, f"{where}.root", "missing")
+    if not isinstance(root, str):
+        raise _fail(path, f"{where}.root", f"must be a string, not {_type_name(root)}")
+    if not root.startswith("/") or "\0" in root:
+        raise _fail(path, f"{where}.root", f"{root!r} is not an absolute path")
+    if any(c in (".", "..") for c in root.split("/")):
+        raise _fail(path, f"{where}.root", f"{root!r} has '.' or '..' components")
+    root = posixpath.normpath(root)
+    if root == "/":
+        raise _fail(path, f"{where}.root", "'/' cannot be a software tree root")
+    patterns = table.get("localise")
+    if patterns is None:
+        raise _fail(path, f"{where}.localise", "missing")
+    if not isinstance(patterns, list):
+        raise _fail(path, f"{where}.localise", f"must be an array of strings, not {_type_name(patterns)}")
+    parsed = []
+    for j, text in enumerate(patterns):
+        key = f"{where}.localise[{j}]"
+        if not isinstance(text, str):
+            raise _fail(path, key, f"must be a string, not {_type_name(text)}")
+        try:
+            parsed.append(Pattern.parse(text))
+        except PatternError as e:
+            raise _fail(path, key, str(e)) from None
+    return Tree(root=root, patterns=tuple(parsed))
+
+
+def _check_overlaps(trees: tuple[Tree, ...], path: Path) -> None:
+    entries = []
+    for i, tree in enumerate(trees):
+        root_parts = tuple(p for p in tree.root.split("/") if p)
+        for j, pat in enumerate(tree.patterns):
+            entries.append((f"tree[{i}].localise[{j}]", tree.path_of(pat.text), root_parts + pat.components))
+    for a in range(len(entries)):
+        for b in range(a + 1, len(entries)):
+            key_a, text_a, comps_a = entries[a]
+            key_b, text_b, comps_b = entries[b]
+            if overlap(comps_a, comps_b):
+                raise _fail(path, key_b, f"{text_b!r} overlaps {key_a} {text_a!r}; localised paths cannot nest")
+
+
+def check_within_root(tree: Tree, relpath: str) -> str:
+    """Resolve ``root/relpath`` (following symlinks) and insist it stays inside the root.
+
+    Returns the real path.  A pattern that reaches outside the tree through a symlink
+    would let a profile mount over arbitrary host directories.
+    """
+    real_root = os.path.realpath(tree.root)
+    real = os.path.realpath(tree.path_of(relpath))
+    if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
+        raise OvlrunError(f"{tree.path_of(relpath)} resolves to {real}, outside the tree root {tree.root}")
+    if real == real_root:
+        raise OvlrunError(f"{tree.path_of(relpath)} resolves to the tree root itself; localise release paths")
+    return real

@@ -1,0 +1,221 @@
+"""The local snapshot store.
+
+Layout (all root-owned, 0755)::
+
+    STORE/index.json                    which snapshot serves each source (atomic rename)
+    STORE/index.lock                    flock serialising index updates
+    STORE/locks/KEY.lock                flock held while building one source
+    STORE/tmp/KEY.RANDOM/               builds in progress (never listed or mounted)
+    STORE/snapshots/KEY/ID/manifest.json
+    STORE/snapshots/KEY/ID/tree/        the opaque metacopy tree (a lower layer)
+
+A build happens in ``tmp/`` and is published by ``rename(2)`` into ``snapshots/`` and then
+by an atomic rewrite of ``index.json``; a launch reads only ``index.json`` and the manifests
+it names, never the shared tree.  A snapshot that is not in the index is never mounted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ovlrun.errors import OvlrunError
+
+DEFAULT_STORE = "/var/lib/ovlrun"
+FORMAT = 1
+
+
+def store_path(environ: dict[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    return Path(env.get("OVLRUN_STORE") or DEFAULT_STORE)
+
+
+def source_key(source: str) -> str:
+    """A directory name for a source path: readable slug + hash (names may be any bytes)."""
+    raw = os.fsencode(source)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", source.strip("/"))[-48:].strip("_") or "root"
+    return f"{slug}-{hashlib.sha256(raw).hexdigest()[:12]}"
+
+
+@dataclass
+class Manifest:
+    path: str  # the path as the profile matched it (the index key)
+    source: str  # its real path: the data-only layer and the mount point
+    id: str
+    built: float
+    fingerprint: str
+    counts: dict[str, int]
+    max_redirect: int = 0
+    long_redirects: int = 0
+    redirect_max: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, **self.__dict__}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        fields = {k: v for k, v in data.items() if k != "format"}
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A published snapshot: its directory holds ``manifest.json`` and ``tree/``."""
+
+    directory: Path
+    manifest: Manifest
+
+    @property
+    def tree(self) -> Path:
+        return self.directory / "tree"
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def open(cls, path: Path | str | None = None) -> Store:
+        return cls(Path(path) if path is not None else store_path())
+
+    # -- creation and locking ------------------------------------------------------
+
+    def ensure(self) -> None:
+        """Create the store layout (for builders)."""
+        try:
+            for d in (self.path, self.path / "tmp", self.path / "locks", self.path / "snapshots"):
+                d.mkdir(mode=0o755, exist_ok=True)
+        except OSError as e:
+            raise OvlrunError(f"cannot create snapshot store {self.path}: {e.strerror}") from None
+
+    @contextlib.contextmanager
+    def source_lock(self, source: str) -> Iterator[None]:
+        """Serialise builds of one source across processes (flock dies with the holder)."""
+        with _flock(self.path / "locks" / f"{source_key(source)}.lock"):
+            yield
+
+    def new_build_dir(self, source: str) -> Path:
+        path = self.path / "tmp" / f"{source_key(source)}.{secrets.token_hex(6)}"
+        path.mkdir(mode=0o700)
+        return path
+
+    def clean_stale_builds(self, source: str) -> int:
+        """Remove leftovers of killed builds of ``source``; caller holds its source lock."""
+        removed = 0
+        prefix = source_key(source) + "."
+        for entry in (self.path / "tmp").iterdir():
+            if entry.name.startswith(prefix):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        return removed
+
+    # -- index -----------------------------------------------------------------------
+
+    def read_index(self) -> dict[str, str]:
+        """Map localised path (as matched by a profile) -> snapshot directory, relative to the store."""
+        try:
+            with open(self.path / "index.json") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise OvlrunError(f"snapshot index {self.path / 'index.json'} is unreadable: {e}") from None
+        sources = data.get("sources", {}) if isinstance(data, dict) else {}
+        return {k: v for k, v in sources.items() if isinstance(k, str) and isinstance(v, str)}
+
+    def publish(self, build_dir: Path, manifest: Manifest) -> Snapshot:
+        """Atomically move a finished build into place and make it current for its source."""
+        key_dir = self.path / "snapshots" / source_key(manifest.source)
+        key_dir.mkdir(mode=0o755, exist_ok=True)
+        _write_json_atomic(build_dir / "manifest.json", manifest.to_json())
+        os.chmod(build_dir, 0o755)
+        final = key_dir / manifest.id
+        os.rename(build_dir, final)
+        with _flock(self.path / "index.lock"):
+            index = self.read_index()
+            index[manifest.path] = str(final.relative_to(self.path))
+            _write_json_atomic(self.path / "index.json", {"format": FORMAT, "sources": index})
+        return Snapshot(final, manifest)
+
+    def load(self, relative: str) -> Snapshot:
+        directory = self.path / relative
+        try:
+            with open(directory / "manifest.json") as f:
+                manifest = Manifest.from_json(json.load(f))
+        except (OSError, ValueError, TypeError) as e:
+            raise OvlrunError(f"snapshot {directory} has no valid manifest: {e}") from None
+        return Snapshot(directory, manifest)
+
+    def current(self) -> dict[str, Snapshot]:
+        """The snapshot serving each localised path, per the index."""
+        return {path: self.load(rel) for path, rel in self.read_index().items()}
+
+    def all_snapshots(self) -> list[Snapshot]:
+        out = []
+        root = self.path / "snapshots"
+        if not root.is_dir():
+            return []
+        for key_dir in sorted(root.iterdir()):
+            for snap_dir in sorted(key_dir.iterdir()):
+                if (snap_dir / "manifest.json").is_file():
+                    out.append(self.load(str(snap_dir.relative_to(self.path))))
+        return out
+
+    # -- trust -----------------------------------------------------------------------
+
+    def check_trusted(self, snapshot: Snapshot) -> None:
+        """Refuse a snapshot anyone but root could have written.
+
+        ``trusted.overlay.*`` xattrs decide what an overlay serves (a redirect can point
+        anywhere in the data layer), so every directory from the store root down to the
+        snapshot tree must be root-owned and not writable by group or others.
+        """
+        chain = [self.path, self.path / "snapshots", snapshot.directory.parent, snapshot.directory, snapshot.tree]
+        for d in chain:
+            try:
+                st = os.lstat(d)
+            except OSError as e:
+                raise OvlrunError(f"snapshot store path {d}: {e.strerror}") from None
+            if not stat.S_ISDIR(st.st_mode):
+                raise OvlrunError(f"snapshot store path {d} is not a directory (symlink or tampering?)")
+            if st.st_uid != 0 or st.st_mode & 0o022:
+                raise OvlrunError(
+                    f"refusing snapshot store path {d}: it must be owned by root and not group/other-writable "
+                    f"(owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)})"
+                )
+
+
+def new_snapshot_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)

@@ -1,0 +1,191 @@
+"""Typed ctypes wrappers for the mount-related syscalls Python's stdlib lacks.
+
+This is the only module that talks to libc through ctypes (cf. mkosi's ``sandbox.py``).
+Python 3.11 has no ``os.unshare``/``os.setns``/``mount``; glibc >= 2.36 exports the new
+mount API (fsopen/fsconfig/fsmount/move_mount/open_tree), older ones do not, so each call
+falls back to ``syscall(2)`` with the x86_64 number.  Every failure becomes a
+:class:`SyscallError` (an ``OSError``) whose text names the call and the path, e.g.
+``mount(/sw/a): Permission denied``; callers turn those into :class:`OvlrunError` with
+the user-level context.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+from collections.abc import Callable
+from typing import Any
+
+# <sched.h>
+CLONE_NEWNS = 0x00020000
+CLONE_NEWNET = 0x40000000
+
+# <sys/mount.h>
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_BIND = 4096
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MNT_DETACH = 2
+
+# <linux/mount.h>, new mount API
+FSOPEN_CLOEXEC = 0x1
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
+FSCONFIG_SET_FD = 5
+FSCONFIG_CMD_CREATE = 6
+FSMOUNT_CLOEXEC = 0x1
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+OPEN_TREE_CLONE = 0x1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+AT_RECURSIVE = 0x8000
+AT_FDCWD = -100
+
+# Fallback syscall numbers; only used when libc lacks the wrapper.
+_X86_64 = {
+    "unshare": 272,
+    "setns": 308,
+    "mount": 165,
+    "umount2": 166,
+    "open_tree": 428,
+    "move_mount": 429,
+    "fsopen": 430,
+    "fsconfig": 431,
+    "fsmount": 432,
+}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class SyscallError(OSError):
+    """A failed syscall; ``str()`` reads ``call(path): strerror``."""
+
+    def __init__(self, errno: int, call: str, path: str | None = None) -> None:
+        super().__init__(errno, os.strerror(errno), path)
+        self.call = call
+
+    def __str__(self) -> str:
+        where = f"({self.filename})" if self.filename else ""
+        return f"{self.call}{where}: {self.strerror}"
+
+
+def _function(name: str, argtypes: list[Any]) -> Callable[..., int]:
+    """Return libc's wrapper for ``name`` or a ``syscall(2)`` shim with the same ABI."""
+    try:
+        fn = getattr(_libc, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
+        return fn  # type: ignore[no-any-return]
+    except AttributeError:
+        pass
+    if platform.machine() != "x86_64":
+        raise OSError(f"libc has no {name}() and no syscall number is known for this CPU")
+    number = _X86_64[name]
+    raw = _libc.syscall
+    raw.restype = ctypes.c_long
+
+    def shim(*args: Any) -> int:
+        converted = (t(a) if a is not None else None for t, a in zip(argtypes, args, strict=True))
+        return int(raw(ctypes.c_long(number), *converted))
+
+    return shim
+
+
+_c_str = ctypes.c_char_p
+_c_int = ctypes.c_int
+_c_uint = ctypes.c_uint
+_c_ulong = ctypes.c_ulong
+
+_unshare = _function("unshare", [_c_int])
+_setns = _function("setns", [_c_int, _c_int])
+_mount = _function("mount", [_c_str, _c_str, _c_str, _c_ulong, _c_str])
+_umount2 = _function("umount2", [_c_str, _c_int])
+_fsopen = _function("fsopen", [_c_str, _c_uint])
+_fsconfig = _function("fsconfig", [_c_int, _c_uint, _c_str, _c_str, _c_int])
+_fsmount = _function("fsmount", [_c_int, _c_uint, _c_uint])
+_move_mount = _function("move_mount", [_c_int, _c_str, _c_int, _c_str, _c_uint])
+_open_tree = _function("open_tree", [_c_int, _c_str, _c_uint])
+
+
+def _bytes(path: str | bytes | None) -> bytes | None:
+    return None if path is None else os.fsencode(path)
+
+
+def _check(result: int, call: str, path: str | bytes | None = None) -> int:
+    if result < 0:
+        errno = ctypes.get_errno()
+        raise SyscallError(errno, call, os.fsdecode(path) if path is not None else None)
+    return result
+
+
+def unshare(flags: int) -> None:
+    _check(_unshare(flags), "unshare")
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(_setns(fd, nstype), "setns")
+
+
+def mount(source: str | bytes | None, target: str | bytes, fstype: str | bytes | None, flags: int,
+          data: str | bytes | None = None) -> None:
+    _check(_mount(_bytes(source), _bytes(target), _bytes(fstype), flags, _bytes(data)), "mount", target)
+
+
+def umount2(target: str | bytes, flags: int = 0) -> None:
+    _check(_umount2(_bytes(target), flags), "umount2", target)
+
+
+def fsopen(fstype: str, flags: int = FSOPEN_CLOEXEC) -> int:
+    return _check(_fsopen(fstype.encode(), flags), f"fsopen({fstype})")
+
+
+def fsconfig_set_string(fd: int, key: str, value: str | bytes) -> None:
+    _check(_fsconfig(fd, FSCONFIG_SET_STRING, key.encode(), _bytes(value), 0), f"fsconfig {key}", value)
+
+
+def fsconfig_set_flag(fd: int, key: str) -> None:
+    _check(_fsconfig(fd, FSCONFIG_SET_FLAG, key.encode(), None, 0), f"fsconfig {key}")
+
+
+def fsconfig_set_fd(fd: int, key: str, value_fd: int, path: str | bytes | None = None) -> None:
+    _check(_fsconfig(fd, FSCONFIG_SET_FD, key.encode(), None, value_fd), f"fsconfig {key}", path)
+
+
+def fsconfig_create(fd: int) -> None:
+    _check(_fsconfig(fd, FSCONFIG_CMD_CREATE, None, None, 0), "fsconfig create")
+
+
+def fsmount(fd: int, flags: int = FSMOUNT_CLOEXEC, attr_flags: int = 0) -> int:
+    return _check(_fsmount(fd, flags, attr_flags), "fsmount")
+
+
+def move_mount(from_fd: int, to_path: str | bytes) -> None:
+    """Attach the detached mount ``from_fd`` at ``to_path``."""
+    _check(_move_mount(from_fd, b"", AT_FDCWD, _bytes(to_path), MOVE_MOUNT_F_EMPTY_PATH), "move_mount", to_path)
+
+
+def open_tree(path: str | bytes, flags: int) -> int:
+    return _check(_open_tree(AT_FDCWD, _bytes(path), flags), "open_tree", path)
+
+
+def read_fs_log(fd: int) -> list[str]:
+    """Drain the messages the kernel queued on an fs context (see fsopen(2)).
+
+    overlayfs explains most refusals only here ("e overlay: ..."), not in errno.
+    """
+    messages: list[str] = []
+    while True:
+        try:
+            data = os.read(fd, 1024)
+        except OSError:  # ENODATA: queue empty
+            break
+        if not data:
+            break
+        messages.append(data.decode(errors="replace").strip())
+    return messages
