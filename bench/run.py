@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""ovlrun benchmarks: one command, as root, prints the tables.
+
+    python3 bench/run.py                      # everything (~15-25 min on 2 cores)
+    python3 bench/run.py --only launch        # one part: tree, workloads, launch, snapshot
+    python3 bench/run.py --only workloads --configs direct,local --workloads imports
+
+Results are printed as markdown and written to bench/results/latest.{json,md}.
+Nothing stays mounted afterwards (checked against /proc/self/mountinfo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import launch_bench, ovlrun_cli, report, snapshot_bench, workload_bench  # noqa: E402
+from bench.configs import CONFIGS, SHARED_ROOT  # noqa: E402
+from bench.mounts import mounted_at, umount_all_under  # noqa: E402
+from bench.standin.server import RUN_DIR, build_server  # noqa: E402
+from bench.tree import ensure_tree  # noqa: E402
+
+PARTS = ("workloads", "launch", "snapshot")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, str]:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                if l.startswith("model name")), "?")
+    mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
+    return {"kernel": platform.release(), "cpu": cpu, "cores": str(os.cpu_count()),
+            "memory_gib": f"{int(mem) / 2**20:.1f}", "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def leaked_mounts() -> list[str]:
+    return mounted_at(SHARED_ROOT) + mounted_at(RUN_DIR)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--only", action="append", choices=(*PARTS, "tree"),
+                    help="run only this part (repeatable)")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help="comma-separated subset of: " + ", ".join(CONFIGS))
+    ap.add_argument("--workloads", default=",".join(workload_bench.WORKLOADS))
+    ap.add_argument("--reps", type=int, default=2, help="cold+warm+warm cycles per cell")
+    ap.add_argument("--rounds", type=int, default=25, help="launch measurements per command")
+    ap.add_argument("--latency-us", type=int, default=1000, help="stand-in latency per request")
+    ap.add_argument("--out", default=str(RESULTS / "latest"), help="results path stem")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        ap.error("must run as root (mounts, drop_caches)")
+    parts = args.only or list(PARTS)
+
+    tree = ensure_tree()
+    build_server()
+    print(f"tree: {tree.root} - {tree.files} files, {tree.dirs} dirs, {tree.symlinks} symlinks, "
+          f"{tree.bytes / 2**20:.0f} MiB")
+    have_ovlrun = ovlrun_cli.available()
+    configs = [c for c in args.configs.split(",") if c]
+    if not have_ovlrun:
+        print("ovlrun not available yet: skipping ovlrun configurations and benchmarks")
+        configs = [c for c in configs if not CONFIGS[c].profile]
+
+    results: dict[str, object] = {"machine": machine(), "latency_us": args.latency_us,
+                                  "tree": {k: v for k, v in dataclasses.asdict(tree).items()
+                                           if k in ("files", "dirs", "symlinks", "bytes")},
+                                  "command": " ".join(["python3", "bench/run.py", *sys.argv[1:]])}
+    md: list[str] = []
+    try:
+        if "workloads" in parts:
+            print("== workloads")
+            runs = workload_bench.run_workloads(tree, configs, args.workloads.split(","),
+                                                args.reps, args.latency_us)
+            rows = workload_bench.summarise(runs)
+            results["workloads"] = rows
+            md += ["### Workloads", report.workload_tables(rows),
+                   "### Workload targets (ovlrun-loc)",
+                   report.table(["workload", "mode", "metadata beyond floor, % of direct (<=1%)",
+                                 "ENOENT reaching server (0)", "speed-up vs direct (>=10x)",
+                                 "vs local copy (<=1.2x)"], report.workload_targets(rows))]
+        if "launch" in parts and have_ovlrun:
+            print("== launch overhead")
+            res = launch_bench.measure(tree, args.rounds, args.latency_us)
+            results["launch"] = res
+            md += ["### Launch overhead", report.launch_table(res),
+                   "### Launch breakdown", report.breakdown_table(res),
+                   "### Import time of the launch path (-X importtime)",
+                   report.importtime_table(res)]
+        if "snapshot" in parts and have_ovlrun:
+            print("== snapshot build")
+            res = snapshot_bench.measure(args.latency_us)
+            results["snapshot"] = res
+            md += ["### Snapshot build and storage", report.snapshot_table(res)]
+    finally:
+        if leaked_mounts():
+            umount_all_under(SHARED_ROOT)
+            umount_all_under(RUN_DIR)
+        left = leaked_mounts()
+        if left:
+            print("WARNING: mounts left behind:\n" + "\n".join(left), file=sys.stderr)
+
+    text = "\n\n".join(md)
+    print("\n" + text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+    out.with_suffix(".md").write_text(text + "\n")
+    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The NFS stand-in: a counting, latency-injecting read-only FUSE mirror."""
