@@ -76,13 +76,15 @@ def parse_launch(argv: list[str]) -> tuple[str, str | None, bool, list[str]]:
 def launch(argv: list[str]) -> int:
     import os
 
+    profile_spec, user, strict, command = parse_launch(argv)
+    if os.geteuid() != 0:
+        raise OvlrunError("ovlrun must run as root: use 'sudo ovlrun ...', a scheduler prolog, or a root shell")
+    # Everything the job path needs is imported here, as root, before the drop: after it
+    # the interpreter's own directories may be unreadable to the user.
     from ovlrun.launch import run_job
     from ovlrun.privileges import target_identity
     from ovlrun.profile import load_profile
 
-    profile_spec, user, strict, command = parse_launch(argv)
-    if os.geteuid() != 0:
-        raise OvlrunError("ovlrun must run as root: use 'sudo ovlrun ...', a scheduler prolog, or a root shell")
     profile = load_profile(profile_spec)
     identity = target_identity(user, dict(os.environ))
     return run_job(profile, command, identity=identity, strict=strict)
@@ -91,7 +93,7 @@ def launch(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
-        if not args or args[0] in SUBCOMMANDS or args[0] in HELP_FLAGS:
+        if args and (args[0] in SUBCOMMANDS or args[0] in HELP_FLAGS):
             from ovlrun.commands import run_typer
 
             return run_typer(args)

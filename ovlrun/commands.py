@@ -45,7 +45,7 @@ def snapshot_build(profile: ProfileOpt,
     from ovlrun.store import Store
 
     _require_root("snapshot build")
-    results = build_profile(load_profile(profile), Store.open())
+    results = build_profile(load_profile(profile), Store.open(), rebuild=rebuild)
     failed = [r for r in results if r.status == "failed"]
     if failed:
         raise OvlrunError(f"{len(failed)} of {len(results)} snapshots failed", status=1)

@@ -91,12 +91,16 @@ def parse_profile(path: Path, name: str | None = None) -> Profile:
     except OSError as e:
         raise OvlrunError(f"cannot read profile {path}: {e.strerror}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise OvlrunError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        # The message carries "(at line N, column M)".
-        raise OvlrunError(f"{path}: TOML syntax error: {e}") from None
+        # The message carries "(at line N, column M)", except for errors found at the end
+        # of the input: name the last line there too.
+        message = str(e).replace("(at end of document)", f"(at end of document, line {text.count(chr(10)) + 1})")
+        raise OvlrunError(f"{path}: TOML syntax error: {message}") from None
     return validate(data, path, name or path.stem)
 
 

@@ -1,0 +1,126 @@
+"""Shared fixtures: a real shared tree, a private store, profiles, and ovlrun as a child.
+
+Tests never change the test runner's own namespaces or credentials: every mount happens
+in an ``ovlrun`` child process (or a ``python -c`` child) that dies with its namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+IS_ROOT = os.geteuid() == 0
+
+
+def _has_overlay() -> bool:
+    try:
+        with open("/proc/filesystems") as f:
+            if any(line.split()[-1] == "overlay" for line in f if line.strip()):
+                return True
+    except OSError:
+        return False
+    return subprocess.run(["modprobe", "overlay"], capture_output=True).returncode == 0
+
+
+requires_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: overlayfs metacopy/redirect xattrs "
+                                   "(trusted.*) and mount namespaces require CAP_SYS_ADMIN")
+requires_overlay = pytest.mark.skipif(IS_ROOT and not _has_overlay(), reason="kernel has no overlayfs")
+NOBODY = 65534
+
+
+def host_mounts() -> list[tuple[str, str]]:
+    """(mount point, fstype) of the test runner's namespace, i.e. the host's."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            out.append((left.split()[4], right.split()[0]))
+    return sorted(out)
+
+
+@dataclass
+class World:
+    """A shared software tree, a snapshot store and a profile directory, all private."""
+
+    base: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sw(self) -> Path:
+        return self.base / "sw"
+
+    @property
+    def store(self) -> Path:
+        return self.base / "store"
+
+    @property
+    def profiles(self) -> Path:
+        return self.base / "profiles"
+
+    def write_profile(self, name: str, text: str) -> Path:
+        path = self.profiles / f"{name}.toml"
+        path.write_text(text)
+        return path
+
+    def simple_profile(self, name: str = "p", patterns: tuple[str, ...] = ("app/1.0",)) -> Path:
+        items = ", ".join(f'"{p}"' for p in patterns)
+        return self.write_profile(name, f'description = "test"\n[[tree]]\nroot = "{self.sw}"\nlocalise = [{items}]\n')
+
+    def ovlrun(self, *args: str, env: dict[str, str] | None = None, cwd: str | Path | None = None,
+               timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
+        full_env = {**self.env, **(env or {})}
+        return subprocess.run([sys.executable, "-m", "ovlrun", *args], env=full_env, cwd=cwd, text=True,
+                              capture_output=True, timeout=timeout, **kw)  # type: ignore[call-overload,no-any-return]
+
+    def build(self, profile: str = "p") -> subprocess.CompletedProcess[str]:
+        result = self.ovlrun("snapshot", "build", "--profile", profile)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    def job(self, script: str, profile: str = "p", env: dict[str, str] | None = None,
+            cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+        return self.ovlrun("--profile", profile, "--", "/bin/sh", "-c", script, env=env, cwd=cwd)
+
+
+def make_release_tree(sw: Path) -> None:
+    """app/1.0 (to localise), app/1.1 (not), lib dirs, a symlink, data files."""
+    for rel in ("1.0", "1.1"):
+        d = sw / "app" / rel
+        (d / "lib" / "python").mkdir(parents=True)
+        (d / "bin").mkdir()
+        (d / "lib" / "python" / "mod.py").write_text(f"VERSION = '{rel}'\n")
+        (d / "lib" / "libfoo.so.1").write_bytes(b"\x7fELF" + bytes(range(256)) * 40)
+        (d / "bin" / "tool").write_text("#!/bin/sh\necho tool " + rel + "\n")
+        (d / "bin" / "tool").chmod(0o755)
+        (d / "lib" / "libfoo.so").symlink_to("libfoo.so.1")
+        (d / "README").write_text(f"app {rel}\n")
+
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    # Under /var/tmp with 0755 so an unprivileged job user can traverse it (pytest's
+    # tmp_path lives under a 0700 directory).
+    base = Path(tempfile.mkdtemp(prefix="ovlrun-test-", dir="/var/tmp"))
+    base.chmod(0o755)
+    w = World(base)
+    w.sw.mkdir()
+    w.profiles.mkdir()
+    make_release_tree(w.sw)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OVLRUN_", "SUDO_"))}
+    env.update({"OVLRUN_STORE": str(w.store), "OVLRUN_PROFILE_PATH": str(w.profiles),
+                "PYTHONPATH": str(REPO), "LC_ALL": "C.UTF-8"})
+    w.env = env
+    before = host_mounts() if IS_ROOT else []
+    yield w
+    if IS_ROOT:
+        assert host_mounts() == before, "a test left mounts in the host namespace"
+    shutil.rmtree(base, ignore_errors=True)

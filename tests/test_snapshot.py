@@ -1,0 +1,166 @@
+"""Snapshot content and publishing, checked on the real files the builder writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, World, requires_overlay, requires_root
+
+pytestmark = [requires_root, requires_overlay]
+
+ODD_NAMES = [b"new\nline", b"co:lon", b"com,ma", b"back\\slash", b"sp ace", b"latin1-\xe9\xff", b"x" * 255]
+
+
+def snapshot_tree(world: World, path: str) -> Path:
+    index = json.loads((world.store / "index.json").read_text())["sources"]
+    return world.store / index[path] / "tree"
+
+
+def xattr(path: Path | bytes, name: str) -> bytes:
+    return os.getxattr(path, name, follow_symlinks=False)
+
+
+def test_snapshot_content(world: World) -> None:
+    rel = world.sw / "app" / "1.0"
+    tool = rel / "bin" / "tool"
+    os.chown(tool, 1234, 5678)
+    tool.chmod(0o4755)  # set-uid must survive (chown before chmod)
+    os.utime(tool, ns=(1_600_000_000_123_456_789, 1_500_000_000_987_654_321))
+    os.chown(rel / "lib" / "libfoo.so", 4321, 8765, follow_symlinks=False)
+    os.mkfifo(rel / "fifo")
+    (rel / "lib").chmod(0o750)
+    for name in ODD_NAMES:
+        with open(os.path.join(os.fsencode(rel), name), "wb") as f:
+            f.write(b"odd " + name)
+    world.simple_profile()
+    result = world.build()
+    assert "skipped FIFO /fifo" in result.stderr
+
+    snap = snapshot_tree(world, str(rel))
+    # Directories: opaque, metadata copied.
+    for d in (snap, snap / "lib", snap / "lib" / "python", snap / "bin"):
+        assert xattr(d, "trusted.overlay.opaque") == b"y"
+    assert stat.S_IMODE(os.stat(snap / "lib").st_mode) == 0o750
+    # Files: sparse metacopy with an absolute redirect from the subtree root.
+    st_src, st_snap = os.stat(tool), os.stat(snap / "bin" / "tool")
+    assert (st_snap.st_size, st_snap.st_uid, st_snap.st_gid) == (st_src.st_size, 1234, 5678)
+    assert stat.S_IMODE(st_snap.st_mode) == 0o4755
+    assert (st_snap.st_mtime_ns, st_snap.st_atime_ns) == (1_500_000_000_987_654_321, 1_600_000_000_123_456_789)
+    assert xattr(snap / "bin" / "tool", "trusted.overlay.redirect") == b"/bin/tool"
+    assert xattr(snap / "bin" / "tool", "trusted.overlay.metacopy") == b""
+    lib = snap / "lib" / "libfoo.so.1"
+    assert os.stat(lib).st_size == os.stat(rel / "lib" / "libfoo.so.1").st_size > 0
+    assert os.stat(lib).st_blocks == 0, "metacopy files must not hold data"
+    # Symlinks: copied as symlinks with owner.
+    link = snap / "lib" / "libfoo.so"
+    assert os.readlink(link) == "libfoo.so.1"
+    assert (os.lstat(link).st_uid, os.lstat(link).st_gid) == (4321, 8765)
+    # Odd names survive byte for byte, redirect included.
+    for name in ODD_NAMES:
+        p = os.path.join(os.fsencode(snap), name)
+        assert xattr(p, "trusted.overlay.redirect") == b"/" + name
+    assert not (snap / "fifo").exists()
+    manifest = json.loads((snap.parent / "manifest.json").read_text())
+    assert manifest["source"] == str(rel) and manifest["counts"]["skipped"] == 1
+    assert manifest["counts"]["files"] == 4 + len(ODD_NAMES)
+    assert len(manifest["fingerprint"]) == 64
+    # The unlocalised release has no snapshot.
+    assert str(world.sw / "app" / "1.1") not in json.loads((world.store / "index.json").read_text())["sources"]
+
+
+def test_odd_names_readable_through_overlay(world: World) -> None:
+    rel = world.sw / "app" / "1.0"
+    for name in ODD_NAMES:
+        with open(os.path.join(os.fsencode(rel), name), "wb") as f:
+            f.write(b"odd " + name)
+    world.simple_profile()
+    world.build()
+    script = ("import os,sys\nd=os.fsencode(sys.argv[1])\n"
+              "for n in sorted(os.listdir(d)):\n"
+              "    p=os.path.join(d,n)\n"
+              "    if os.path.isfile(p) and n not in (b'README',):\n"
+              "        sys.stdout.buffer.write(repr(open(p,'rb').read()).encode()+b'\\n')\n")
+    result = world.ovlrun("--profile", "p", "--", sys.executable, "-c", script, str(rel))
+    assert result.returncode == 0, result.stderr
+    for name in ODD_NAMES:
+        assert repr(b"odd " + name) in result.stdout
+
+
+def test_build_is_idempotent_and_list(world: World) -> None:
+    world.simple_profile()
+    world.build()
+    first = sorted((world.store / "snapshots").rglob("manifest.json"))
+    again = world.build()
+    assert "up-to-date" in again.stderr
+    assert sorted((world.store / "snapshots").rglob("manifest.json")) == first
+    listed = json.loads(world.ovlrun("snapshot", "list", "--json").stdout)
+    assert [row["path"] for row in listed] == [str(world.sw / "app" / "1.0")]
+    assert listed[0]["current"] is True
+    # --rebuild with an unchanged source publishes nothing new either.
+    assert "source unchanged" in world.ovlrun("snapshot", "build", "--profile", "p", "--rebuild").stderr
+    assert sorted((world.store / "snapshots").rglob("manifest.json")) == first
+
+
+def test_glob_patterns_build_each_match(world: World) -> None:
+    world.simple_profile(patterns=("app/*/lib",))
+    world.build()
+    index = json.loads((world.store / "index.json").read_text())["sources"]
+    assert sorted(index) == [str(world.sw / "app" / "1.0" / "lib"), str(world.sw / "app" / "1.1" / "lib")]
+
+
+def test_symlink_pattern_outside_root_is_refused(world: World, tmp_path: Path) -> None:
+    outside = Path(world.base / "outside")
+    outside.mkdir()
+    (world.sw / "escape").symlink_to(outside)
+    world.simple_profile(patterns=("escape",))
+    result = world.ovlrun("snapshot", "build", "--profile", "p")
+    assert result.returncode == 1
+    assert "outside the tree root" in result.stderr and "Traceback" not in result.stderr
+    assert not (world.store / "index.json").exists()
+
+
+def test_concurrent_builds_end_with_one_snapshot(world: World) -> None:
+    world.simple_profile()
+    procs = [subprocess.Popen([sys.executable, "-m", "ovlrun", "snapshot", "build", "--profile", "p"],
+                              env=world.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(6)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert sum("built:" in err for _, err in outputs) == 1
+    assert len(list((world.store / "snapshots").rglob("manifest.json"))) == 1
+    assert list((world.store / "tmp").iterdir()) == []
+
+
+def test_pattern_matching_nothing_warns(world: World) -> None:
+    world.simple_profile(patterns=("app/1.0", "app/9.9"))
+    result = world.ovlrun("snapshot", "build", "--profile", "p")
+    assert result.returncode == 0
+    assert f"{world.sw}/app/9.9 matches nothing" in result.stderr
+
+
+@pytest.mark.parametrize("depth", [120])
+def test_deep_nesting(world: World, depth: int) -> None:
+    d = world.sw / "app" / "1.0"
+    rel = []
+    for i in range(depth):
+        rel.append(f"d{i}")
+    deep = d.joinpath(*rel)
+    deep.mkdir(parents=True)
+    (deep / "leaf").write_text("leaf\n")
+    world.simple_profile()
+    world.build()
+    result = world.job(f"cat '{deep / 'leaf'}'")
+    assert result.returncode == 0 and result.stdout == "leaf\n", result.stderr
+
+
+def test_repo_demo_profile_is_valid() -> None:
+    result = subprocess.run([sys.executable, "-m", "ovlrun", "profile", "check", str(REPO / "profiles" / "demo.toml")],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
