@@ -13,6 +13,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,8 @@ def measure(tree: TreeInfo, rounds: int, latency_us: int, log=print) -> dict[str
     cmds: dict[str, list[str]] = {
         "bare /bin/true": ["/bin/true"],
         "unshare -m + 1 mount": ["unshare", "-m", "sh", "-c", mount_sh],
+        # The interpreter floor of any Python launcher: same python, same site.
+        "python3 -c pass": [sys.executable, "-c", "pass"],
     }
     for n in SUBTREE_COUNTS:
         cmds[f"ovlrun {n} subtrees"] = [*ovlrun_cli.prefix(launch_profile(n)), "/bin/true"]
@@ -109,27 +112,34 @@ def measure(tree: TreeInfo, rounds: int, latency_us: int, log=print) -> dict[str
             before = standin.counters()
             _timed(cmd, env)
             requests[name] = round_trips(diff(standin.counters(), before))
-        samples: dict[str, list[float]] = {k: [] for k in cmds}
+        # Twice: at the configured latency, and at 0 to separate ovlrun's own
+        # CPU cost from the round trips its path walks and mounts make.
+        samples: dict[str, list[float]] = {}
         rng = random.Random(1)
-        for _ in range(rounds):
-            order = list(cmds)
-            rng.shuffle(order)
-            for name in order:
-                samples[name].append(_timed(cmds[name], env))
+        for lat in (latency_us, 0):
+            standin.set_latency(lat)
+            for _ in range(rounds):
+                order = list(cmds)
+                rng.shuffle(order)
+                for name in order:
+                    samples.setdefault(f"{name} @{lat}us", []).append(_timed(cmds[name], env))
+        standin.set_latency(latency_us)
         breakdown = phase_breakdown(cmds[f"ovlrun 20 subtrees"], env)
         importtime = import_profile(launch_profile(20), env)
     finally:
         standin.unmount()
         shutil.rmtree(BASELINE_SNAP, ignore_errors=True)
     stats = {k: Stat(k, v) for k, v in samples.items()}
-    bare = stats["bare /bin/true"].median
     rows = []
     for k, s in stats.items():
+        name, _, lat = k.rpartition(" @")
+        bare = stats[f"bare /bin/true @{lat}"].median
         lo, hi = s.iqr
-        rows.append({"command": k, "median_ms": s.median * 1e3, "q1_ms": lo * 1e3,
+        rows.append({"command": name, "latency_us": int(lat.rstrip("us")),
+                     "median_ms": s.median * 1e3, "q1_ms": lo * 1e3,
                      "q3_ms": hi * 1e3, "overhead_ms": (s.median - bare) * 1e3,
-                     "remote_requests": requests[k], "n": len(s.samples)})
-        log(f"  {k:24s} median {s.median * 1e3:7.2f} ms  (+{(s.median - bare) * 1e3:6.2f})")
+                     "remote_requests": requests[name], "n": len(s.samples)})
+        log(f"  {k:32s} median {s.median * 1e3:7.2f} ms  (+{(s.median - bare) * 1e3:6.2f})")
     return {"rows": rows, "breakdown": breakdown, "importtime": importtime}
 
 

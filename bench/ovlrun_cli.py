@@ -26,7 +26,15 @@ def available() -> bool:
 
 
 def command() -> list[str]:
-    """The installed console script if present, else `python3 -m ovlrun`."""
+    """The installed console script if present, else `python3 -m ovlrun`.
+
+    The script next to this interpreter is preferred over PATH: under pyenv,
+    PATH's `ovlrun` is a bash shim that re-resolves the version on every call
+    (tens of ms) and would be charged to ovlrun's launch time.
+    """
+    beside = Path(sys.executable).parent / "ovlrun"
+    if beside.exists():
+        return [str(beside)]
     exe = shutil.which("ovlrun")
     if exe:
         return [exe]

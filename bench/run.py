@@ -101,7 +101,8 @@ def main() -> int:
             print("== snapshot build")
             res = snapshot_bench.measure(args.latency_us)
             results["snapshot"] = res
-            md += ["### Snapshot build and storage", report.snapshot_table(res)]
+            md += ["### Snapshot build", report.snapshot_table(res),
+                   "### Storage", report.storage_table(res)]
     finally:
         if leaked_mounts():
             umount_all_under(SHARED_ROOT)

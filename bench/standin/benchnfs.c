@@ -53,14 +53,14 @@ enum op {
 	OP_LOOKUP, OP_LOOKUP_ENOENT, OP_GETATTR, OP_READLINK, OP_OPEN, OP_READ,
 	OP_READ_BYTES, OP_OPENDIR, OP_READDIR, OP_READDIRPLUS, OP_STATFS,
 	OP_GETXATTR, OP_LISTXATTR, OP_ACCESS, OP_FORGET, OP_FLUSH, OP_RELEASE,
-	OP_RELEASEDIR, OP_REJECTED, NOPS
+	OP_RELEASEDIR, OP_REJECTED, OP_READDIR_EOF, NOPS
 };
 
 static const char *op_names[NOPS] = {
 	"lookup", "lookup_enoent", "getattr", "readlink", "open", "read",
 	"read_bytes", "opendir", "readdir", "readdirplus", "statfs",
 	"getxattr", "listxattr", "access", "forget", "flush", "release",
-	"releasedir", "rejected",
+	"releasedir", "rejected", "readdir_eof",
 };
 
 struct ctl {
@@ -409,6 +409,11 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset
 		d->entry = NULL;
 		d->offset = next;
 	}
+	/* FUSE has no EOF flag: the kernel always asks once more and gets an
+	 * empty reply.  NFS READDIRPLUS returns eof with the last batch, so
+	 * these probes are counted apart (they are included in readdir*). */
+	if (size == rem)
+		count(OP_READDIR_EOF, 1);
 	fuse_reply_buf(req, buf, size - rem);
 	free(buf);
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -81,17 +82,16 @@ class StandIn:
     def unmount(self) -> None:
         if self._proc is None:
             return
-        if is_mountpoint(self.mountpoint):
-            try:
-                umount(self.mountpoint)
-            except subprocess.CalledProcessError:
-                # Busy (a leaked namespace still holds it): detach instead.
-                umount(self.mountpoint, lazy=True)
+        # SIGTERM: libfuse leaves its loop and unmounts the filesystem itself.
+        self._proc.send_signal(signal.SIGTERM)
         try:
             self._proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            self._proc.terminate()
+            self._proc.kill()
             self._proc.wait(timeout=10)
+        if is_mountpoint(self.mountpoint):
+            # Still referenced (a leaked namespace): detach it.
+            umount(self.mountpoint, lazy=True)
         self._proc = None
 
     def remount(self) -> None:
