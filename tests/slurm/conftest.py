@@ -31,7 +31,7 @@ def _require_root() -> None:
 
 
 @pytest.fixture(scope="session")
-def world() -> World:
+def slurm_world() -> World:
     _require_root()
     return make_world()
 
@@ -99,12 +99,12 @@ def _scontrol_job(job_id: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def slurm(world: World) -> Iterator[Slurm]:
+def slurm(slurm_world: World) -> Iterator[Slurm]:
     _require_root()
     STATE.mkdir(parents=True, exist_ok=True)
     # The generated hooks source this: it points them at the test profiles and store.
     (STATE / "hook.env").write_text("".join(f"{k}={shlex.quote(v)}; export {k}\n"
-                                            for k, v in world.env().items()))
+                                            for k, v in slurm_world.env().items()))
     env = dict(os.environ, OVLRUN_SLURM_PYTHON=sys.executable, OVLRUN_SLURM_STATE=str(STATE))
     started = time.monotonic()
     subprocess.run(["bash", str(REPO / "ci" / "slurm-setup.sh")], env=env, check=True,
@@ -112,7 +112,7 @@ def slurm(world: World) -> Iterator[Slurm]:
     print(f"slurm started in {time.monotonic() - started:.1f}s", file=sys.stderr)
     node = os.uname().nodename.split(".")[0]
     try:
-        yield Slurm(world, node)
+        yield Slurm(slurm_world, node)
     finally:
         subprocess.run(["bash", str(REPO / "ci" / "slurm-stop.sh")], env=env, timeout=120)
         (STATE / "hook.env").unlink(missing_ok=True)
