@@ -1,7 +1,7 @@
 # Quick start (as root on a fresh Debian 12 machine):  make demo  ;  make test
 PYTHON ?= python3
 DEMO_TREE ?= /srv/ovlrun-demo/sw
-APT_PACKAGES = libcap-dev attr fuse3 libfuse3-dev pkg-config tmux
+APT_PACKAGES = libcap-dev attr fuse3 libfuse3-dev pkg-config tmux sudo
 STAMP = .setup.stamp
 
 .PHONY: setup demo test lint bench clean

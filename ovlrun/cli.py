@@ -81,13 +81,26 @@ def launch(argv: list[str]) -> int:
         raise OvlrunError("ovlrun must run as root: use 'sudo ovlrun ...', a scheduler prolog, or a root shell")
     # Everything the job path needs is imported here, as root, before the drop: after it
     # the interpreter's own directories may be unreadable to the user.
-    from ovlrun.launch import run_job
-    from ovlrun.privileges import target_identity
+    from ovlrun.callerenv import caller_environment, check_caller_request, refuse_tainted_environment
+    from ovlrun.launch import run_job, warn_stderr
+    from ovlrun.privileges import sudo_caller, target_identity
     from ovlrun.profile import load_profile
 
-    profile = load_profile(profile_spec)
-    identity = target_identity(user, dict(os.environ))
-    return run_job(profile, command, identity=identity, strict=strict)
+    own_env = dict(os.environ)
+    job_env = own_env
+    caller = sudo_caller(own_env)
+    if caller is not None:
+        refuse_tainted_environment(own_env)
+        check_caller_request(own_env, profile_spec, user)
+        from_sudo = caller_environment(caller)
+        if from_sudo is None:
+            warn_stderr("could not read your environment from the calling sudo process; "
+                        "the job gets the environment sudo gave ovlrun")
+        else:
+            job_env = from_sudo
+    profile = load_profile(profile_spec, trusted_only=caller is not None)
+    identity = target_identity(user, own_env)
+    return run_job(profile, command, identity=identity, strict=strict, environ=job_env)
 
 
 def main(argv: list[str] | None = None) -> int:

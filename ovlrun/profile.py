@@ -62,8 +62,20 @@ def is_path_spec(spec: str) -> bool:
     return "/" in spec or spec.endswith(".toml")
 
 
-def find_profile(spec: str, dirs: list[Path] | None = None) -> Path:
-    """Map ``--profile`` to a file: a path if it looks like one, else a name to search."""
+def _check_trusted(path: Path) -> None:
+    """A profile a sudo caller gets must be one only root could have written."""
+    for p in (path.parent, path):
+        st = p.stat()
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise OvlrunError(f"refusing profile {path}: {p} must be owned by root and not group/other-writable")
+
+
+def find_profile(spec: str, dirs: list[Path] | None = None, *, trusted_only: bool = False) -> Path:
+    """Map ``--profile`` to a file: a path if it looks like one, else a name to search.
+
+    With ``trusted_only`` (non-root callers) the file and its directory must be root-owned
+    and not group/other-writable.
+    """
     if is_path_spec(spec):
         path = Path(spec)
         if not path.is_file():
@@ -75,13 +87,15 @@ def find_profile(spec: str, dirs: list[Path] | None = None) -> Path:
     for d in search:
         candidate = d / f"{spec}.toml"
         if candidate.is_file():
+            if trusted_only:
+                _check_trusted(candidate)
             return candidate
     where = ", ".join(str(d) for d in search) or "(no directories)"
     raise OvlrunError(f"no profile named {spec!r} (searched {where})")
 
 
-def load_profile(spec: str, dirs: list[Path] | None = None) -> Profile:
-    path = find_profile(spec, dirs)
+def load_profile(spec: str, dirs: list[Path] | None = None, *, trusted_only: bool = False) -> Profile:
+    path = find_profile(spec, dirs, trusted_only=trusted_only)
     return parse_profile(path, path.stem)
 
 

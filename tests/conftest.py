@@ -35,15 +35,31 @@ requires_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: overlayfs me
                                    "(trusted.*) and mount namespaces require CAP_SYS_ADMIN")
 requires_overlay = pytest.mark.skipif(IS_ROOT and not _has_overlay(), reason="kernel has no overlayfs")
 NOBODY = 65534
+TEST_USER = "ovltest"
+TEST_UID = 4242
+
+
+@pytest.fixture(scope="session")
+def test_user() -> str:
+    """An unprivileged user with a home and a login shell (useradd if missing)."""
+    if not IS_ROOT:
+        pytest.skip("needs root to create the test user")
+    if subprocess.run(["id", TEST_USER], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "-m", "-u", str(TEST_UID), "-s", "/bin/bash", TEST_USER], check=True)
+    return TEST_USER
 
 
 def host_mounts() -> list[tuple[str, str]]:
-    """(mount point, fstype) of the test runner's namespace, i.e. the host's."""
+    """(mount point, fstype) of the test runner's namespace, i.e. the host's, limited to what
+    ovlrun or these tests could have mounted: overlays and anything under /var/tmp/ovlrun-test-*
+    (other activity on a developer's machine must not make tests flaky)."""
     out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
-            out.append((left.split()[4], right.split()[0]))
+            point, (fstype, source) = left.split()[4], right.split()[:2]
+            if (fstype == "overlay" and source != "overlay") or point.startswith("/var/tmp/ovlrun-test-"):
+                out.append((point, fstype))
     return sorted(out)
 
 
@@ -80,6 +96,28 @@ class World:
         full_env = {**self.env, **(env or {})}
         return subprocess.run([sys.executable, "-m", "ovlrun", *args], env=full_env, cwd=cwd, text=True,
                               capture_output=True, timeout=timeout, **kw)  # type: ignore[call-overload,no-any-return]
+
+    def admin_entry(self) -> Path:
+        """An admin-installed ``ovlrun`` (what sudoers points at) whose defaults are this world's
+        store and profiles: sudo callers may not choose them through the environment."""
+        entry = self.base / "ovlrun-entry"
+        if not entry.exists():
+            entry.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
+                             "import ovlrun.profile, ovlrun.store\n"
+                             f"ovlrun.store.DEFAULT_STORE = {str(self.store)!r}\n"
+                             f"ovlrun.profile.DEFAULT_PROFILE_DIRS = ({str(self.profiles)!r},)\n"
+                             "from ovlrun.cli import main\nsys.exit(main())\n")
+            entry.chmod(0o755)
+        return entry
+
+    def as_sudo(self, *args: str, uid: int, gid: int | None = None, extra_env: dict[str, str] | None = None,
+                **kw: object) -> subprocess.CompletedProcess[str]:
+        """Run the admin entry as sudo would leave it: reset env plus SUDO_* (no sudo parent)."""
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
+               "SUDO_UID": str(uid), "SUDO_GID": str(uid if gid is None else gid), "SUDO_USER": "x",
+               **(extra_env or {})}
+        return subprocess.run([str(self.admin_entry()), *args], env=env, text=True, capture_output=True,
+                              timeout=60, **kw)  # type: ignore[call-overload,no-any-return]
 
     def build(self, profile: str = "p") -> subprocess.CompletedProcess[str]:
         result = self.ovlrun("snapshot", "build", "--profile", profile)

@@ -96,9 +96,9 @@ def test_signal_status_like_bare_command(world: World) -> None:
 
 def test_runs_as_sudo_user_without_capabilities(world: World) -> None:
     rel = built(world)
-    env = {"SUDO_UID": str(NOBODY), "SUDO_GID": str(NOBODY), "SUDO_USER": "nobody"}
-    result = world.job(f"id -u; id -g; grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|Uid|Gid|NoNewPrivs):' /proc/self/status; "
-                       f"cat {rel}/README", env=env)
+    result = world.as_sudo("--profile", "p", "--", "/bin/sh", "-c",
+                           f"id -u; id -g; grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|Uid|Gid|NoNewPrivs):' /proc/self/status; "
+                           f"cat {rel}/README", uid=NOBODY)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[:2] == [str(NOBODY), str(NOBODY)]
@@ -114,7 +114,7 @@ def test_runs_as_sudo_user_without_capabilities(world: World) -> None:
 def test_user_option_and_refused_under_sudo(world: World) -> None:
     built(world)
     assert world.ovlrun("--profile", "p", "--user", "nobody", "--", "id", "-u").stdout.strip() == str(NOBODY)
-    r = world.ovlrun("--profile", "p", "--user", "root", "--", "id", "-u", env={"SUDO_UID": str(NOBODY)})
+    r = world.as_sudo("--profile", "p", "--user", "root", "--", "id", "-u", uid=NOBODY)
     assert r.returncode == 125 and "--user is only for root" in r.stderr
 
 
