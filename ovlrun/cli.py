@@ -106,6 +106,16 @@ def launch(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
+        if args and args[0] in ("slurm", "enter"):
+            # Slurm hooks and `enter` parse their own argv: no typer import in a Prolog,
+            # and `enter JOBID -- CMD...` passes CMD's options through untouched.
+            if args[0] == "slurm":
+                from ovlrun.slurm import main as slurm_main
+
+                return slurm_main(args[1:])
+            from ovlrun.enter import main as enter_main
+
+            return enter_main(args[1:])
         if args and (args[0] in SUBCOMMANDS or args[0] in HELP_FLAGS):
             from ovlrun.commands import run_typer
 

@@ -176,7 +176,9 @@ def _key_value(token: str) -> tuple[str, str]:
 
 def _load_request(name: str) -> tuple[Profile, Store]:
     """Load profile and store as root would use them; OvlrunError explains failures."""
-    return load_profile(name), Store.open()
+    # trusted_only: the name comes from a user (the job comment); only root-owned
+    # profiles may make root mount anything.
+    return load_profile(name, trusted_only=True), Store.open()
 
 
 def _mount_overlays(profile: Profile, store: Store) -> list[str]:
@@ -412,11 +414,25 @@ HOOKS: dict[str, Callable[[], int]] = {
 }
 
 
+USAGE = """\
+usage: ovlrun slurm {prolog,epilog,clone-ns}
+
+Slurm hooks (run by slurmd as root; see docs/slurm.md for slurm.conf and
+job_container.conf).  A job asks for a profile with: sbatch --comment=ovl:NAME
+  prolog    Prolog: prepare the job's namespace with the profile's overlays
+  epilog    Epilog: remove what the prolog made
+  clone-ns  CloneNSScript (Slurm 24.11+): mount into $SLURM_NS
+Hooks exit 0 on a user's mistake (the job runs unlocalised; the log says why)."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ovlrun.slurm HOOK``: the hooks without the CLI's imports."""
+    """``ovlrun slurm HOOK`` / ``python -m ovlrun.slurm HOOK``."""
     args = sys.argv[1:] if argv is None else argv
+    if len(args) == 1 and args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
     if len(args) != 1 or args[0] not in HOOKS:
-        print(f"usage: python -m ovlrun.slurm {{{','.join(HOOKS)}}}", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     return HOOKS[args[0]]()
 
