@@ -56,6 +56,11 @@ fi
 # --- configuration ----------------------------------------------------------
 node="$(hostname -s)"
 cpus="$(nproc)"
+# Single node: if the short host name does not resolve, talk over loopback.
+ctld_host="$node" node_addr=""
+if ! getent hosts "$node" >/dev/null; then
+    ctld_host="$node(127.0.0.1)" node_addr=" NodeAddr=127.0.0.1"
+fi
 mkdir -p "$state"/{ctld,slurmd,jc,log,hooks,run}
 chmod 755 "$state" "$state/hooks"
 
@@ -90,7 +95,7 @@ trap 'rm -f "$new_conf" "$new_jc"' EXIT
 cat >"$new_conf" <<EOF
 $marker
 ClusterName=ovlrun
-SlurmctldHost=$node
+SlurmctldHost=$ctld_host
 # root keeps the state directories simple on a throw-away test node.
 SlurmUser=root
 AuthType=auth/munge
@@ -124,7 +129,7 @@ PrologFlags=Contain
 Prolog=$prolog
 Epilog=$epilog
 TaskProlog=$task_prolog
-NodeName=$node CPUs=$cpus State=UNKNOWN
+NodeName=$node$node_addr CPUs=$cpus State=UNKNOWN
 PartitionName=debug Nodes=$node Default=YES MaxTime=30 State=UP
 EOF
 cat >"$new_jc" <<EOF

@@ -142,6 +142,15 @@ class JobContainerConf:
         return self.base_path / job_id
 
 
+def _jc_conf_path(env: Mapping[str, str]) -> str:
+    """job_container.conf sits next to slurm.conf (slurmd passes SLURM_CONF to hooks)."""
+    if env.get("OVLRUN_SLURM_JC_CONF"):
+        return env["OVLRUN_SLURM_JC_CONF"]
+    if env.get("SLURM_CONF"):
+        return str(Path(env["SLURM_CONF"]).with_name("job_container.conf"))
+    return DEFAULT_JC_CONF
+
+
 def read_job_container_conf(path: str | Path, node: str) -> JobContainerConf | None:
     """Parse job_container.conf; None if there is none (plugin not in use)."""
     try:
@@ -250,7 +259,7 @@ def _prolog(job: SlurmJob, name: str, env: Mapping[str, str], log: HookLog) -> i
         record.messages.append(f"profile {name!r}: network={profile.network!r} is not applied "
                                "to Slurm jobs (only the mount namespace is shared with the job)")
 
-    jc = read_job_container_conf(env.get("OVLRUN_SLURM_JC_CONF", DEFAULT_JC_CONF), job.node)
+    jc = read_job_container_conf(_jc_conf_path(env), job.node)
     layout = env.get("OVLRUN_SLURM_JOBDIR_LAYOUT")
     job_dir = jc.job_dir(job.node, job.job_id, layout) if jc else None
     holder = job_dir / ".ns" if job_dir else None
@@ -434,8 +443,16 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1 or args[0] not in HOOKS:
         print(USAGE, file=sys.stderr)
         return 2
+    if os.environ.get("SUDO_UID") or os.geteuid() != 0:
+        # The sudoers rule for ovlrun lets users run it as root; the hooks trust their
+        # environment (job id, owner) and are for slurmd alone.
+        raise OvlrunError("Slurm hooks are run by slurmd as root, not by users or through sudo")
     return HOOKS[args[0]]()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except OvlrunError as e:
+        print(f"ovlrun: {e}", file=sys.stderr)
+        sys.exit(e.status)
