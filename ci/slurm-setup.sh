@@ -148,11 +148,17 @@ same_conf=1
 cmp -s "$new_conf" "$conf_dir/slurm.conf" || same_conf=0
 cmp -s "$new_jc" "$conf_dir/job_container.conf" || same_conf=0
 
-alive() {  # $1 = pid file
-    [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+alive() {  # $1 = pid file; true if that pid still runs the daemon named like the file
+    local pid
+    [ -s "$1" ] || return 1
+    pid="$(cat "$1")"
+    # A pid file can outlive its process (machine reused, daemons killed): check the
+    # name too, so a recycled pid is never mistaken for our daemon.
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$(basename "$1" .pid)" ]
 }
+munge_works() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
 
-if [ "$same_conf" = 1 ] && alive "$state/run/munged.pid" \
+if [ "$same_conf" = 1 ] && munge_works \
     && alive "$state/run/slurmctld.pid" && alive "$state/run/slurmd.pid"; then
     log "daemons already running with this configuration"
 else
@@ -168,11 +174,16 @@ else
         (umask 077; dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 2>/dev/null)
         chown munge:munge /etc/munge/munge.key
     fi
-    install -d -o munge -g munge -m 755 /run/munge
-    install -d -o munge -g munge -m 700 /var/log/munge /var/lib/munge
-    # munged daemonises itself and writes its own pid file.
-    runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
-    cp /run/munge/munged.pid "$state/run/munged.pid"
+    if munge_works; then
+        log "using the munged already running"  # not ours: slurm-stop.sh leaves it alone
+    else
+        install -d -o munge -g munge -m 755 /run/munge
+        install -d -o munge -g munge -m 700 /var/log/munge /var/lib/munge
+        # munged daemonises itself and writes its own pid file.
+        runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
+        cp /run/munge/munged.pid "$state/run/munged.pid"
+        munge_works || die "munged started but munge/unmunge does not work"
+    fi
 
     # --- slurm ---------------------------------------------------------------
     # setsid: the daemons must outlive the shell (and CI step) that started

@@ -14,7 +14,8 @@ stop_pid() {  # $1 = name, $2 = pid file
     local name="$1" pf="$2" pid deadline
     [ -s "$pf" ] || return 0
     pid="$(cat "$pf")"
-    if ! kill -0 "$pid" 2>/dev/null; then
+    # Only a live process with the daemon's name: the pid may have been recycled.
+    if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" != "$name" ]; then
         rm -f "$pf"
         return 0
     fi
