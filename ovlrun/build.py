@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ovlrun.bounded import DEFAULT_TIMEOUT, run_bounded
 from ovlrun.errors import OvlrunError
 from ovlrun.kernel import redirect_max
 from ovlrun.patterns import Pattern
@@ -44,6 +45,9 @@ XATTR_REDIRECT = "trusted.overlay.redirect"
 MAX_WARNINGS_KEPT = 50
 
 Reporter = Callable[[str], None]
+# What verify compares per entry: the fingerprint inputs (mode, uid, gid, size, mtime_ns,
+# symlink target).  The snapshot tree carries exactly these, so it is its own record.
+Record = tuple[int, int, int, int, int, bytes]
 
 
 class BuildError(OvlrunError):
@@ -66,12 +70,33 @@ class _WalkState:
     max_redirect: int = 0
     long_redirects: int = 0
     warnings: list[str] = field(default_factory=list)
+    # Verify mode: every fingerprinted entry's record, and the snapshot's records, whose
+    # symlink targets are reused when a symlink's lstat is unchanged (no readlink request).
+    records: dict[bytes, Record] | None = None
+    known: dict[bytes, Record] | None = None
 
     def warn(self, message: str) -> None:
         self.counts.setdefault("warnings", 0)
         self.counts["warnings"] += 1
         if len(self.warnings) < MAX_WARNINGS_KEPT:
             self.warnings.append(message)
+
+
+@dataclass
+class WalkSummary:
+    """What a walk found, as plain data (it crosses the bounded worker's pipe)."""
+
+    counts: dict[str, int]
+    fingerprint: str
+    max_redirect: int
+    long_redirects: int
+    warnings: list[str]
+    records: dict[bytes, Record] | None
+
+    @classmethod
+    def of(cls, state: _WalkState) -> WalkSummary:
+        return cls(state.counts, state.digest.hexdigest(), state.max_redirect, state.long_redirects,
+                   state.warnings, state.records)
 
 
 def expand(tree: Tree, pattern: Pattern) -> list[str]:
@@ -99,6 +124,17 @@ def _fingerprint(state: _WalkState, rel: bytes, st: os.stat_result, extra: bytes
     record = b"%s\0%o\0%d\0%d\0%d\0%d\0%s\n" % (rel, st.st_mode, st.st_uid, st.st_gid, st.st_size,
                                                  st.st_mtime_ns, extra)
     state.digest.update(record)
+    if state.records is not None:
+        state.records[rel] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, extra)
+
+
+def _link_target(name: str, src_fd: int, rel: bytes, st: os.stat_result, state: _WalkState) -> str:
+    known = state.known.get(rel) if state.known is not None else None
+    if known is not None and known[:5] == (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns):
+        # Same symlink inode metadata as in the snapshot: a new target would mean a new
+        # symlink (new mtime), so skip the readlink round trip.
+        return os.fsdecode(known[5])
+    return os.readlink(name, dir_fd=src_fd)
 
 
 def _set_metadata(fd: int, st: os.stat_result) -> None:
@@ -129,23 +165,29 @@ def _write_file(name: str, rel: bytes, st: os.stat_result, dst_fd: int, state: _
         os.close(fd)
 
 
-def _walk(src_root_fd: int, dst_root_fd: int, state: _WalkState, limit: int) -> None:
-    """Mirror the directory ``src_root_fd`` into ``dst_root_fd`` iteratively (deep trees are fine)."""
+def _walk(src_root_fd: int, dst_root_fd: int | None, state: _WalkState, limit: int) -> None:
+    """Mirror the directory ``src_root_fd`` into ``dst_root_fd`` iteratively (deep trees are fine).
+
+    With ``dst_root_fd`` None nothing is written: the walk only fingerprints and records
+    (``snapshot verify``), at the same cost on the source as a build.
+    """
     # Each frame: (src_fd, dst_fd, relpath bytes, remaining entries, stat of the dir).
     root_st = os.fstat(src_root_fd)
     _fingerprint(state, b"", root_st)
-    stack: list[tuple[int, int, bytes, list[str], os.stat_result]] = [
+    stack: list[tuple[int, int | None, bytes, list[str], os.stat_result]] = [
         (src_root_fd, dst_root_fd, b"", _list(src_root_fd, b"/"), root_st)
     ]
     while stack:
         src_fd, dst_fd, rel, entries, dir_st = stack[-1]
         if not entries:
-            os.setxattr(dst_fd, XATTR_OPAQUE, b"y")
-            _set_metadata(dst_fd, dir_st)
+            if dst_fd is not None:
+                os.setxattr(dst_fd, XATTR_OPAQUE, b"y")
+                _set_metadata(dst_fd, dir_st)
             stack.pop()
             if stack:  # the root fds belong to the caller
                 os.close(src_fd)
-                os.close(dst_fd)
+                if dst_fd is not None:
+                    os.close(dst_fd)
             continue
         name = entries.pop()
         child = (rel + b"/" if rel else b"") + os.fsencode(name)
@@ -154,20 +196,25 @@ def _walk(src_root_fd: int, dst_root_fd: int, state: _WalkState, limit: int) -> 
         if stat.S_ISDIR(mode):
             _fingerprint(state, child, st)
             state.counts["dirs"] += 1
-            os.mkdir(name, 0o700, dir_fd=dst_fd)
+            sub_dst = None
+            if dst_fd is not None:
+                os.mkdir(name, 0o700, dir_fd=dst_fd)
+                sub_dst = _open_dir(name, dst_fd)
             sub_src = _open_dir(name, src_fd)
-            sub_dst = _open_dir(name, dst_fd)
             stack.append((sub_src, sub_dst, child, _list(sub_src, b"/" + child), st))
         elif stat.S_ISREG(mode):
             _fingerprint(state, child, st)
             state.counts["files"] += 1
             if st.st_nlink > 1:
                 state.counts["hardlinked"] += 1
-            _write_file(name, child, st, dst_fd, state, limit)
+            if dst_fd is not None:
+                _write_file(name, child, st, dst_fd, state, limit)
         elif stat.S_ISLNK(mode):
-            target = os.readlink(name, dir_fd=src_fd)
+            target = _link_target(name, src_fd, child, st, state)
             _fingerprint(state, child, st, os.fsencode(target))
             state.counts["symlinks"] += 1
+            if dst_fd is None:
+                continue
             os.symlink(target, name, dir_fd=dst_fd)
             os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
             os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
@@ -188,7 +235,7 @@ def _list(fd: int, where: bytes) -> list[str]:
         raise BuildError(f"cannot list {os.fsdecode(where)!r} in the source: permission denied") from None
 
 
-def build_tree(source: str, build_dir: Path) -> tuple[_WalkState, Path]:
+def build_tree(source: str, build_dir: Path) -> tuple[WalkSummary, Path]:
     tree_dir = build_dir / "tree"
     tree_dir.mkdir(mode=0o700)
     state = _WalkState()
@@ -200,13 +247,30 @@ def build_tree(source: str, build_dir: Path) -> tuple[_WalkState, Path]:
     finally:
         os.close(src_fd)
         os.close(dst_fd)
-    return state, tree_dir
+    return WalkSummary.of(state), tree_dir
 
 
-def build_one(store: Store, path: str, source: str, *, rebuild: bool = False) -> BuildResult:
-    """Build (or confirm) the snapshot serving ``path``, whose real path is ``source``."""
+def walk_records(directory: str, known: dict[bytes, Record] | None = None) -> WalkSummary:
+    """Walk ``directory`` like a build does, writing nothing; returns counts, fingerprint
+    and one :data:`Record` per entry (``known``: records to reuse symlink targets from)."""
+    state = _WalkState(records={}, known=known)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _walk(fd, None, state, redirect_max())
+    finally:
+        os.close(fd)
+    return WalkSummary.of(state)
+
+
+def build_one(store: Store, path: str, source: str, *, rebuild: bool = False,
+              timeout: float = DEFAULT_TIMEOUT, root: str = "") -> BuildResult:
+    """Build (or confirm) the snapshot serving ``path``, whose real path is ``source``.
+
+    The walk runs in a bounded worker (:mod:`ovlrun.bounded`): a stalled source fails this
+    snapshot after ``timeout`` seconds instead of hanging the builder.
+    """
     store.ensure()
-    with store.source_lock(path):
+    with store.source_lock(path) as lock_fd:
         store.clean_stale_builds(path)
         current = store.read_index().get(path)
         old = store.load(current) if current else None
@@ -215,15 +279,16 @@ def build_one(store: Store, path: str, source: str, *, rebuild: bool = False) ->
         build_dir = store.new_build_dir(path)
         try:
             started = time.monotonic()
-            state, _ = build_tree(source, build_dir)
-            fingerprint = state.digest.hexdigest()
+            state, _ = run_bounded(lambda: build_tree(source, build_dir), timeout=timeout,
+                                   what=f"building snapshot of {path}", close_fds=(lock_fd,))
+            fingerprint = state.fingerprint
             if old is not None and old.manifest.source == source and old.manifest.fingerprint == fingerprint:
                 shutil.rmtree(build_dir)
                 return BuildResult(path, "up-to-date", old, "source unchanged")
             manifest = Manifest(path=path, source=source, id=new_snapshot_id(), built=time.time(),
                                 fingerprint=fingerprint, counts=state.counts, max_redirect=state.max_redirect,
                                 long_redirects=state.long_redirects, redirect_max=redirect_max(),
-                                warnings=state.warnings)
+                                warnings=state.warnings, root=root or (old.manifest.root if old else ""))
             snapshot = store.publish(build_dir, manifest)
         except BaseException as e:
             shutil.rmtree(build_dir, ignore_errors=True)
@@ -240,23 +305,39 @@ def build_one(store: Store, path: str, source: str, *, rebuild: bool = False) ->
         return BuildResult(path, "built", snapshot, f"{total} entries in {took:.2f}s")
 
 
+def resolve_tree(tree: Tree) -> list[tuple[Pattern, list[tuple[str, str | None, str]]]]:
+    """Per pattern: (path, real source or None, why not) for every directory it matches now.
+    Touches the shared tree (expansion, symlink resolution): run it bounded."""
+    if not os.path.isdir(tree.root):
+        raise OvlrunError(f"tree root {tree.root} is missing or not a directory (not mounted?)")
+    out = []
+    for pattern in tree.patterns:
+        matches: list[tuple[str, str | None, str]] = []
+        for rel in expand(tree, pattern):
+            try:
+                matches.append((tree.path_of(rel), check_within_root(tree, rel), ""))
+            except OvlrunError as e:
+                matches.append((tree.path_of(rel), None, str(e)))
+        out.append((pattern, matches))
+    return out
+
+
 def build_profile(profile: Profile, store: Store, *, rebuild: bool = False,
-                  report: Reporter | None = None) -> list[BuildResult]:
+                  report: Reporter | None = None, timeout: float = DEFAULT_TIMEOUT) -> list[BuildResult]:
     """Build snapshots for every directory the profile's patterns match now."""
     say = report or (lambda m: print(m, file=sys.stderr))
     results = []
     for tree in profile.trees:
-        if not os.path.isdir(tree.root):
-            raise OvlrunError(f"tree root {tree.root} of profile {profile.name} is missing or not a directory")
-        for pattern in tree.patterns:
-            matches = expand(tree, pattern)
+        resolved = run_bounded(lambda tree=tree: resolve_tree(tree), timeout=timeout,  # type: ignore[misc]
+                               what=f"expanding the patterns of tree {tree.root} (profile {profile.name})")
+        for pattern, matches in resolved:
             if not matches:
                 say(f"warning: {tree.path_of(pattern.text)} matches nothing")
-            for rel in matches:
-                path = tree.path_of(rel)
+            for path, source, why in matches:
                 try:
-                    source = check_within_root(tree, rel)
-                    result = build_one(store, path, source, rebuild=rebuild)
+                    if source is None:
+                        raise OvlrunError(why)
+                    result = build_one(store, path, source, rebuild=rebuild, timeout=timeout, root=tree.root)
                 except OvlrunError as e:
                     result = BuildResult(path, "failed", None, str(e))
                 results.append(result)

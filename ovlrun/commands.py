@@ -24,6 +24,10 @@ app.add_typer(profile_app, name="profile")
 ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="Profile name (searched in OVLRUN_PROFILE_PATH, "
                                          "/etc/ovlrun/profiles, bundled profiles/) or path to a .toml file.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the shared tree per source "
+                                           "before giving up on it (a stalled server).")]
+SelectProfileOpt = Annotated[str | None, typer.Option("--profile", "-p", help="Only the paths this profile localises.")]
+AllOpt = Annotated[bool, typer.Option("--all", help="Every current snapshot in the store.")]
 
 
 def _require_root(what: str) -> None:
@@ -34,7 +38,8 @@ def _require_root(what: str) -> None:
 @snapshot_app.command("build")
 def snapshot_build(profile: ProfileOpt,
                    rebuild: Annotated[bool, typer.Option(help="Re-walk sources that already have a snapshot and "
-                                                         "publish a new one if they changed.")] = False) -> None:
+                                                         "publish a new one if they changed.")] = False,
+                   timeout: TimeoutOpt = 300.0) -> None:
     """Build a snapshot for every directory the profile localises (idempotent).
 
     Sources that already have a snapshot are left alone (releases are immutable); use
@@ -45,7 +50,7 @@ def snapshot_build(profile: ProfileOpt,
     from ovlrun.store import Store
 
     _require_root("snapshot build")
-    results = build_profile(load_profile(profile), Store.open(), rebuild=rebuild)
+    results = build_profile(load_profile(profile), Store.open(), rebuild=rebuild, timeout=timeout)
     failed = [r for r in results if r.status == "failed"]
     if failed:
         raise OvlrunError(f"{len(failed)} of {len(results)} snapshots failed", status=1)
@@ -81,6 +86,90 @@ def snapshot_list(as_json: JsonOpt = False) -> None:
         mark = "*" if r["current"] else " "
         print(f"{mark} {r['path']}  {r['id']}  {entries} entries  built {built}")
     print("(* = current snapshot for its path)")
+
+
+def _selected_profile(profile: str | None, all_: bool) -> Any:
+    from ovlrun.profile import load_profile
+
+    if (profile is None) == (not all_):
+        raise OvlrunError("give either --profile NAME or --all")
+    return load_profile(profile) if profile is not None else None
+
+
+@snapshot_app.command("verify")
+def snapshot_verify(profile: SelectProfileOpt = None, all_: AllOpt = False, as_json: JsonOpt = False,
+                    timeout: TimeoutOpt = 300.0) -> None:
+    """Compare current snapshots with their sources: entries missing in the source, entries
+    whose metadata changed, new entries.  Exits 0 if all are clean, 1 otherwise.
+
+    Costs the server one readdir per directory and one getattr per entry."""
+    from ovlrun.lifecycle import verify
+    from ovlrun.store import Store
+
+    drifts = verify(Store.open(), _selected_profile(profile, all_), timeout=timeout)
+    if as_json:
+        json.dump([d.to_json() for d in drifts], sys.stdout, indent=1)
+        print()
+    else:
+        if not drifts:
+            print("no current snapshots to verify")
+        for d in drifts:
+            c = d.counts
+            detail = f" ({d.message})" if d.message else ""
+            print(f"{d.status}: {d.path}  {d.snapshot}  missing {c['missing']}, changed {c['changed']}, "
+                  f"new {c['new']}{detail}")
+            for kind in ("missing", "changed", "new"):
+                names = getattr(d, kind)
+                for name in names:
+                    print(f"  {kind}: {name!r}" if not name.isprintable() else f"  {kind}: {name}")
+                if c[kind] > len(names):
+                    print(f"  ... and {c[kind] - len(names)} more {kind}")
+    if any(not d.clean for d in drifts):
+        raise OvlrunError(f"{sum(not d.clean for d in drifts)} of {len(drifts)} snapshots are not clean", status=1)
+
+
+@snapshot_app.command("refresh")
+def snapshot_refresh(profile: SelectProfileOpt = None, all_: AllOpt = False, timeout: TimeoutOpt = 300.0) -> None:
+    """Rebuild the snapshots whose source changed (as verify reports) and publish them
+    atomically; running jobs keep the snapshot they mounted.  Exits 1 if any failed."""
+    from ovlrun.lifecycle import refresh
+    from ovlrun.store import Store
+
+    _require_root("snapshot refresh")
+    results = refresh(Store.open(), _selected_profile(profile, all_), timeout=timeout)
+    for r in results:
+        c = r.drift.counts
+        what = f"missing {c['missing']}, changed {c['changed']}, new {c['new']}"
+        print(f"{r.status}: {r.drift.path}  {r.snapshot or r.drift.snapshot}  ({what})"
+              + (f" {r.message}" if r.message else ""), file=sys.stderr)
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        raise OvlrunError(f"{len(failed)} of {len(results)} snapshots could not be refreshed", status=1)
+
+
+@snapshot_app.command("gc")
+def snapshot_gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
+                grace: Annotated[float, typer.Option("--grace", min=0, help="Keep a replaced snapshot until its "
+                                                     "successor is this many seconds old.")] = 60.0,
+                as_json: JsonOpt = False, timeout: TimeoutOpt = 300.0) -> None:
+    """Remove snapshots a newer one replaced and those whose source is gone, never one a
+    running job uses; clean up leftovers of killed builds."""
+    from ovlrun.lifecycle import gc
+    from ovlrun.store import Store
+
+    if not dry_run:
+        _require_root("snapshot gc")
+    report, leftovers = gc(Store.open(), dry_run=dry_run, grace=grace, timeout=timeout)
+    if as_json:
+        json.dump({"snapshots": [r.__dict__ for r in report], "leftovers_removed": leftovers}, sys.stdout, indent=1)
+        print()
+        return
+    for r in report:
+        print(f"{r.action}: {r.directory}  ({r.reason}: {r.path})")
+    if leftovers:
+        print(f"removed {leftovers} leftover(s) of killed builds")
+    if not report and not leftovers:
+        print("nothing to collect")
 
 
 @profile_app.command("check")

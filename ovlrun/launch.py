@@ -19,7 +19,7 @@ from ovlrun.kernel import Features, probe
 from ovlrun.overlay import OverlaySpec, mount_overlay
 from ovlrun.privileges import Identity, drop_to
 from ovlrun.profile import Profile
-from ovlrun.store import Snapshot, Store
+from ovlrun.store import Snapshot, SnapshotMissing, Store
 
 Warn = Callable[[str], None]
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -34,6 +34,7 @@ class Localised:
     path: str  # as the profile names it
     snapshot: Snapshot
     data_only: bool
+    root: str = ""  # the profile tree's root (to tell a deleted release from an unmounted tree)
 
     @property
     def source(self) -> str:
@@ -44,6 +45,7 @@ def plan(profile: Profile, store: Store, features: Features, *, strict: bool, wa
     """Which localised paths this job gets, from the store index alone."""
     index = store.read_index()
     chosen: dict[str, str] = {}
+    roots: dict[str, str] = {}
     missing: list[str] = []
     for tree in profile.trees:
         prefix = tree.root.rstrip("/") + "/"
@@ -52,6 +54,7 @@ def plan(profile: Profile, store: Store, features: Features, *, strict: bool, wa
                 path = tree.path_of(pattern.text)
                 if path in index:
                     chosen[path] = index[path]
+                    roots[path] = tree.root
                 else:
                     missing.append(path)
                 continue
@@ -59,17 +62,23 @@ def plan(profile: Profile, store: Store, features: Features, *, strict: bool, wa
             if not hits:
                 missing.append(tree.path_of(pattern.text))
             chosen.update((p, index[p]) for p in hits)
+            roots.update((p, tree.root) for p in hits)
+    result = []
+    for path, relative in sorted(chosen.items()):
+        try:
+            snapshot = store.load(relative)
+        except SnapshotMissing:
+            # gc removed it after we read the index (its source was deleted): same as unbuilt.
+            missing.append(path)
+            continue
+        store.check_trusted(snapshot)
+        result.append(Localised(path, snapshot, features.data_only_layers, roots[path]))
     for path in missing:
         message = (f"no snapshot for {path}; it stays unlocalised "
                    f"(build it with: ovlrun snapshot build --profile {profile.name})")
         if strict:
             raise OvlrunError(message.replace("; it stays unlocalised", ""))
         warn(message)
-    result = []
-    for path, relative in sorted(chosen.items()):
-        snapshot = store.load(relative)
-        store.check_trusted(snapshot)
-        result.append(Localised(path, snapshot, features.data_only_layers))
     return result
 
 
@@ -91,6 +100,7 @@ def mount_plan(localised: list[Localised], features: Features, *, strict: bool, 
     mounted = []
     for item in localised:
         if not os.path.isdir(item.source):
+            _check_tree_root(item)
             message = f"{item.source} (localised path {item.path}) is missing on the shared tree"
             if strict:
                 raise OvlrunError(message)
@@ -100,6 +110,23 @@ def mount_plan(localised: list[Localised], features: Features, *, strict: bool, 
         mount_overlay(spec, features)
         mounted.append(item)
     return mounted
+
+
+def _check_tree_root(item: Localised) -> None:
+    """A localised source is missing: was the release deleted, or is the tree not there?
+
+    Only reached on that failure path, so a normal launch pays nothing for it.  A missing
+    or empty root (an unmounted NFS mount point) is an error even without --strict: every
+    path of the tree would be missing and the job could only fail later, less clearly.
+    """
+    if not item.root:
+        return
+    try:
+        empty = not os.listdir(item.root)
+    except OSError as e:
+        raise OvlrunError(f"shared tree root {item.root} is not available ({e.strerror}; not mounted?)") from None
+    if empty:
+        raise OvlrunError(f"shared tree root {item.root} is empty (not mounted?); refusing to run the job there")
 
 
 def mount_profile(profile: Profile, store: Store, *, strict: bool, warn: Warn) -> list[Localised]:

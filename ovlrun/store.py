@@ -61,6 +61,7 @@ class Manifest:
     long_redirects: int = 0
     redirect_max: int = 0
     warnings: list[str] = field(default_factory=list)
+    root: str = ""  # the profile tree's root ("" in manifests from before it was recorded)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, **self.__dict__}
@@ -85,21 +86,33 @@ class Snapshot:
 
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        # A full disk fails the write half-way: leave no stray temporary file behind.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 @contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
+def _flock(path: Path) -> Iterator[int]:
+    """Hold an exclusive flock on ``path``; yields the fd (a forked worker must close it,
+    or the lock would live as long as that worker)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        yield fd
     finally:
         os.close(fd)
+
+
+class SnapshotMissing(OvlrunError):
+    """The index names a snapshot directory that is gone (removed by gc meanwhile)."""
 
 
 class Store:
@@ -121,10 +134,31 @@ class Store:
             raise OvlrunError(f"cannot create snapshot store {self.path}: {e.strerror}") from None
 
     @contextlib.contextmanager
-    def source_lock(self, source: str) -> Iterator[None]:
+    def source_lock(self, source: str) -> Iterator[int]:
         """Serialise builds of one source across processes (flock dies with the holder)."""
-        with _flock(self.path / "locks" / f"{source_key(source)}.lock"):
-            yield
+        with _flock(self.path / "locks" / f"{source_key(source)}.lock") as fd:
+            yield fd
+
+    @contextlib.contextmanager
+    def index_lock(self) -> Iterator[int]:
+        """Serialise changes of ``index.json`` and of ``snapshots/`` (publish, gc)."""
+        with _flock(self.path / "index.lock") as fd:
+            yield fd
+
+    def build_running(self, key: str) -> bool:
+        """Is a build holding the lock of source key ``key`` now?  (For gc: a tmp/ entry
+        whose lock nobody holds is the leftover of a killed build.)"""
+        try:
+            fd = os.open(self.path / "locks" / f"{key}.lock", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     def new_build_dir(self, source: str) -> Path:
         path = self.path / "tmp" / f"{source_key(source)}.{secrets.token_hex(6)}"
@@ -155,18 +189,29 @@ class Store:
         sources = data.get("sources", {}) if isinstance(data, dict) else {}
         return {k: v for k, v in sources.items() if isinstance(k, str) and isinstance(v, str)}
 
+    def write_index(self, index: dict[str, str]) -> None:
+        """Replace ``index.json``; caller holds :meth:`index_lock`."""
+        _write_json_atomic(self.path / "index.json", {"format": FORMAT, "sources": index})
+
     def publish(self, build_dir: Path, manifest: Manifest) -> Snapshot:
         """Atomically move a finished build into place and make it current for its source."""
         key_dir = self.path / "snapshots" / source_key(manifest.source)
-        key_dir.mkdir(mode=0o755, exist_ok=True)
         _write_json_atomic(build_dir / "manifest.json", manifest.to_json())
         os.chmod(build_dir, 0o755)
         final = key_dir / manifest.id
-        os.rename(build_dir, final)
-        with _flock(self.path / "index.lock"):
-            index = self.read_index()
-            index[manifest.path] = str(final.relative_to(self.path))
-            _write_json_atomic(self.path / "index.json", {"format": FORMAT, "sources": index})
+        # Under the index lock: gc removes empty key directories under it too.
+        with self.index_lock():
+            key_dir.mkdir(mode=0o755, exist_ok=True)
+            os.rename(build_dir, final)
+            try:
+                index = self.read_index()
+                index[manifest.path] = str(final.relative_to(self.path))
+                self.write_index(index)
+            except BaseException:
+                # Not made current (e.g. disk full): take it back so nothing half-published
+                # stays in snapshots/; the caller removes build_dir.
+                os.rename(final, build_dir)
+                raise
         return Snapshot(final, manifest)
 
     def load(self, relative: str) -> Snapshot:
@@ -174,6 +219,8 @@ class Store:
         try:
             with open(directory / "manifest.json") as f:
                 manifest = Manifest.from_json(json.load(f))
+        except FileNotFoundError:
+            raise SnapshotMissing(f"snapshot {directory} is gone (removed by 'ovlrun snapshot gc'?)") from None
         except (OSError, ValueError, TypeError) as e:
             raise OvlrunError(f"snapshot {directory} has no valid manifest: {e}") from None
         return Snapshot(directory, manifest)
@@ -188,9 +235,16 @@ class Store:
         if not root.is_dir():
             return []
         for key_dir in sorted(root.iterdir()):
-            for snap_dir in sorted(key_dir.iterdir()):
+            try:
+                snap_dirs = sorted(key_dir.iterdir())
+            except FileNotFoundError:  # removed by a concurrent gc
+                continue
+            for snap_dir in snap_dirs:
                 if (snap_dir / "manifest.json").is_file():
-                    out.append(self.load(str(snap_dir.relative_to(self.path))))
+                    try:
+                        out.append(self.load(str(snap_dir.relative_to(self.path))))
+                    except SnapshotMissing:
+                        continue
         return out
 
     # -- trust -----------------------------------------------------------------------

@@ -1,0 +1,128 @@
+"""Running work that touches the shared tree with a time limit.
+
+A stalled NFS server (hard mount) or FUSE daemon blocks a syscall in a state that no
+signal but SIGKILL ends, and not even SIGKILL once the request is in the server's hands
+(fs/fuse/dev.c: request_wait_answer waits uninterruptibly for a request userspace has
+read; NFS hard mounts retry forever).  So a builder that walks the shared tree in its
+own process can hang forever.  :func:`run_bounded` forks a worker for that walk; the
+parent waits on a pipe with a deadline and, if it passes, SIGKILLs the worker and gives
+up with a clear message instead of waiting.  A worker stuck in the kernel dies as soon
+as its request completes (the SIGKILL is pending; it never returns to user code).
+
+The worker gets PR_SET_PDEATHSIG=SIGKILL, so killing the parent (Ctrl-C, SIGKILL) never
+leaves a worker behind that keeps writing into the store's tmp/ while the next build
+cleans it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from typing import TypeVar
+
+from ovlrun.errors import OvlrunError
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT = 300.0
+
+# Workers we gave up on; reaped opportunistically so they do not stay zombies.
+_abandoned: list[int] = []
+
+
+class StallError(OvlrunError):
+    """The shared tree did not answer in time."""
+
+
+def _reap_abandoned() -> None:
+    for pid in list(_abandoned):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _abandoned.remove(pid)
+
+
+def _child(fn: Callable[[], T], w: int, close_fds: tuple[int, ...]) -> None:
+    import prctl  # python-prctl; already a dependency (privileges)
+
+    prctl.set_pdeathsig(signal.SIGKILL)
+    for fd in close_fds:  # e.g. the source lock: it must die with the parent, not us
+        os.close(fd)
+    result: tuple[str, object]
+    try:
+        result = ("ok", fn())
+    except OvlrunError as e:
+        result = ("error", (type(e).__name__, e.message))
+    except OSError as e:
+        result = ("oserror", (e.errno, e.strerror, e.filename))
+    except BaseException:
+        result = ("bug", traceback.format_exc())
+    try:
+        data = pickle.dumps(result)
+    except Exception:
+        data = pickle.dumps(("bug", traceback.format_exc()))
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(w, view):]
+    except OSError:
+        pass
+
+
+def run_bounded(fn: Callable[[], T], *, timeout: float, what: str, close_fds: tuple[int, ...] = ()) -> T:
+    """Run ``fn`` in a forked worker and return its result, or raise :class:`StallError`
+    if it has not finished after ``timeout`` seconds.  ``fn``'s ``OvlrunError`` and
+    ``OSError`` are re-raised here; ``what`` names the work in the stall message."""
+    _reap_abandoned()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the worker
+        try:
+            os.close(r)
+            _child(fn, w, close_fds)
+        finally:
+            os._exit(0)
+    os.close(w)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                _abandoned.append(pid)
+                _reap_abandoned()
+                raise StallError(f"{what}: no answer from the shared tree within {timeout:g}s "
+                                 "(server stalled or unreachable?); gave up, nothing was published")
+            chunk = os.read(r, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+    _, status = os.waitpid(pid, 0)
+    if not chunks:
+        raise OvlrunError(f"{what}: worker died ({_describe(status)})")
+    kind, payload = pickle.loads(b"".join(chunks))
+    if kind == "ok":
+        return payload  # type: ignore[no-any-return]
+    if kind == "error":
+        name, message = payload
+        raise (StallError if name == "StallError" else OvlrunError)(message)
+    if kind == "oserror":
+        code, strerror, filename = payload
+        raise OSError(code, strerror, filename) if filename is not None else OSError(code, strerror)
+    raise RuntimeError(f"{what}: worker failed:\n{payload}")
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+

@@ -1,0 +1,298 @@
+"""Snapshot lifecycle: verify against the shared tree, refresh what changed, collect garbage.
+
+verify
+    Re-walks each current snapshot's source with the builder's own walk, writing
+    nothing (:func:`ovlrun.build.walk_records`: one readdir per directory, one lstat per
+    entry; a symlink whose lstat is unchanged is not readlink'ed again), walks the snapshot
+    tree the same way (local: it carries each entry's recorded metadata, since the builder
+    copied exactly the fingerprint inputs onto it) and compares the two record sets:
+    entries *missing* in the source, entries whose metadata *changed*, *new* entries.
+refresh
+    Rebuilds the snapshots verify finds changed and publishes each new one atomically
+    (``rename(2)`` + index rewrite): running jobs keep the tree they mounted.
+gc
+    Removes snapshots that are no longer current (a newer one replaced them, or a killed
+    publish orphaned them) and current ones whose source is gone, never one a running
+    job has mounted (:mod:`ovlrun.inuse`), plus leftovers of killed builds and gcs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ovlrun.bounded import DEFAULT_TIMEOUT, run_bounded
+from ovlrun.build import Record, build_one, walk_records
+from ovlrun.errors import OvlrunError
+from ovlrun.inuse import snapshot_ids_in_use
+from ovlrun.profile import Profile
+from ovlrun.store import Snapshot, SnapshotMissing, Store
+
+LISTED_MAX = 100  # names kept per category in a report (counts are always complete)
+DEFAULT_GRACE = 60.0
+
+
+def current_snapshots(store: Store, profile: Profile | None) -> dict[str, Snapshot]:
+    """The current snapshot of every path the profile localises (all paths if None),
+    from the index alone (as a launch plans)."""
+    index = store.read_index()
+    chosen: dict[str, str] = {}
+    if profile is None:
+        chosen = dict(index)
+    else:
+        for tree in profile.trees:
+            prefix = tree.root.rstrip("/") + "/"
+            for pattern in tree.patterns:
+                chosen.update((p, r) for p, r in index.items()
+                              if p.startswith(prefix) and pattern.matches(p[len(prefix):]))
+    out = {}
+    for path, rel in sorted(chosen.items()):
+        with contextlib.suppress(SnapshotMissing):
+            out[path] = store.load(rel)
+    return out
+
+
+# -- verify ------------------------------------------------------------------------------
+
+
+@dataclass
+class Drift:
+    path: str
+    source: str
+    snapshot: str  # snapshot id
+    status: str  # "clean", "changed", "source-missing", "error"
+    missing: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=lambda: {"missing": 0, "changed": 0, "new": 0})
+    message: str = ""
+
+    @property
+    def clean(self) -> bool:
+        return self.status == "clean"
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _name(rel: bytes) -> str:
+    return "/" + os.fsdecode(rel)
+
+
+def compare(snapshot: dict[bytes, Record], source: dict[bytes, Record]) -> tuple[list[bytes], list[bytes],
+                                                                              list[bytes]]:
+    """(missing in source, changed, new in source), each sorted."""
+    missing = sorted(snapshot.keys() - source.keys())
+    new = sorted(source.keys() - snapshot.keys())
+    changed = sorted(k for k in snapshot.keys() & source.keys() if snapshot[k] != source[k])
+    return missing, changed, new
+
+
+def verify_one(path: str, snapshot: Snapshot, *, timeout: float = DEFAULT_TIMEOUT) -> Drift:
+    source = snapshot.manifest.source
+    drift = Drift(path, source, snapshot.manifest.id, "clean")
+    try:
+        ours = walk_records(str(snapshot.tree)).records or {}
+    except OSError as e:
+        drift.status, drift.message = "error", f"cannot read snapshot {snapshot.tree}: {e}"
+        return drift
+    try:
+        theirs = run_bounded(lambda: walk_records(source, known=ours), timeout=timeout,
+                             what=f"verifying {path}").records or {}
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR) and not os.path.isdir(source):
+            drift.status, drift.message = "source-missing", f"{source} is gone from the shared tree"
+            drift.missing, drift.counts["missing"] = ["/"], len(ours)
+        else:
+            drift.status, drift.message = "error", f"cannot walk {source}: {e}"
+        return drift
+    except OvlrunError as e:
+        drift.status, drift.message = "error", e.message
+        return drift
+    missing, changed, new = compare(ours, theirs)
+    drift.counts = {"missing": len(missing), "changed": len(changed), "new": len(new)}
+    drift.missing = [_name(r) for r in missing[:LISTED_MAX]]
+    drift.changed = [_name(r) for r in changed[:LISTED_MAX]]
+    drift.new = [_name(r) for r in new[:LISTED_MAX]]
+    if missing or changed or new:
+        drift.status = "changed"
+    return drift
+
+
+def verify(store: Store, profile: Profile | None, *, timeout: float = DEFAULT_TIMEOUT) -> list[Drift]:
+    return [verify_one(path, snap, timeout=timeout) for path, snap in current_snapshots(store, profile).items()]
+
+
+# -- refresh -----------------------------------------------------------------------------
+
+
+@dataclass
+class Refreshed:
+    drift: Drift
+    status: str  # "unchanged", "rebuilt", "source-missing", "failed"
+    snapshot: str = ""
+    message: str = ""
+
+
+def refresh(store: Store, profile: Profile | None, *, timeout: float = DEFAULT_TIMEOUT) -> list[Refreshed]:
+    """Rebuild every snapshot verify finds changed; publish atomically (old ones stay
+    mounted by the jobs that use them until gc finds them unused)."""
+    out = []
+    for drift in verify(store, profile, timeout=timeout):
+        if drift.status == "clean":
+            out.append(Refreshed(drift, "unchanged"))
+        elif drift.status == "source-missing":
+            out.append(Refreshed(drift, "source-missing", message="source is gone; 'ovlrun snapshot gc' removes it"))
+        elif drift.status == "error":
+            out.append(Refreshed(drift, "failed", message=drift.message))
+        else:
+            try:
+                result = build_one(store, drift.path, drift.source, rebuild=True, timeout=timeout)
+            except OvlrunError as e:
+                out.append(Refreshed(drift, "failed", message=e.message))
+                continue
+            snap_id = result.snapshot.manifest.id if result.snapshot else ""
+            status = "rebuilt" if result.status == "built" else "unchanged"
+            out.append(Refreshed(drift, status, snap_id, result.message))
+    return out
+
+
+# -- gc ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Collected:
+    path: str
+    directory: str
+    reason: str  # "replaced", "orphaned", "source-gone"
+    action: str  # "removed", "would remove", "kept: in use", "kept: grace"
+
+
+def source_gone(source: str, path: str, root: str) -> bool:
+    """Is ``source`` really deleted, not just unreachable?
+
+    ENOENT alone is not enough: an unmounted NFS tree makes every source look deleted, and
+    gc must not then wipe the store.  So it counts as gone only if the profile tree's root
+    (recorded in the manifest) is a non-empty directory, i.e. the tree is there and the
+    release is not.  Without a recorded root (older manifests) the nearest existing
+    ancestor below '/' must be non-empty instead.
+    """
+    for candidate in (source, path):
+        try:
+            os.lstat(candidate)
+            return False
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False  # EIO, ESTALE, EACCES...: unknown, keep
+    if root:
+        try:
+            return bool(os.listdir(root))
+        except OSError:
+            return False
+    parent = os.path.dirname(path.rstrip("/"))
+    while parent not in ("", "/"):
+        try:
+            return bool(os.listdir(parent))
+        except FileNotFoundError:
+            parent = os.path.dirname(parent)
+        except OSError:
+            return False
+    return False
+
+
+def _rmtree_dir(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def gc(store: Store, *, dry_run: bool = False, grace: float = DEFAULT_GRACE,
+       timeout: float = DEFAULT_TIMEOUT) -> tuple[list[Collected], int]:
+    """Collect unused snapshots; returns what was (or would be) done and how many build or
+    gc leftovers in tmp/ were removed.
+
+    ``grace``: a replaced snapshot is kept until its successor is that many seconds old.
+    A launch reads the index and mounts a few milliseconds later; the grace covers a launch
+    that read the old index just before the refresh, which mountinfo cannot show yet.
+    """
+    if not (store.path / "snapshots").is_dir():
+        return [], 0
+    trash = store.path / "tmp"
+    report: list[Collected] = []
+    doomed: list[str] = []
+    now = time.time()
+    # Asking the shared tree which sources are gone happens first, bounded and without the
+    # index lock: a stalled server must neither hang gc nor block builds from publishing.
+    sources = {path: (snap.manifest.source, path, snap.manifest.root)
+               for path, snap in current_snapshots(store, None).items()}
+    gone: dict[str, bool] = run_bounded(lambda: {p: source_gone(*a) for p, a in sources.items()},
+                                        timeout=timeout, what="checking which snapshot sources are gone")
+    with store.index_lock():
+        # Scanned under the lock: no snapshot becomes current meanwhile.  Launches do not
+        # take the lock; the grace period covers them.
+        in_use = snapshot_ids_in_use()
+        index = store.read_index()
+        current = {rel: path for path, rel in index.items()}
+        built_current: dict[str, float] = {}
+        for path, rel in index.items():
+            with contextlib.suppress(OvlrunError):
+                built_current[path] = store.load(rel).manifest.built
+        new_index = dict(index)
+        for snap in store.all_snapshots():
+            rel = str(snap.directory.relative_to(store.path))
+            m = snap.manifest
+            if rel in current:
+                if not gone.get(m.path, False):
+                    continue
+                reason = "source-gone"
+            else:
+                reason = "replaced" if m.path in index else "orphaned"
+            key_id = (snap.directory.parent.name, snap.directory.name)
+            if key_id in in_use:
+                action = "kept: in use"
+            elif reason == "replaced" and now - built_current.get(m.path, 0.0) < grace:
+                action = "kept: grace"
+            else:
+                action = "would remove" if dry_run else "removed"
+            report.append(Collected(m.path, str(snap.directory), reason, action))
+            if action != "removed":
+                continue
+            if reason == "source-gone":
+                new_index.pop(m.path, None)
+            doomed.append(rel)
+        if not dry_run and doomed:
+            if new_index != index:
+                store.write_index(new_index)
+            for rel in doomed:
+                # Out of snapshots/ in one rename, so a gc killed while deleting leaves no
+                # partial snapshot there, only a tmp/gc.* leftover for the next gc.
+                os.rename(store.path / rel, trash / f"gc.{secrets.token_hex(6)}")
+        if not dry_run:
+            for key_dir in (store.path / "snapshots").iterdir():
+                with contextlib.suppress(OSError):
+                    key_dir.rmdir()  # only if empty; publish creates key dirs under this lock
+    leftovers = 0 if dry_run else clean_tmp(store)
+    return report, leftovers
+
+
+def clean_tmp(store: Store) -> int:
+    """Remove tmp/ leftovers: gc trash, and builds whose source lock nobody holds (counted)."""
+    removed = 0
+    tmp = store.path / "tmp"
+    if not tmp.is_dir():
+        return 0
+    for entry in tmp.iterdir():
+        name = entry.name
+        if name.startswith("gc."):  # our own trash (or a killed gc's): not counted
+            _rmtree_dir(str(entry))
+            continue
+        key, dot, _ = name.rpartition(".")
+        if dot and not store.build_running(key):
+            _rmtree_dir(str(entry))
+            removed += 1
+    return removed
