@@ -52,6 +52,12 @@ def _child(fn: Callable[[], T], w: int, close_fds: tuple[int, ...]) -> None:
     import prctl  # python-prctl; already a dependency (privileges)
 
     prctl.set_pdeathsig(signal.SIGKILL)
+    # Report only through the pipe: a worker abandoned in an uninterruptible wait must not
+    # keep the caller's stdout/stderr open (a script reading them would wait for EOF).
+    null = os.open(os.devnull, os.O_RDWR)
+    for std in (0, 1, 2):
+        os.dup2(null, std)
+    os.close(null)
     for fd in close_fds:  # e.g. the source lock: it must die with the parent, not us
         os.close(fd)
     result: tuple[str, object]

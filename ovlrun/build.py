@@ -113,8 +113,12 @@ def expand(tree: Tree, pattern: Pattern) -> list[str]:
                 continue
             try:
                 names = sorted(e.name for e in os.scandir(base) if e.is_dir())
-            except OSError:
+            except (FileNotFoundError, NotADirectoryError):
                 continue
+            except OSError as e:
+                # An I/O error must not pass for "matches nothing": that would silently
+                # leave every release below unlocalised.
+                raise OvlrunError(f"cannot list {base} while expanding {pattern.text!r}: {e.strerror}") from None
             nxt.extend(f"{rel}/{n}" if rel else n for n in names if pattern.component_matches(i, n))
         found = nxt
     return found
@@ -200,7 +204,10 @@ def _walk(src_root_fd: int, dst_root_fd: int | None, state: _WalkState, limit: i
             if dst_fd is not None:
                 os.mkdir(name, 0o700, dir_fd=dst_fd)
                 sub_dst = _open_dir(name, dst_fd)
-            sub_src = _open_dir(name, src_fd)
+            try:
+                sub_src = _open_dir(name, src_fd)
+            except PermissionError:  # refused at open (FUSE/NFS opendir), not at readdir
+                raise BuildError(f"cannot list '/{os.fsdecode(child)}' in the source: permission denied") from None
             stack.append((sub_src, sub_dst, child, _list(sub_src, b"/" + child), st))
         elif stat.S_ISREG(mode):
             _fingerprint(state, child, st)
