@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
 from functools import cache
+from typing import NamedTuple
 
 from ovlrun import syscalls
 
@@ -38,8 +38,7 @@ def _kernel_at_least(major: int, minor: int) -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class Features:
+class Features(NamedTuple):
     overlay: bool
     new_mount_api: bool
     layer_append: bool  # lowerdir+ / datadir+

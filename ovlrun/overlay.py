@@ -14,7 +14,7 @@ release file into a set-uid or device entry point.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ovlrun import syscalls
 from ovlrun.errors import OvlrunError
@@ -26,8 +26,7 @@ FSCONFIG_STRING_MAX = 255
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
-@dataclass(frozen=True)
-class OverlaySpec:
+class OverlaySpec(NamedTuple):
     target: str  # mount point = the shared subtree's real path
     snapshot_tree: str
     data: str  # the shared subtree (data-only layer)

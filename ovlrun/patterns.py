@@ -9,18 +9,17 @@ can be written down.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from functools import cached_property
+from typing import NamedTuple
 
 
 class PatternError(ValueError):
     """A pattern that is not acceptable; the message says why."""
 
 
-@dataclass(frozen=True)
-class Pattern:
+class Pattern(NamedTuple):
     text: str
     components: tuple[str, ...]
+    regexes: tuple[re.Pattern[str], ...]
 
     @classmethod
     def parse(cls, text: str) -> Pattern:
@@ -34,24 +33,20 @@ class Pattern:
         for comp in components:
             if comp in ("", ".", ".."):
                 raise PatternError(f"{text!r} has an empty, '.' or '..' component")
-        return cls(text, components)
+        return cls(text, components, tuple(_component_regex(c) for c in components))
 
     @property
     def is_literal(self) -> bool:
         return not any(is_glob(c) for c in self.components)
 
-    @cached_property
-    def _regexes(self) -> tuple[re.Pattern[str], ...]:
-        return tuple(_component_regex(c) for c in self.components)
-
     def matches(self, relpath: str) -> bool:
         parts = relpath.split("/")
         return len(parts) == len(self.components) and all(
-            rx.fullmatch(p) is not None for rx, p in zip(self._regexes, parts, strict=False)
+            rx.fullmatch(p) is not None for rx, p in zip(self.regexes, parts, strict=True)
         )
 
     def component_matches(self, index: int, name: str) -> bool:
-        return self._regexes[index].fullmatch(name) is not None
+        return self.regexes[index].fullmatch(name) is not None
 
 
 def is_glob(component: str) -> bool:

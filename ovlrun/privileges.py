@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import pwd
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import prctl
 
@@ -20,8 +20,7 @@ from ovlrun.errors import OvlrunError
 CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 
 
-@dataclass(frozen=True)
-class Identity:
+class Identity(NamedTuple):
     name: str
     uid: int
     gid: int

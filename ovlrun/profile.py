@@ -20,8 +20,8 @@ import os
 import posixpath
 import re
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ovlrun.errors import OvlrunError
 from ovlrun.patterns import Pattern, PatternError, overlap
@@ -32,8 +32,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 NETWORK_MODES = ("host", "none")
 
 
-@dataclass(frozen=True)
-class Tree:
+class Tree(NamedTuple):
     root: str
     patterns: tuple[Pattern, ...]
 
@@ -41,8 +40,7 @@ class Tree:
         return posixpath.join(self.root, relpath)
 
 
-@dataclass(frozen=True)
-class Profile:
+class Profile(NamedTuple):
     name: str
     file: Path
     description: str

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 from collections.abc import Callable
 from typing import Any
 
@@ -84,7 +83,7 @@ def _function(name: str, argtypes: list[Any]) -> Callable[..., int]:
         return fn  # type: ignore[no-any-return]
     except AttributeError:
         pass
-    if platform.machine() != "x86_64":
+    if os.uname().machine != "x86_64":
         raise OSError(f"libc has no {name}() and no syscall number is known for this CPU")
     number = _X86_64[name]
     raw = _libc.syscall

@@ -38,7 +38,7 @@ print(json.dumps({"options": options, "names": names, "data": data, "absent": ab
 
 
 def mount_in_child(spec: OverlaySpec, api: str, layout: str) -> dict[str, object]:
-    result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec.__dict__), api, layout],
+    result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec._asdict()), api, layout],
                             capture_output=True, text=True, env={"PYTHONPATH": str(REPO)}, timeout=60)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)  # type: ignore[no-any-return]
