@@ -4,7 +4,7 @@ DEMO_TREE ?= /srv/ovlrun-demo/sw
 APT_PACKAGES = libcap-dev attr fuse3 libfuse3-dev pkg-config tmux sudo
 STAMP = .setup.stamp
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench install clean
 
 $(STAMP): pyproject.toml
 	apt-get update -qq
@@ -25,6 +25,12 @@ test: setup
 lint: setup
 	$(PYTHON) -m ruff check ovlrun tests
 	$(PYTHON) -m mypy
+
+# Installs the package and the fast isolated launcher (python -I -S, see ovlrun/wrapper.py)
+# that contrib/sudoers.d/ovlrun points at.
+install:
+	$(PYTHON) -m pip install -q .
+	$(PYTHON) -m ovlrun.wrapper /usr/local/sbin/ovlrun
 
 bench: setup
 	$(PYTHON) bench/run.py
