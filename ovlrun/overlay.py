@@ -41,6 +41,23 @@ def escape_layer(path: str) -> str:
     return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
 
 
+class SourceMissing(OvlrunError):
+    """The shared subtree to localise is not there (release deleted, tree not mounted)."""
+
+
+def open_source(path: str) -> int:
+    """O_PATH fd of the shared subtree: the data layer and the mount point in one walk.
+
+    Resolving the path once (instead of once for a check, once for ``datadir+`` and once
+    for the mount target) saves remote lookups per localised path on a high-latency
+    tree and leaves no window for the path to change between the steps.
+    """
+    try:
+        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise SourceMissing(f"{path} is missing on the shared tree") from None
+
+
 def _add_layer(fs_fd: int, key: str, path: str) -> None:
     if len(os.fsencode(path)) <= FSCONFIG_STRING_MAX:
         syscalls.fsconfig_set_string(fs_fd, key, path)
@@ -53,13 +70,21 @@ def _add_layer(fs_fd: int, key: str, path: str) -> None:
 
 
 def _mount_new_api(spec: OverlaySpec, data_only: bool) -> None:
+    data_fd = open_source(spec.data)
+    try:
+        _mount_new_api_at(spec, data_only, data_fd)
+    finally:
+        os.close(data_fd)
+
+
+def _mount_new_api_at(spec: OverlaySpec, data_only: bool, data_fd: int) -> None:
     fs_fd = syscalls.fsopen("overlay")
     try:
         try:
             # "ovlrun" as the mount source makes our mounts easy to find in mountinfo.
             syscalls.fsconfig_set_string(fs_fd, "source", "ovlrun")
             _add_layer(fs_fd, "lowerdir+", spec.snapshot_tree)
-            _add_layer(fs_fd, "datadir+" if data_only else "lowerdir+", spec.data)
+            syscalls.fsconfig_set_fd(fs_fd, "datadir+" if data_only else "lowerdir+", data_fd, spec.data)
             syscalls.fsconfig_set_string(fs_fd, "metacopy", "on")
             syscalls.fsconfig_set_string(fs_fd, "redirect_dir", "follow")
             syscalls.fsconfig_create(fs_fd)
@@ -71,7 +96,10 @@ def _mount_new_api(spec: OverlaySpec, data_only: bool) -> None:
     finally:
         os.close(fs_fd)
     try:
-        syscalls.move_mount(mnt_fd, spec.target)
+        if spec.target == spec.data:
+            syscalls.move_mount_onto_fd(mnt_fd, data_fd, spec.target)
+        else:
+            syscalls.move_mount(mnt_fd, spec.target)
     finally:
         os.close(mnt_fd)
 
@@ -89,6 +117,7 @@ def legacy_options(spec: OverlaySpec, data_only: bool) -> str:
 
 
 def _mount_legacy(spec: OverlaySpec, data_only: bool) -> None:
+    os.close(open_source(spec.data))  # a clear error for a missing source
     flags = syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV
     syscalls.mount("ovlrun", spec.target, "overlay", flags, legacy_options(spec, data_only))
 

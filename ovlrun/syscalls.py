@@ -41,6 +41,7 @@ MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
 OPEN_TREE_CLONE = 0x1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 AT_RECURSIVE = 0x8000
@@ -167,6 +168,11 @@ def fsmount(fd: int, flags: int = FSMOUNT_CLOEXEC, attr_flags: int = 0) -> int:
 def move_mount(from_fd: int, to_path: str | bytes) -> None:
     """Attach the detached mount ``from_fd`` at ``to_path``."""
     _check(_move_mount(from_fd, b"", AT_FDCWD, _bytes(to_path), MOVE_MOUNT_F_EMPTY_PATH), "move_mount", to_path)
+
+
+def move_mount_onto_fd(from_fd: int, to_fd: int, what: str | bytes | None = None) -> None:
+    """Attach the detached mount ``from_fd`` on the directory ``to_fd`` refers to (no path walk)."""
+    _check(_move_mount(from_fd, b"", to_fd, b"", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH), "move_mount", what)
 
 
 def open_tree(path: str | bytes, flags: int) -> int:
