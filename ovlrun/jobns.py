@@ -290,6 +290,9 @@ def remove_tree(root: Path) -> None:
     if not root.exists():
         return
     detach_under(root)
-    # After the detach nothing below root is a mount point any more, so rmtree
-    # stays on one filesystem.
+    prefix = str(root).rstrip("/") + "/"
+    left = [m for m in mount_points() if m == str(root) or m.startswith(prefix)]
+    if left:
+        # Deleting now could descend into a mounted filesystem: refuse.
+        raise OSError(f"still mounted below {root}: {', '.join(left)}")
     shutil.rmtree(root, ignore_errors=True)
