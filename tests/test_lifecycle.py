@@ -29,11 +29,12 @@ def verify_json(world: World, *args: str) -> tuple[int, list[dict[str, object]]]
     return r.returncode, json.loads(r.stdout)
 
 
-def start_holding_job(world: World, script: str) -> subprocess.Popen[str]:
-    """A job that prints its first line once its overlay is used, then sleeps."""
+def start_holding_job(world: World, script: str, later: str = "true") -> subprocess.Popen[str]:
+    """A job that runs ``script``, prints 'ready', runs ``later`` once a line arrives on its
+    stdin, prints 'ready' again and sleeps."""
     proc = subprocess.Popen([sys.executable, "-m", "ovlrun", "--profile", "p", "--", "/bin/sh", "-c",
-                             script + "; echo ready; exec sleep 600"], env=world.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             f"{script}; echo ready; read go; {later}; echo ready; exec sleep 600"], env=world.env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc
 
 
@@ -86,16 +87,22 @@ def test_refresh_publishes_new_snapshot_running_job_keeps_old_and_gc_waits_for_i
     world.simple_profile()
     world.build()
     old = current_dir(world, rel)
-    holder = start_holding_job(world, f"cat {rel}/README")
+    later = f"ls {rel}/lib/python; stat -c %s {rel}/README"
+    holder = start_holding_job(world, f"cat {rel}/README", later)
     try:
         assert read_until_ready(holder) == ["app 1.0"]
         (rel / "README").write_text("app 1.0 fixed\n")  # a release that was not immutable after all
+        (rel / "lib" / "python" / "late.py").write_text("x\n")
+        # Until refresh, a new job sees the snapshot's metadata but the new data.
+        assert world.job(f"stat -c %s {rel}/README; ls {rel}/lib/python").stdout == "8\nmod.py\n"
+        assert world.job(f"head -c 8 {rel}/README").stdout == "app 1.0 "
         r = world.ovlrun("snapshot", "refresh", "--profile", "p")
         assert r.returncode == 0 and "rebuilt:" in r.stderr, r.stderr
         new = current_dir(world, rel)
         assert new != old and (new / "tree").is_dir() and (old / "tree").is_dir()
         # The next job gets the new snapshot (size matches the new data)...
-        assert world.job(f"cat {rel}/README; stat -c %s {rel}/README").stdout == "app 1.0 fixed\n14\n"
+        assert world.job(f"cat {rel}/README; stat -c %s {rel}/README; ls {rel}/lib/python").stdout == \
+            "app 1.0 fixed\n14\nlate.py\nmod.py\n"
         # ...and refresh again finds nothing to do.
         again = world.ovlrun("snapshot", "refresh", "--profile", "p")
         assert again.returncode == 0 and "unchanged:" in again.stderr
@@ -104,7 +111,10 @@ def test_refresh_publishes_new_snapshot_running_job_keeps_old_and_gc_waits_for_i
         assert [(s["directory"], s["action"]) for s in gc["snapshots"]] == [(str(old), "kept: in use")]
         assert old.is_dir()
         # The running job still sees its snapshot's listing and metadata.
-        assert holder.poll() is None
+        assert holder.stdin is not None
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert read_until_ready(holder) == ["mod.py", "8"]
     finally:
         holder.kill()
         holder.wait(timeout=30)
