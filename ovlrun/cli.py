@@ -29,7 +29,13 @@ Must run as root (sudo, a scheduler prolog); under sudo the command runs as the 
 user with no capabilities.  Exit status: CMD's own, or 125 (ovlrun failed), 126 (CMD not
 executable), 127 (CMD not found).
 
-Other commands: snapshot build|list, profile check, doctor, status (see ovlrun COMMAND --help).
+Other commands (see ovlrun COMMAND --help):
+  snapshot build|list|verify|refresh|gc   manage the snapshot store (root)
+  profile check NAME                      validate a profile (submit-time check)
+  doctor                                  what the kernel supports, how ovlrun mounts
+  status                                  inside a job: what is localised
+  enter JOBID [-- CMD]                    join the namespace a prolog prepared (sudo)
+  slurm prolog|epilog|clone-ns            Slurm hooks (see docs/slurm.md)
 Environment: OVLRUN_PROFILE_PATH (profile directories, colon-separated),
 OVLRUN_STORE (snapshot store, default /var/lib/ovlrun).
 """

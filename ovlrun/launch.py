@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ovlrun import syscalls
 from ovlrun.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, OvlrunError
 from ovlrun.kernel import Features, probe
-from ovlrun.overlay import OverlaySpec, mount_overlay
+from ovlrun.overlay import OverlaySpec, SourceMissing, mount_overlay
 from ovlrun.privileges import Identity, drop_to
 from ovlrun.profile import Profile
 from ovlrun.store import Snapshot, SnapshotMissing, Store
@@ -29,8 +29,7 @@ def warn_stderr(message: str) -> None:
     print(f"ovlrun: warning: {message}", file=sys.stderr)
 
 
-@dataclass(frozen=True)
-class Localised:
+class Localised(NamedTuple):
     path: str  # as the profile names it
     snapshot: Snapshot
     data_only: bool
@@ -95,38 +94,52 @@ def enter_private_namespace() -> None:
         raise OvlrunError(f"cannot create a private mount namespace: {e}") from None
 
 
-def mount_plan(localised: list[Localised], features: Features, *, strict: bool, warn: Warn) -> list[Localised]:
+def mount_plan(localised: list[Localised], features: Features, *, strict: bool, warn: Warn,
+               missing_root: str = "fail") -> list[Localised]:
     """Mount every planned overlay; a vanished source is skipped (or fatal with strict)."""
     mounted = []
+    absent_roots: set[str] = set()
     for item in localised:
-        if not os.path.isdir(item.source):
-            _check_tree_root(item)
+        spec = OverlaySpec(target=item.source, snapshot_tree=str(item.snapshot.tree), data=item.source)
+        try:
+            mount_overlay(spec, features)  # resolves the source once; no separate existence check
+        except SourceMissing:
+            if item.root in absent_roots:
+                continue
+            if not _tree_root_available(item, missing_root, warn):
+                absent_roots.add(item.root)
+                continue
             message = f"{item.source} (localised path {item.path}) is missing on the shared tree"
             if strict:
-                raise OvlrunError(message)
+                raise OvlrunError(message) from None
             warn(message + "; skipped")
             continue
-        spec = OverlaySpec(target=item.source, snapshot_tree=str(item.snapshot.tree), data=item.source)
-        mount_overlay(spec, features)
         mounted.append(item)
     return mounted
 
 
-def _check_tree_root(item: Localised) -> None:
+def _tree_root_available(item: Localised, missing_root: str, warn: Warn) -> bool:
     """A localised source is missing: was the release deleted, or is the tree not there?
 
     Only reached on that failure path, so a normal launch pays nothing for it.  A missing
     or empty root (an unmounted NFS mount point) is an error even without --strict: every
     path of the tree would be missing and the job could only fail later, less clearly.
+    A profile with ``missing_root = "unlocalised"`` runs the job without that tree's
+    overlays instead (returns False after a warning).
     """
     if not item.root:
-        return
+        return True
     try:
-        empty = not os.listdir(item.root)
+        problem = "is empty (not mounted?)" if not os.listdir(item.root) else ""
     except OSError as e:
-        raise OvlrunError(f"shared tree root {item.root} is not available ({e.strerror}; not mounted?)") from None
-    if empty:
-        raise OvlrunError(f"shared tree root {item.root} is empty (not mounted?); refusing to run the job there")
+        problem = f"is not available ({e.strerror}; not mounted?)"
+    if not problem:
+        return True
+    if missing_root == "unlocalised":
+        warn(f"shared tree root {item.root} {problem}; running without localising it")
+        return False
+    raise OvlrunError(f"shared tree root {item.root} {problem}; refusing to run the job there "
+                      "(profiles may allow it with missing_root = \"unlocalised\")")
 
 
 def mount_profile(profile: Profile, store: Store, *, strict: bool, warn: Warn) -> list[Localised]:
@@ -134,7 +147,8 @@ def mount_profile(profile: Profile, store: Store, *, strict: bool, warn: Warn) -
     features = probe()
     if not features.overlay:
         raise OvlrunError("this kernel has no overlayfs (modprobe overlay)")
-    return mount_plan(plan(profile, store, features, strict=strict, warn=warn), features, strict=strict, warn=warn)
+    return mount_plan(plan(profile, store, features, strict=strict, warn=warn), features, strict=strict, warn=warn,
+                      missing_root=profile.missing_root)
 
 
 def find_executable(name: str, path_var: str) -> str | None:

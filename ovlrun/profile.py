@@ -30,6 +30,7 @@ DEFAULT_PROFILE_DIRS = ("/etc/ovlrun/profiles",)
 BUNDLED_PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 NETWORK_MODES = ("host", "none")
+MISSING_ROOT_MODES = ("fail", "unlocalised")
 
 
 class Tree(NamedTuple):
@@ -46,6 +47,7 @@ class Profile(NamedTuple):
     description: str
     trees: tuple[Tree, ...]
     network: str = "host"
+    missing_root: str = "fail"  # a tree root that is absent/empty at launch: fail, or run unlocalised
 
 
 def profile_dirs(environ: dict[str, str] | None = None) -> list[Path]:
@@ -126,7 +128,7 @@ def _type_name(value: object) -> str:
 
 
 def validate(data: dict[str, object], path: Path, name: str) -> Profile:
-    known = {"description", "tree", "network"}
+    known = {"description", "tree", "network", "missing_root"}
     for key in data:
         if key not in known:
             raise _fail(path, key, f"unknown key (allowed: {', '.join(sorted(known))})")
@@ -136,14 +138,20 @@ def validate(data: dict[str, object], path: Path, name: str) -> Profile:
     network = data.get("network", "host")
     if not isinstance(network, str) or network not in NETWORK_MODES:
         raise _fail(path, "network", f"must be one of {', '.join(repr(m) for m in NETWORK_MODES)}")
+    missing_root = data.get("missing_root", "fail")
+    if not isinstance(missing_root, str) or missing_root not in MISSING_ROOT_MODES:
+        raise _fail(path, "missing_root", f"must be one of {', '.join(repr(m) for m in MISSING_ROOT_MODES)}")
     tables = data.get("tree")
     if tables is None:
         raise _fail(path, "tree", "missing: a profile needs at least one [[tree]] table")
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise _fail(path, "tree", "must be an array of tables ([[tree]])")
+    if not tables:
+        raise _fail(path, "tree", "empty: a profile needs at least one [[tree]] table")
     trees = tuple(_validate_tree(t, path, f"tree[{i}]") for i, t in enumerate(tables))
     _check_overlaps(trees, path)
-    return Profile(name=name, file=path, description=description, trees=trees, network=network)
+    return Profile(name=name, file=path, description=description, trees=trees, network=network,
+                   missing_root=missing_root)
 
 
 def _validate_tree(table: dict[str, object], path: Path, where: str) -> Tree:
@@ -167,6 +175,8 @@ def _validate_tree(table: dict[str, object], path: Path, where: str) -> Tree:
         raise _fail(path, f"{where}.localise", "missing")
     if not isinstance(patterns, list):
         raise _fail(path, f"{where}.localise", f"must be an array of strings, not {_type_name(patterns)}")
+    if not patterns:
+        raise _fail(path, f"{where}.localise", "empty: name at least one release path to localise")
     parsed = []
     for j, text in enumerate(patterns):
         key = f"{where}.localise[{j}]"

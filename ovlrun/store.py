@@ -18,18 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
-import re
-import secrets
-import shutil
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ovlrun.errors import OvlrunError
 
@@ -44,13 +39,23 @@ def store_path(environ: dict[str, str] | None = None) -> Path:
 
 def source_key(source: str) -> str:
     """A directory name for a source path: readable slug + hash (names may be any bytes)."""
+    # Imported here, not at module level: only builders need them, and every import on
+    # the launch path is paid by every job.
+    import hashlib
+    import re
+
     raw = os.fsencode(source)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", source.strip("/"))[-48:].strip("_") or "root"
     return f"{slug}-{hashlib.sha256(raw).hexdigest()[:12]}"
 
 
-@dataclass
-class Manifest:
+def _token(nbytes: int) -> str:
+    import secrets
+
+    return secrets.token_hex(nbytes)
+
+
+class Manifest(NamedTuple):
     path: str  # the path as the profile matched it (the index key)
     source: str  # its real path: the data-only layer and the mount point
     id: str
@@ -60,11 +65,11 @@ class Manifest:
     max_redirect: int = 0
     long_redirects: int = 0
     redirect_max: int = 0
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = []  # noqa: RUF012 (never mutated; NamedTuple defaults are shared)
     root: str = ""  # the profile tree's root ("" in manifests from before it was recorded)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, **self.__dict__}
+        return {"format": FORMAT, **self._asdict()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
@@ -72,8 +77,7 @@ class Manifest:
         return cls(**fields)
 
 
-@dataclass(frozen=True)
-class Snapshot:
+class Snapshot(NamedTuple):
     """A published snapshot: its directory holds ``manifest.json`` and ``tree/``."""
 
     directory: Path
@@ -85,7 +89,7 @@ class Snapshot:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    tmp = path.with_name(f".{path.name}.{_token(4)}")
     try:
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)
@@ -118,6 +122,7 @@ class SnapshotMissing(OvlrunError):
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._trusted: set[Path] = set()
 
     @classmethod
     def open(cls, path: Path | str | None = None) -> Store:
@@ -161,7 +166,7 @@ class Store:
         return False
 
     def new_build_dir(self, source: str) -> Path:
-        path = self.path / "tmp" / f"{source_key(source)}.{secrets.token_hex(6)}"
+        path = self.path / "tmp" / f"{source_key(source)}.{_token(6)}"
         path.mkdir(mode=0o700)
         return path
 
@@ -171,6 +176,8 @@ class Store:
         prefix = source_key(source) + "."
         for entry in (self.path / "tmp").iterdir():
             if entry.name.startswith(prefix):
+                import shutil
+
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
         return removed
@@ -197,7 +204,11 @@ class Store:
         """Atomically move a finished build into place and make it current for its source."""
         key_dir = self.path / "snapshots" / source_key(manifest.source)
         _write_json_atomic(build_dir / "manifest.json", manifest.to_json())
-        os.chmod(build_dir, 0o755)
+        # The snapshot directory stays 0700 (as created): the tree inside mirrors the
+        # source's modes, so a world-writable release directory would otherwise be a
+        # world-writable directory in a lower layer every job trusts.  Overlayfs reaches
+        # its layers with the mounter's (root's) credentials, so jobs are not affected.
+        os.chmod(build_dir, 0o700)
         final = key_dir / manifest.id
         # Under the index lock: gc removes empty key directories under it too.
         with self.index_lock():
@@ -254,10 +265,14 @@ class Store:
 
         ``trusted.overlay.*`` xattrs decide what an overlay serves (a redirect can point
         anywhere in the data layer), so every directory from the store root down to the
-        snapshot tree must be root-owned and not writable by group or others.
+        snapshot's own directory must be root-owned and not writable by group or others,
+        and the snapshot directory must be closed to them entirely (the tree inside keeps
+        the source's modes, which may include world-writable directories).
         """
-        chain = [self.path, self.path / "snapshots", snapshot.directory.parent, snapshot.directory, snapshot.tree]
+        chain = [self.path, self.path / "snapshots", snapshot.directory.parent, snapshot.directory]
         for d in chain:
+            if d in self._trusted:  # the store root and snapshots/ are shared by all snapshots
+                continue
             try:
                 st = os.lstat(d)
             except OSError as e:
@@ -269,7 +284,11 @@ class Store:
                     f"refusing snapshot store path {d}: it must be owned by root and not group/other-writable "
                     f"(owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)})"
                 )
+            if d == snapshot.directory and st.st_mode & 0o077:
+                raise OvlrunError(f"refusing snapshot {d}: mode {stat.filemode(st.st_mode)} lets other users reach "
+                                  "its tree; it must be 0700 (delete it and run ovlrun snapshot build again)")
+            self._trusted.add(d)
 
 
 def new_snapshot_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + _token(3)

@@ -122,6 +122,22 @@ def test_tree_root_missing_or_unmounted_at_launch_is_a_clear_error(world: World)
             hidden.rename(world.sw)
 
 
+def test_missing_root_may_run_unlocalised_when_the_profile_allows(world: World) -> None:
+    world.write_profile("p", f'missing_root = "unlocalised"\n[[tree]]\nroot = "{world.sw}"\n'
+                             'localise = ["app/1.0", "app/1.1"]\n')
+    world.build()
+    hidden = world.base / "sw.hidden"
+    world.sw.rename(hidden)
+    try:
+        r = world.job("echo ran; grep -c ' overlay ovlrun ' /proc/self/mountinfo || true")
+        assert r.returncode == 0 and r.stdout.split() == ["ran", "0"], r
+        warnings = [line for line in r.stderr.splitlines() if "warning" in line]
+        assert len(warnings) == 1 and f"shared tree root {world.sw} is not available" in warnings[0]
+        assert "running without localising it" in warnings[0]
+    finally:
+        hidden.rename(world.sw)
+
+
 def test_unrelated_release_missing_only_warns(world: World) -> None:
     world.simple_profile(patterns=("app/1.0", "app/1.1"))
     world.build()

@@ -47,7 +47,7 @@ profiles = st.fixed_dictionaries({}, optional={
 
 
 def check_accepted(profile: Profile) -> None:
-    # Note: 'tree = []' (and 'localise = []') is accepted: a profile that localises nothing.
+    assert profile.trees and all(tree.patterns for tree in profile.trees)
     entries = []
     for tree in profile.trees:
         assert tree.root.startswith("/") and tree.root != "/" and "\0" not in tree.root

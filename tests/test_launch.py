@@ -164,7 +164,7 @@ def test_host_mount_table_unchanged_even_after_sigkill(world: World) -> None:
     for _ in range(3):
         assert world.job("true").returncode == 0
     proc = subprocess.Popen([sys.executable, "-m", "ovlrun", "--profile", "p", "--", "/bin/sh", "-c",
-                             "grep -c ' overlay ' /proc/self/mountinfo; exec sleep 600"],
+                             "grep -c ' overlay ovlrun ' /proc/self/mountinfo; exec sleep 600"],
                             env=world.env, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "1"  # the job is up, with its overlay mounted

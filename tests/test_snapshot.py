@@ -164,3 +164,25 @@ def test_repo_demo_profile_is_valid() -> None:
     result = subprocess.run([sys.executable, "-m", "ovlrun", "profile", "check", str(REPO / "profiles" / "demo.toml")],
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
+
+
+def test_world_writable_source_dir_is_not_writable_through_the_store(world: World) -> None:
+    rel = world.sw / "app" / "1.0"
+    (rel / "scratch").mkdir()
+    (rel / "scratch").chmod(0o1777)  # a sloppy release: world-writable directory
+    world.simple_profile()
+    world.build()
+    snap = snapshot_tree(world, str(rel))
+    assert stat.S_IMODE(os.stat(snap / "scratch").st_mode) == 0o1777  # mode mirrored for jobs...
+    assert stat.S_IMODE(os.stat(snap.parent).st_mode) == 0o700  # ...but the tree is out of users' reach
+    planted = subprocess.run(["/bin/sh", "-c", f"touch '{snap / 'scratch' / 'planted'}'"], cwd="/",
+                             preexec_fn=lambda: os.setuid(65534), capture_output=True, text=True)
+    assert planted.returncode != 0 and "Permission denied" in planted.stderr
+    # Jobs, as an unprivileged user, still read through the overlay (root's credentials reach the layers).
+    result = world.as_sudo("--profile", "p", "--", "/bin/sh", "-c", f"ls -ld {rel}/scratch; cat {rel}/README",
+                           uid=65534)
+    assert result.returncode == 0 and result.stdout.startswith("drwxrwxrwt") and "app 1.0" in result.stdout
+    # A snapshot directory opened up to others is refused at launch.
+    snap.parent.chmod(0o755)
+    refused = world.job("true")
+    assert refused.returncode == 125 and "lets other users reach its tree" in refused.stderr
