@@ -95,9 +95,16 @@ def measure(tree: TreeInfo, rounds: int, latency_us: int, log=print) -> dict[str
         "unshare -m + 1 mount": ["unshare", "-m", "sh", "-c", mount_sh],
         # The interpreter floor of any Python launcher: same python, same site.
         "python3 -c pass": [sys.executable, "-c", "pass"],
+        # ... and of the isolated launcher `make install` writes (no site, no .pth hooks).
+        "python3 -I -S -c pass": [sys.executable, "-I", "-S", "-c", "pass"],
     }
+    isolated = RUN_DIR / "ovlrun-isolated"
+    subprocess.run([sys.executable, "-m", "ovlrun.wrapper", str(isolated)], check=True, capture_output=True,
+                   cwd=ovlrun_cli.REPO)
     for n in SUBTREE_COUNTS:
         cmds[f"ovlrun {n} subtrees"] = [*ovlrun_cli.prefix(launch_profile(n)), "/bin/true"]
+        cmds[f"ovlrun -I -S launcher, {n} subtrees"] = [str(isolated), "--profile", launch_profile(n), "--",
+                                                         "/bin/true"]
 
     standin = StandIn(TREE_DIR, SHARED_ROOT, latency_us=latency_us)
     standin.mount()

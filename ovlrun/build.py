@@ -281,6 +281,10 @@ def build_one(store: Store, path: str, source: str, *, rebuild: bool = False,
         store.clean_stale_builds(path)
         current = store.read_index().get(path)
         old = store.load(current) if current else None
+        if old is not None:
+            # Snapshots published before directories were made 0700 are tightened here,
+            # by the builder, so launches (which refuse open ones) need not write.
+            os.chmod(old.directory, 0o700)
         if old is not None and old.manifest.source == source and not rebuild:
             return BuildResult(path, "up-to-date", old, f"built {time.ctime(old.manifest.built)}")
         build_dir = store.new_build_dir(path)

@@ -286,7 +286,7 @@ class Store:
                 )
             if d == snapshot.directory and st.st_mode & 0o077:
                 raise OvlrunError(f"refusing snapshot {d}: mode {stat.filemode(st.st_mode)} lets other users reach "
-                                  "its tree; it must be 0700 (delete it and run ovlrun snapshot build again)")
+                                  "its tree; it must be 0700 (ovlrun snapshot build tightens it)")
             self._trusted.add(d)
 
 
