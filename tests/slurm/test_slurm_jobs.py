@@ -8,10 +8,13 @@ live tree.  After each job nothing may be left mounted on the host.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from .conftest import Job, Slurm
-from .harness import BASE, STATE, UID, mounts_under, poll
+from .harness import BASE, REPO, STATE, UID, USER, mounts_under, parse, poll
 
 
 def assert_view(job: Job, localised: str | None) -> None:
@@ -81,3 +84,38 @@ def test_job_without_request_is_left_to_slurm(slurm: Slurm) -> None:
     job = slurm.run(None, "plain")
     assert_view(job, None)
     assert_host_clean(slurm, job)
+
+
+def test_enter_a_running_job(slurm: Slurm) -> None:
+    """`sudo ovlrun enter JOBID` (e.g. from ssh on the node) joins a live 22.05 job."""
+    sync = slurm.world.out / "hold"
+    sync.mkdir(exist_ok=True)
+    for f in sync.iterdir():
+        f.unlink()
+    sync.chmod(0o777)
+    out = slurm.world.out / "hold.slurm-out"
+    proc = subprocess.Popen(["timeout", "90", "runuser", "-u", USER, "--", "sbatch", "--wait", "--parsable",
+                             "-n1", "-c1", "--comment=ovl:slurmtest-b", "-o", str(out),
+                             str(slurm.world.base / "hold.sh"), str(sync)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=slurm.world.out)
+    try:
+        assert proc.stdout is not None
+        job_id = proc.stdout.readline().strip()  # --parsable prints it at submission
+        assert job_id.isdigit(), job_id
+        poll("held job to start", lambda: (sync / "ready").exists(), timeout=60)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "LD_", "OVLRUN_"))}
+        env.update(slurm.world.job_env(), SUDO_UID=str(UID), SUDO_GID=str(UID), SUDO_USER=USER)
+        r = subprocess.run([sys.executable, "-m", "ovlrun", "enter", job_id, "--", "bash",
+                            str(slurm.world.base / "probe.sh"), "x"],
+                           env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        view = parse(r.stdout)
+        assert view["x.uid"] == str(UID), view
+        assert view["x.2.0.added"] == "hidden" and view["x.1.0.added"] == "visible", (view, slurm.hook_log())
+        assert view["x.tmp_owner"] == USER, view  # the job's private /tmp: same namespace
+    finally:
+        (sync / "release").touch()
+        _, stderr = proc.communicate(timeout=100)
+    assert proc.returncode == 0, (stderr, out.read_text() if out.exists() else "")
+    slurm.wait_job_gone(job_id)
+    assert mounts_under(BASE) == []
