@@ -48,6 +48,9 @@ class JobRecord:
     gid: int
     user: str
     profile: str | None = None  # profile name the job asked for (None: no request)
+    # "requested": waiting for a later hook (CloneNSScript) to mount; "localised";
+    # "unlocalised": the job runs on the plain shared tree, messages say why.
+    state: str = "requested"
     ns_path: str | None = None  # pinned namespace file, once one exists
     ns_owned: bool = False  # True if ovlrun created the namespace (so it must remove it)
     localised: list[str] = field(default_factory=list)  # mounted paths

@@ -259,7 +259,11 @@ def _prolog(job: SlurmJob, name: str, env: Mapping[str, str], log: HookLog) -> i
         record.messages.append(f"profile {name!r}: network={profile.network!r} is not applied "
                                "to Slurm jobs (only the mount namespace is shared with the job)")
 
-    jc = read_job_container_conf(_jc_conf_path(env), job.node)
+    try:
+        jc = read_job_container_conf(_jc_conf_path(env), job.node)
+    except (OvlrunError, OSError) as e:
+        _record_unlocalised(job, name, f"cannot read job_container.conf: {e}", log)
+        return 0
     layout = env.get("OVLRUN_SLURM_JOBDIR_LAYOUT")
     job_dir = jc.job_dir(job.node, job.job_id, layout) if jc else None
     holder = job_dir / ".ns" if job_dir else None
@@ -274,14 +278,21 @@ def _prolog(job: SlurmJob, name: str, env: Mapping[str, str], log: HookLog) -> i
         # 24.11+: CloneNSScript mounts once the namespace exists; it reads this record.
         mode = "record"
         notes = []
+        record.state = "requested"
     else:
         mode = "create"
-        directory = job_dir if job_dir is not None else jobns.rundir() / job.job_id
+        if job_dir is not None:
+            directory = job_dir
+        else:
+            jobns.rundir().mkdir(mode=0o755, parents=True, exist_ok=True)
+            directory = jobns.rundir() / job.job_id
         notes = _create(directory, _setup_dirs(job, jc, directory), profile, store, job, name, log)
         if notes is not None:
             record.ns_path, record.ns_owned = str(directory / ".ns"), True
     if notes is None:
         return 0  # failure already recorded; job runs unlocalised
+    if mode != "record":
+        record.state = "localised"
     record.localised = [n.removeprefix("localised ") for n in notes if n.startswith("localised ")]
     record.messages += [n for n in notes if not n.startswith("localised ")]
     record.save()
@@ -345,7 +356,8 @@ def _record_unlocalised(job: SlurmJob, name: str | None, reason: str, log: HookL
     message = f"job runs unlocalised: {reason}"
     log("warning", message)
     try:
-        JobRecord(job.job_id, job.uid, job.gid, job.user, profile=name, messages=[message]).save()
+        JobRecord(job.job_id, job.uid, job.gid, job.user, profile=name, state="unlocalised",
+                  messages=[message]).save()
     except OSError as e:
         log("error", f"cannot write job record: {e}")
 
@@ -397,7 +409,7 @@ def clone_ns_script(env: Mapping[str, str] | None = None) -> int:
     except (OvlrunError, ValueError, TypeError) as e:
         log("error", str(e))
         return 0
-    if record is None or record.profile is None or record.messages:
+    if record is None or record.profile is None or record.state != "requested":
         return 0  # nothing requested, or the Prolog already found it unusable
     job = SlurmJob(job_id, record.uid, record.gid, record.user, "", "")
     try:
@@ -410,7 +422,8 @@ def clone_ns_script(env: Mapping[str, str] | None = None) -> int:
     if notes is not None:
         record.ns_path = ns
         record.localised = [n.removeprefix("localised ") for n in notes if n.startswith("localised ")]
-        record.messages = [n for n in notes if not n.startswith("localised ")]
+        record.messages += [n for n in notes if not n.startswith("localised ")]
+        record.state = "localised"
         record.save()
         log("info", f"profile {record.profile!r}: {len(record.localised)} localised path(s)")
     return 0

@@ -200,3 +200,18 @@ def test_prolog_failure_modes_exit_zero(slurm_world: World, jc: tuple[Path, Path
     # Not run by slurmd at all: still exit 0, and say so.
     r = hook("prolog", {"PATH": os.environ["PATH"], **slurm_world.env()})
     assert r.returncode == 0 and "SLURM_JOB_ID" in r.stderr
+
+
+def test_first_job_on_a_fresh_node_creates_the_run_directory(slurm_world: World, job_id: str) -> None:
+    rundir = BASE / "fresh-run" / "jobs"
+    if rundir.exists():
+        jobns.remove_tree(rundir.parent)
+    env = slurm_env(slurm_world, job_id, "ovl:slurmtest-a", OVLRUN_SLURM_JC_CONF="/nonexistent",
+                    OVLRUN_JOB_RUNDIR=str(rundir))
+    r = hook("prolog", env)
+    assert r.returncode == 0, r.stderr
+    assert "(create): 1 localised path(s)" in r.stderr
+    assert jobns.is_ns_holder(rundir / job_id / ".ns")
+    assert hook("epilog", env).returncode == 0
+    assert not (rundir / job_id).exists() and mounts_under(rundir) == []
+    assert not (rundir / f"{job_id}.json").exists()
