@@ -35,7 +35,7 @@ from pathlib import Path
 from ovlrun.bounded import DEFAULT_TIMEOUT, run_bounded
 from ovlrun.errors import OvlrunError
 from ovlrun.kernel import redirect_max
-from ovlrun.patterns import Pattern
+from ovlrun.patterns import Pattern, is_glob
 from ovlrun.profile import Profile, Tree, check_within_root
 from ovlrun.store import Manifest, Snapshot, Store, new_snapshot_id
 
@@ -106,7 +106,7 @@ def expand(tree: Tree, pattern: Pattern) -> list[str]:
         nxt = []
         for rel in found:
             base = tree.path_of(rel) if rel else tree.root
-            if i < len(pattern.components) and not ("*" in comp or "?" in comp):
+            if not is_glob(comp):  # a literal component costs one lookup, not a listing
                 cand = f"{rel}/{comp}" if rel else comp
                 if os.path.isdir(tree.path_of(cand)):
                     nxt.append(cand)

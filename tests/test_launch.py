@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -185,6 +186,11 @@ def test_status_inside_job(world: World) -> None:
     r = world.ovlrun("--profile", "p", "--", sys.executable, "-m", "ovlrun", "status")
     assert r.returncode == 0, r.stderr
     assert "profile: p" in r.stdout and str(rel) in r.stdout and "data-only" in r.stdout
+    r = world.ovlrun("--profile", "p", "--", sys.executable, "-m", "ovlrun", "status", "--json")
+    info = json.loads(r.stdout)
+    assert info["profile"] == "p"
+    assert [(m["path"], m["mode"]) for m in info["localised"]] == [(str(rel), "data-only")]
+    assert info["localised"][0]["snapshot"].startswith(str(world.store) + "/snapshots/")
 
 
 def test_doctor(world: World) -> None:
