@@ -30,9 +30,9 @@ SelectProfileOpt = Annotated[str | None, typer.Option("--profile", "-p", help="O
 AllOpt = Annotated[bool, typer.Option("--all", help="Every current snapshot in the store.")]
 
 
-def _require_root(what: str) -> None:
+def _require_root(what: str, why: str = "trusted.overlay.* xattrs can only be written by root") -> None:
     if os.geteuid() != 0:
-        raise OvlrunError(f"{what} must run as root (trusted.overlay.* xattrs can only be written by root)")
+        raise OvlrunError(f"{what} must run as root ({why})")
 
 
 @snapshot_app.command("build")
@@ -61,6 +61,7 @@ def snapshot_list(as_json: JsonOpt = False) -> None:
     """List the snapshots in the store and which path each serves."""
     from ovlrun.store import Store
 
+    _require_root("snapshot list", "snapshot directories are readable by root only")
     store = Store.open()
     index = store.read_index()
     serving = {rel: path for path, rel in index.items()}
