@@ -40,7 +40,7 @@ def refuse_tainted_environment(environ: dict[str, str]) -> None:
 
 def check_caller_request(environ: dict[str, str], profile_spec: str, user: str | None) -> None:
     """What a non-root (sudo) caller may not choose: stores, profile paths, other users."""
-    from ovlrun.profile import is_path_spec
+    from ovlrun.profilepath import is_path_spec
 
     for key in CALLER_ONLY_SETTINGS:
         if key in environ:

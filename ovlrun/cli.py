@@ -86,11 +86,15 @@ def launch(argv: list[str]) -> int:
     if os.geteuid() != 0:
         raise OvlrunError("ovlrun must run as root: use 'sudo ovlrun ...', a scheduler prolog, or a root shell")
     # Everything the job path needs is imported here, as root, before the drop: after it
-    # the interpreter's own directories may be unreadable to the user.
+    # the interpreter's own directories may be unreadable to the user.  Only light
+    # modules: the planner (ovlrun.launch: tomllib, json, ...) is imported on a plan-cache
+    # miss only.
+    from ovlrun import job
     from ovlrun.callerenv import caller_environment, check_caller_request, refuse_tainted_environment
-    from ovlrun.launch import run_job, warn_stderr
+    from ovlrun.jobplan import load_cached
     from ovlrun.privileges import sudo_caller, target_identity
-    from ovlrun.profile import load_profile
+    from ovlrun.profilepath import locate_profile
+    from ovlrun.storelayout import store_dir
 
     own_env = dict(os.environ)
     job_env = own_env
@@ -100,13 +104,19 @@ def launch(argv: list[str]) -> int:
         check_caller_request(own_env, profile_spec, user)
         from_sudo = caller_environment(caller)
         if from_sudo is None:
-            warn_stderr("could not read your environment from the calling sudo process; "
-                        "the job gets the environment sudo gave ovlrun")
+            job.warn_stderr("could not read your environment from the calling sudo process; "
+                            "the job gets the environment sudo gave ovlrun")
         else:
             job_env = from_sudo
-    profile = load_profile(profile_spec, trusted_only=caller is not None)
+    profile_file = locate_profile(profile_spec, trusted_only=caller is not None)
+    store = store_dir(own_env)
+    plan = load_cached(profile_file, store)
+    if plan is None:
+        from ovlrun.launch import plan_job
+
+        plan = plan_job(profile_file, store)
     identity = target_identity(user, own_env)
-    return run_job(profile, command, identity=identity, strict=strict, environ=job_env)
+    return job.run(plan, command, store=store, identity=identity, strict=strict, environ=job_env)
 
 
 def main(argv: list[str] | None = None) -> int:

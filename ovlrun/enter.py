@@ -54,7 +54,7 @@ def authorised_record(job_id: str, caller: int | None) -> JobRecord:
 
 def enter(job_id: str, command: list[str], environ: dict[str, str] | None = None) -> int:
     """Join job ``job_id``'s namespace, become its user and exec ``command``."""
-    from ovlrun.launch import exec_command, shell_argv
+    from ovlrun.job import exec_command, shell_argv
 
     own_env = dict(os.environ if environ is None else environ)
     if os.geteuid() != 0:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import errno
 import os
-from functools import cache
-from typing import NamedTuple
 
 from ovlrun import syscalls
 
@@ -38,12 +36,23 @@ def _kernel_at_least(major: int, minor: int) -> bool:
         return False
 
 
-class Features(NamedTuple):
-    overlay: bool
-    new_mount_api: bool
-    layer_append: bool  # lowerdir+ / datadir+
-    data_only_layers: bool
-    redirect_max: int
+# Plain classes, not NamedTuple/dataclass: this module is on every launch's path, and
+# ``typing`` alone costs ~10 ms to import on a -I -S interpreter.
+class Features:
+    __slots__ = ("data_only_layers", "layer_append", "new_mount_api", "overlay", "redirect_max")
+
+    def __init__(self, overlay: bool, new_mount_api: bool, layer_append: bool, data_only_layers: bool,
+                 redirect_max: int) -> None:
+        self.overlay = overlay
+        self.new_mount_api = new_mount_api
+        self.layer_append = layer_append  # lowerdir+ / datadir+
+        self.data_only_layers = data_only_layers
+        self.redirect_max = redirect_max
+
+    def __repr__(self) -> str:
+        return (f"Features(overlay={self.overlay}, new_mount_api={self.new_mount_api}, "
+                f"layer_append={self.layer_append}, data_only_layers={self.data_only_layers}, "
+                f"redirect_max={self.redirect_max})")
 
     @property
     def mount_method(self) -> str:
@@ -60,8 +69,17 @@ def _overlay_registered() -> bool:
         return False
 
 
-@cache
+_probed: list[Features] = []
+
+
 def probe() -> Features:
+    """Probe once per process (a launch mounts several overlays)."""
+    if not _probed:
+        _probed.append(_probe())
+    return _probed[0]
+
+
+def _probe() -> Features:
     overlay = _overlay_registered()
     new_api = append = False
     if overlay:

@@ -273,6 +273,7 @@ def gc(store: Store, *, dry_run: bool = False, grace: float = DEFAULT_GRACE,
                 # partial snapshot there, only a tmp/gc.* leftover for the next gc.
                 os.rename(store.path / rel, trash / f"gc.{secrets.token_hex(6)}")
         if not dry_run:
+            store.clean_index_leftovers()
             for key_dir in (store.path / "snapshots").iterdir():
                 with contextlib.suppress(OSError):
                     key_dir.rmdir()  # only if empty; publish creates key dirs under this lock

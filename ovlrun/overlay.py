@@ -14,7 +14,6 @@ release file into a set-uid or device entry point.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
 
 from ovlrun import syscalls
 from ovlrun.errors import OvlrunError
@@ -26,10 +25,15 @@ FSCONFIG_STRING_MAX = 255
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
-class OverlaySpec(NamedTuple):
-    target: str  # mount point = the shared subtree's real path
-    snapshot_tree: str
-    data: str  # the shared subtree (data-only layer)
+# Plain classes, not NamedTuple/dataclass: this module is on every launch's path, and
+# ``typing`` alone costs ~10 ms to import on a -I -S interpreter.
+class OverlaySpec:
+    __slots__ = ("data", "snapshot_tree", "target")
+
+    def __init__(self, target: str, snapshot_tree: str, data: str) -> None:
+        self.target = target  # mount point = the shared subtree's real path
+        self.snapshot_tree = snapshot_tree
+        self.data = data  # the shared subtree (data-only layer)
 
 
 def escape_layer(path: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pwd
-from typing import NamedTuple
 
 import prctl
 
@@ -20,13 +19,21 @@ from ovlrun.errors import OvlrunError
 CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 
 
-class Identity(NamedTuple):
-    name: str
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-    home: str
-    shell: str
+# Plain classes, not NamedTuple/dataclass: this module is on every launch's path, and
+# ``typing`` alone costs ~10 ms to import on a -I -S interpreter.
+class Identity:
+    __slots__ = ("gid", "groups", "home", "name", "shell", "uid")
+
+    def __init__(self, name: str, uid: int, gid: int, groups: tuple[int, ...], home: str, shell: str) -> None:
+        self.name = name
+        self.uid = uid
+        self.gid = gid
+        self.groups = groups
+        self.home = home
+        self.shell = shell
+
+    def __repr__(self) -> str:
+        return f"Identity({self.name!r}, uid={self.uid}, gid={self.gid}, groups={self.groups})"
 
     @classmethod
     def of_uid(cls, uid: int, gid: int | None = None) -> Identity:

@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import os
 import posixpath
-import re
 import tomllib
 from pathlib import Path
 from typing import NamedTuple
 
+from ovlrun import profilepath
 from ovlrun.errors import OvlrunError
 from ovlrun.patterns import Pattern, PatternError, overlap
 
-DEFAULT_PROFILE_DIRS = ("/etc/ovlrun/profiles",)
-BUNDLED_PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
-NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 NETWORK_MODES = ("host", "none")
 MISSING_ROOT_MODES = ("fail", "unlocalised")
 
@@ -51,47 +48,14 @@ class Profile(NamedTuple):
 
 
 def profile_dirs(environ: dict[str, str] | None = None) -> list[Path]:
-    """Directories searched for ``NAME.toml``, in order."""
-    env = os.environ if environ is None else environ
-    if env.get("OVLRUN_PROFILE_PATH"):
-        return [Path(p) for p in env["OVLRUN_PROFILE_PATH"].split(":") if p]
-    return [Path(d) for d in DEFAULT_PROFILE_DIRS] + [BUNDLED_PROFILE_DIR]
-
-
-def is_path_spec(spec: str) -> bool:
-    return "/" in spec or spec.endswith(".toml")
-
-
-def _check_trusted(path: Path) -> None:
-    """A profile a sudo caller gets must be one only root could have written."""
-    for p in (path.parent, path):
-        st = p.stat()
-        if st.st_uid != 0 or st.st_mode & 0o022:
-            raise OvlrunError(f"refusing profile {path}: {p} must be owned by root and not group/other-writable")
+    """Directories searched for ``NAME.toml``, in order (see :mod:`ovlrun.profilepath`)."""
+    return [Path(d) for d in profilepath.profile_dirs(environ)]
 
 
 def find_profile(spec: str, dirs: list[Path] | None = None, *, trusted_only: bool = False) -> Path:
-    """Map ``--profile`` to a file: a path if it looks like one, else a name to search.
-
-    With ``trusted_only`` (non-root callers) the file and its directory must be root-owned
-    and not group/other-writable.
-    """
-    if is_path_spec(spec):
-        path = Path(spec)
-        if not path.is_file():
-            raise OvlrunError(f"profile file {spec} does not exist")
-        return path
-    if not NAME_RE.fullmatch(spec):
-        raise OvlrunError(f"invalid profile name {spec!r}: use letters, digits, '_', '.', '+', '-'")
-    search = profile_dirs() if dirs is None else dirs
-    for d in search:
-        candidate = d / f"{spec}.toml"
-        if candidate.is_file():
-            if trusted_only:
-                _check_trusted(candidate)
-            return candidate
-    where = ", ".join(str(d) for d in search) or "(no directories)"
-    raise OvlrunError(f"no profile named {spec!r} (searched {where})")
+    """Map ``--profile`` to a file (see :func:`ovlrun.profilepath.locate_profile`)."""
+    search = None if dirs is None else [str(d) for d in dirs]
+    return Path(profilepath.locate_profile(spec, search, trusted_only=trusted_only))
 
 
 def load_profile(spec: str, dirs: list[Path] | None = None, *, trusted_only: bool = False) -> Profile:

@@ -20,21 +20,19 @@ import contextlib
 import fcntl
 import json
 import os
-import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from ovlrun.errors import OvlrunError
+from ovlrun.storelayout import check_snapshot_trusted, store_dir
 
-DEFAULT_STORE = "/var/lib/ovlrun"
 FORMAT = 1
 
 
 def store_path(environ: dict[str, str] | None = None) -> Path:
-    env = os.environ if environ is None else environ
-    return Path(env.get("OVLRUN_STORE") or DEFAULT_STORE)
+    return Path(store_dir(environ))
 
 
 def source_key(source: str) -> str:
@@ -122,7 +120,7 @@ class SnapshotMissing(OvlrunError):
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._trusted: set[Path] = set()
+        self._trusted: set[str] = set()
 
     @classmethod
     def open(cls, path: Path | str | None = None) -> Store:
@@ -196,8 +194,16 @@ class Store:
         sources = data.get("sources", {}) if isinstance(data, dict) else {}
         return {k: v for k, v in sources.items() if isinstance(k, str) and isinstance(v, str)}
 
+    def clean_index_leftovers(self) -> None:
+        """Remove ``.index.json.XXXX`` files of writers SIGKILLed between creating their
+        temporary file and renaming it; caller holds :meth:`index_lock`, so none is in use."""
+        for stale in self.path.glob(".index.json.*"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
     def write_index(self, index: dict[str, str]) -> None:
         """Replace ``index.json``; caller holds :meth:`index_lock`."""
+        self.clean_index_leftovers()
         _write_json_atomic(self.path / "index.json", {"format": FORMAT, "sources": index})
 
     def publish(self, build_dir: Path, manifest: Manifest) -> Snapshot:
@@ -261,33 +267,8 @@ class Store:
     # -- trust -----------------------------------------------------------------------
 
     def check_trusted(self, snapshot: Snapshot) -> None:
-        """Refuse a snapshot anyone but root could have written.
-
-        ``trusted.overlay.*`` xattrs decide what an overlay serves (a redirect can point
-        anywhere in the data layer), so every directory from the store root down to the
-        snapshot's own directory must be root-owned and not writable by group or others,
-        and the snapshot directory must be closed to them entirely (the tree inside keeps
-        the source's modes, which may include world-writable directories).
-        """
-        chain = [self.path, self.path / "snapshots", snapshot.directory.parent, snapshot.directory]
-        for d in chain:
-            if d in self._trusted:  # the store root and snapshots/ are shared by all snapshots
-                continue
-            try:
-                st = os.lstat(d)
-            except OSError as e:
-                raise OvlrunError(f"snapshot store path {d}: {e.strerror}") from None
-            if not stat.S_ISDIR(st.st_mode):
-                raise OvlrunError(f"snapshot store path {d} is not a directory (symlink or tampering?)")
-            if st.st_uid != 0 or st.st_mode & 0o022:
-                raise OvlrunError(
-                    f"refusing snapshot store path {d}: it must be owned by root and not group/other-writable "
-                    f"(owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)})"
-                )
-            if d == snapshot.directory and st.st_mode & 0o077:
-                raise OvlrunError(f"refusing snapshot {d}: mode {stat.filemode(st.st_mode)} lets other users reach "
-                                  "its tree; it must be 0700 (ovlrun snapshot build tightens it)")
-            self._trusted.add(d)
+        """Refuse a snapshot anyone but root could have written (see :mod:`ovlrun.storelayout`)."""
+        check_snapshot_trusted(str(self.path), str(snapshot.directory), self._trusted)
 
 
 def new_snapshot_id() -> str:

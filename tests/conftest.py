@@ -103,9 +103,9 @@ class World:
         entry = self.base / "ovlrun-entry"
         if not entry.exists():
             entry.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
-                             "import ovlrun.profile, ovlrun.store\n"
-                             f"ovlrun.store.DEFAULT_STORE = {str(self.store)!r}\n"
-                             f"ovlrun.profile.DEFAULT_PROFILE_DIRS = ({str(self.profiles)!r},)\n"
+                             "import ovlrun.profilepath, ovlrun.storelayout\n"
+                             f"ovlrun.storelayout.DEFAULT_STORE = {str(self.store)!r}\n"
+                             f"ovlrun.profilepath.DEFAULT_PROFILE_DIRS = ({str(self.profiles)!r},)\n"
                              "from ovlrun.cli import main\nsys.exit(main())\n")
             entry.chmod(0o755)
         return entry

@@ -17,7 +17,7 @@ from tests.conftest import REPO, World, requires_overlay, requires_root
 CHILD = r"""
 import json, os, sys
 from ovlrun.kernel import Features
-from ovlrun.launch import enter_private_namespace
+from ovlrun.job import enter_private_namespace
 from ovlrun.overlay import OverlaySpec, mount_overlay
 spec = OverlaySpec(**json.loads(sys.argv[1]))
 features = Features(overlay=True, new_mount_api=sys.argv[2] == "new", layer_append=sys.argv[2] == "new",
@@ -38,7 +38,7 @@ print(json.dumps({"options": options, "names": names, "data": data, "absent": ab
 
 
 def mount_in_child(spec: OverlaySpec, api: str, layout: str) -> dict[str, object]:
-    result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec._asdict()), api, layout],
+    result = subprocess.run([sys.executable, "-c", CHILD, json.dumps({"target": spec.target, "snapshot_tree": spec.snapshot_tree, "data": spec.data}), api, layout],
                             capture_output=True, text=True, env={"PYTHONPATH": str(REPO)}, timeout=60)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)  # type: ignore[no-any-return]

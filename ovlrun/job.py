@@ -1,0 +1,183 @@
+"""Running a job from its plan: private mount namespace, overlays, drop, exec.
+
+Plan first, then execute (mkosi style): the plan (:mod:`ovlrun.jobplan`, made by
+:mod:`ovlrun.launch` or taken from its cache) names every overlay; only here does
+anything change, inside a namespace that dies with the job, so nothing can be left
+mounted on the host.  This module is on every launch's path and imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ovlrun import syscalls
+from ovlrun.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, OvlrunError
+from ovlrun.kernel import Features, probe
+from ovlrun.overlay import OverlaySpec, SourceMissing, mount_overlay
+from ovlrun.privileges import Identity, drop_to
+from ovlrun.storelayout import check_snapshot_trusted
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ovlrun.jobplan import JobPlan, MountItem
+
+    Warn = Callable[[str], None]
+
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def warn_stderr(message: str) -> None:
+    print(f"ovlrun: warning: {message}", file=sys.stderr)
+
+
+def report_missing(plan: JobPlan, *, strict: bool, warn: Warn) -> None:
+    """One line per localised path with no snapshot; an error with ``strict``."""
+    for path in plan.missing:
+        message = (f"no snapshot for {path}; it stays unlocalised "
+                   f"(build it with: ovlrun snapshot build --profile {plan.name})")
+        if strict:
+            raise OvlrunError(message.replace("; it stays unlocalised", ""))
+        warn(message)
+
+
+def enter_private_namespace() -> None:
+    """Become the only member of a new mount namespace that cannot affect the host.
+
+    MS_SLAVE (not private) so mounts the host makes later (e.g. automounted NFS
+    releases) still appear in the job, while nothing the job mounts propagates out.
+    """
+    try:
+        syscalls.unshare(syscalls.CLONE_NEWNS)
+        syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_SLAVE)
+    except OSError as e:
+        raise OvlrunError(f"cannot create a private mount namespace: {e}") from None
+
+
+def mount_items(items: list[MountItem], store: str, *, strict: bool, warn: Warn,
+                missing_root: str = "fail", features: Features | None = None) -> list[MountItem]:
+    """Trust-check and mount every planned overlay in the current (private) namespace.
+
+    A vanished source is skipped with a warning (fatal with ``strict``).
+    """
+    features = features or probe()
+    if not features.overlay:
+        raise OvlrunError("this kernel has no overlayfs (modprobe overlay)")
+    trusted: set[str] = set()
+    for item in items:
+        check_snapshot_trusted(store, item.snapshot_dir, trusted)
+    mounted = []
+    absent_roots: set[str] = set()
+    for item in items:
+        spec = OverlaySpec(target=item.source, snapshot_tree=item.tree, data=item.source)
+        try:
+            mount_overlay(spec, features)  # resolves the source once; no separate existence check
+        except SourceMissing:
+            if item.root in absent_roots:
+                continue
+            if not _tree_root_available(item, missing_root, warn):
+                absent_roots.add(item.root)
+                continue
+            message = f"{item.source} (localised path {item.path}) is missing on the shared tree"
+            if strict:
+                raise OvlrunError(message) from None
+            warn(message + "; skipped")
+            continue
+        mounted.append(item)
+    return mounted
+
+
+def _tree_root_available(item: MountItem, missing_root: str, warn: Warn) -> bool:
+    """A localised source is missing: was the release deleted, or is the tree not there?
+
+    Only reached on that failure path, so a normal launch pays nothing for it.  A missing
+    or empty root (an unmounted NFS mount point) is an error even without --strict: every
+    path of the tree would be missing and the job could only fail later, less clearly.
+    A profile with ``missing_root = "unlocalised"`` runs the job without that tree's
+    overlays instead (returns False after a warning).
+    """
+    if not item.root:
+        return True
+    try:
+        problem = "is empty (not mounted?)" if not os.listdir(item.root) else ""
+    except OSError as e:
+        problem = f"is not available ({e.strerror}; not mounted?)"
+    if not problem:
+        return True
+    if missing_root == "unlocalised":
+        warn(f"shared tree root {item.root} {problem}; running without localising it")
+        return False
+    raise OvlrunError(f"shared tree root {item.root} {problem}; refusing to run the job there "
+                      "(profiles may allow it with missing_root = \"unlocalised\")")
+
+
+def find_executable(name: str, path_var: str) -> str | None:
+    """execvp(3)'s search done up front (as root, inside the namespace) so that after the
+    privilege drop nothing but execve() remains.  A non-executable match is returned so
+    execve() reports EACCES (-> 126), as a shell would."""
+    if "/" in name:
+        return name
+    fallback = None
+    for d in path_var.split(":"):
+        candidate = os.path.join(d or ".", name)
+        if os.path.isfile(candidate):
+            if os.access(candidate, os.X_OK):
+                return candidate
+            fallback = fallback or candidate
+    return fallback
+
+
+def exec_command(argv: list[str], environ: dict[str, str], identity: Identity | None) -> int:
+    """Drop to ``identity`` and exec; returns an exit status only if exec failed."""
+    path = find_executable(argv[0], environ.get("PATH", DEFAULT_PATH))
+    if path is None:
+        print(f"ovlrun: {argv[0]}: command not found", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    if identity is not None:
+        drop_to(identity)
+    try:
+        os.execve(path, argv, environ)
+    except OSError as e:
+        print(f"ovlrun: {argv[0]}: {e.strerror}", file=sys.stderr)
+        return EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_CANNOT_EXECUTE
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def shell_argv(identity: Identity | None) -> list[str]:
+    """The user's login shell, from the password database, started as a login shell."""
+    shell = identity.shell if identity else Identity.of_uid(0).shell
+    return [shell, "-l"]
+
+
+def run(plan: JobPlan, command: list[str], *, store: str, identity: Identity | None, strict: bool,
+        environ: dict[str, str] | None = None) -> int:
+    """Set up the job's namespace from ``plan`` and exec ``command`` in it."""
+    if os.geteuid() != 0:
+        raise OvlrunError("ovlrun must run as root: use 'sudo ovlrun ...', a scheduler prolog, or a root shell")
+    env = dict(os.environ if environ is None else environ)
+    try:
+        cwd: str | None = os.getcwd()
+    except OSError:
+        cwd = None
+    report_missing(plan, strict=strict, warn=warn_stderr)
+    enter_private_namespace()
+    mount_items(plan.items, store, strict=strict, warn=warn_stderr, missing_root=plan.missing_root)
+    if plan.network == "none":
+        from ovlrun.network import isolate_network  # pyroute2 is slow to import: only here
+
+        isolate_network()
+    # Re-enter the working directory by path: if it lies in a localised subtree the job's
+    # cwd is now the overlay's view of it, not the shared tree's inode below the mount.
+    try:
+        os.chdir(cwd or "/")
+    except OSError:
+        os.chdir("/")
+    env["OVLRUN_PROFILE"] = plan.name
+    argv = command or shell_argv(identity)
+    if identity is not None and not command:
+        env.setdefault("HOME", identity.home)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return exec_command(argv, env, identity)

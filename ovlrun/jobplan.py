@@ -1,0 +1,125 @@
+"""A job's mount plan as plain data, and its cache.
+
+Planning a launch means parsing the profile (tomllib), reading the store index and the
+manifests it names (json), and matching patterns (re): with the interpreter imports they
+pull in (typing, pathlib, ...) that is ~30 ms, more than everything else a launch does.
+The result depends only on the profile file and the index, so it is cached per profile
+in ``STORE/plans/`` (marshal: a builtin module, nothing to import) and reused while
+both files are unchanged: same device, inode, size, mtime and ctime.  ``index.json`` is
+replaced by rename on every publish and gc, so any store change is a new inode.
+
+What the cache does *not* skip: the profile's trust check for sudo callers, every
+snapshot directory's trust check, and everything about the mount itself.  The cache
+file must be a root-owned regular file closed to other users, like the snapshots.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import stat
+
+from ovlrun.storelayout import INDEX
+
+FORMAT = 1
+
+
+class MountItem:
+    """One localised path: mount ``snapshot_dir/tree`` (+ ``source`` as data) on ``source``."""
+
+    __slots__ = ("path", "root", "snapshot_dir", "source")
+
+    def __init__(self, path: str, source: str, snapshot_dir: str, root: str) -> None:
+        self.path = path  # as the profile names it
+        self.source = source  # its real path: data-only layer and mount point
+        self.snapshot_dir = snapshot_dir
+        self.root = root  # the profile tree's root (to tell a deleted release from an unmounted tree)
+
+    @property
+    def tree(self) -> str:
+        return os.path.join(self.snapshot_dir, "tree")
+
+
+class JobPlan:
+    """Everything a launch needs from the profile and the store."""
+
+    __slots__ = ("items", "missing", "missing_root", "name", "network")
+
+    def __init__(self, name: str, network: str, missing_root: str, items: list[MountItem],
+                 missing: list[str]) -> None:
+        self.name = name
+        self.network = network
+        self.missing_root = missing_root
+        self.items = items
+        self.missing = missing  # localised paths (or patterns) with no snapshot
+
+
+def _stat_key(path: str) -> tuple[int, int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _cache_file(store: str, profile_key: tuple[int, int, int, int, int]) -> str:
+    return os.path.join(store, "plans", f"{profile_key[0]}-{profile_key[1]}.plan")
+
+
+def _keys(profile_file: str, store: str) -> tuple[object, ...] | None:
+    profile_key = _stat_key(profile_file)
+    if profile_key is None:
+        return None
+    return (FORMAT, os.path.abspath(profile_file), profile_key, store, _stat_key(os.path.join(store, INDEX)))
+
+
+def load_cached(profile_file: str, store: str) -> JobPlan | None:
+    """The cached plan for this profile file and store, if still valid and trustworthy."""
+    keys = _keys(profile_file, store)
+    if keys is None:
+        return None
+    try:
+        fd = os.open(_cache_file(store, keys[2]), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # type: ignore[arg-type]
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+            return None  # not written by us: ignore it (it is replaced on the next save)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = marshal.loads(f.read())
+    except (OSError, ValueError, EOFError, TypeError):
+        return None
+    finally:
+        os.close(fd)
+    try:
+        if not isinstance(data, dict) or data.get("keys") != keys:
+            return None
+        items = [MountItem(*item) for item in data["items"]]
+        return JobPlan(data["name"], data["network"], data["missing_root"], items, list(data["missing"]))
+    except (KeyError, TypeError):
+        return None
+
+
+def save_cached(plan: JobPlan, profile_file: str, store: str) -> None:
+    """Best effort: a store we cannot write to (read-only, full) just means no cache."""
+    keys = _keys(profile_file, store)
+    if keys is None or _stat_key(os.path.join(store, INDEX)) is None:
+        return  # no index yet: nothing worth caching
+    data = {"keys": keys, "name": plan.name, "network": plan.network, "missing_root": plan.missing_root,
+            "items": [(i.path, i.source, i.snapshot_dir, i.root) for i in plan.items], "missing": plan.missing}
+    target = _cache_file(store, keys[2])  # type: ignore[arg-type]
+    tmp = f"{target}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, marshal.dumps(data))
+        finally:
+            os.close(fd)
+        os.rename(tmp, target)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
