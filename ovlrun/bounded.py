@@ -25,6 +25,8 @@ import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
+import prctl
+
 from ovlrun.errors import OvlrunError
 
 T = TypeVar("T")
@@ -48,10 +50,11 @@ def _reap_abandoned() -> None:
             _abandoned.remove(pid)
 
 
-def _child(fn: Callable[[], T], w: int, close_fds: tuple[int, ...]) -> None:
-    import prctl  # python-prctl; already a dependency (privileges)
-
+def _child(fn: Callable[[], T], w: int, close_fds: tuple[int, ...], parent: int) -> None:
     prctl.set_pdeathsig(signal.SIGKILL)
+    if os.getppid() != parent:
+        # The parent died between fork() and the line above: no signal will come.
+        os._exit(1)
     # Report only through the pipe: a worker abandoned in an uninterruptible wait must not
     # keep the caller's stdout/stderr open (a script reading them would wait for EOF).
     null = os.open(os.devnull, os.O_RDWR)
@@ -87,11 +90,12 @@ def run_bounded(fn: Callable[[], T], *, timeout: float, what: str, close_fds: tu
     ``OSError`` are re-raised here; ``what`` names the work in the stall message."""
     _reap_abandoned()
     r, w = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the worker
         try:
             os.close(r)
-            _child(fn, w, close_fds)
+            _child(fn, w, close_fds, parent)
         finally:
             os._exit(0)
     os.close(w)

@@ -63,15 +63,22 @@ def test_sigkill_builds_at_random_points(world: World) -> None:
     started = time.monotonic()
     world.build()  # up-to-date: measures interpreter start + planning, the floor of a build
     floor = time.monotonic() - started
-    t0 = time.monotonic()
-    r = world.ovlrun("snapshot", "build", "--profile", "p", "--rebuild")
-    full = time.monotonic() - t0
-    assert r.returncode == 0
+    fulls = []
+    for i in range(3):  # the fastest of a few publishing rebuilds: the first one runs cold
+        os.utime(release / "README", ns=(10**9 + i, 10**9 + i))
+        t0 = time.monotonic()
+        r = world.ovlrun("snapshot", "build", "--profile", "p", "--rebuild")
+        fulls.append(time.monotonic() - t0)
+        assert r.returncode == 0
+    full = min(fulls)
     rng = random.Random(0x5EED)
     published = killed_before = 0
     loop_started = time.monotonic()
-    iterations = 60
-    for i in range(iterations):
+    # At least 50 kills, and on until 10 of them interrupted a build in progress (how the
+    # kill points fall depends on this machine's speed), within the time bound.
+    i = 0
+    while i < 50 or killed_before < 10:
+        i += 1
         os.utime(release / "README", ns=(i, i))  # the source changed: a rebuild publishes
         before = check_store(world)
         proc = run_bg(world, "snapshot", "build", "--profile", "p", "--rebuild")
@@ -89,6 +96,7 @@ def test_sigkill_builds_at_random_points(world: World) -> None:
             assert job.returncode == 0 and job.stdout == "app 1.0\n", job.stderr
         assert time.monotonic() - loop_started < 240, "crash loop over its time bound"
     took = time.monotonic() - loop_started
+    iterations = i
     print(f"crash loop: {iterations} SIGKILLed builds in {took:.1f}s, {published} got to publish, "
           f"{killed_before} killed before publishing")
     assert killed_before >= 10, "kill points never hit a build in progress"
