@@ -38,8 +38,9 @@ def refuse_tainted_environment(environ: dict[str, str]) -> None:
             "still reaches the job")
 
 
-def check_caller_request(environ: dict[str, str], profile_spec: str, user: str | None) -> None:
-    """What a non-root (sudo) caller may not choose: stores, profile paths, other users."""
+def check_caller_request(environ: dict[str, str], profile_spec: str) -> None:
+    """What a non-root (sudo) caller may not choose: stores and profile paths.  (Nor another
+    user: :func:`ovlrun.privileges.target_identity` enforces that for every caller.)"""
     from ovlrun.profilepath import is_path_spec
 
     for key in CALLER_ONLY_SETTINGS:
@@ -49,8 +50,6 @@ def check_caller_request(environ: dict[str, str], profile_spec: str, user: str |
     if is_path_spec(profile_spec):
         raise OvlrunError(f"--profile {profile_spec}: profile files by path are only accepted from root; "
                           "name an installed profile instead")
-    if user is not None:
-        raise OvlrunError("--user is only for root; under sudo the job runs as the calling user")
 
 
 def _status_field(pid: int, name: str) -> list[str]:

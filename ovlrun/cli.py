@@ -101,7 +101,7 @@ def launch(argv: list[str]) -> int:
     caller = sudo_caller(own_env)
     if caller is not None:
         refuse_tainted_environment(own_env)
-        check_caller_request(own_env, profile_spec, user)
+        check_caller_request(own_env, profile_spec)
         from_sudo = caller_environment(caller)
         if from_sudo is None:
             job.warn_stderr("could not read your environment from the calling sudo process; "

@@ -184,10 +184,8 @@ def profile_check(name: Annotated[str, typer.Argument(help="Profile name or path
     print(f"{profile.name}: {profile.file} OK ({profile.description or 'no description'})")
     for tree in profile.trees:
         for pattern in tree.patterns:
-            path = tree.path_of(pattern.text)
-            prefix = tree.root.rstrip("/") + "/"
-            built = [p for p in index if p.startswith(prefix) and pattern.matches(p[len(prefix):])]
-            print(f"  {path}: {len(built)} snapshot(s) built")
+            built = tree.matches_in(pattern, index)
+            print(f"  {tree.path_of(pattern.text)}: {len(built)} snapshot(s) built")
 
 
 @app.command("doctor")

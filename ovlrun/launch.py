@@ -25,17 +25,8 @@ def plan(profile: Profile, store: Store) -> JobPlan:
     roots: dict[str, str] = {}
     missing: list[str] = []
     for tree in profile.trees:
-        prefix = tree.root.rstrip("/") + "/"
         for pattern in tree.patterns:
-            if pattern.is_literal:
-                path = tree.path_of(pattern.text)
-                if path in index:
-                    chosen[path] = index[path]
-                    roots[path] = tree.root
-                else:
-                    missing.append(path)
-                continue
-            hits = [p for p in index if p.startswith(prefix) and pattern.matches(p[len(prefix):])]
+            hits = tree.matches_in(pattern, index)
             if not hits:
                 missing.append(tree.path_of(pattern.text))
             chosen.update((p, index[p]) for p in hits)

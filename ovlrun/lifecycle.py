@@ -47,10 +47,8 @@ def current_snapshots(store: Store, profile: Profile | None) -> dict[str, Snapsh
         chosen = dict(index)
     else:
         for tree in profile.trees:
-            prefix = tree.root.rstrip("/") + "/"
             for pattern in tree.patterns:
-                chosen.update((p, r) for p, r in index.items()
-                              if p.startswith(prefix) and pattern.matches(p[len(prefix):]))
+                chosen.update((p, index[p]) for p in tree.matches_in(pattern, index))
     out = {}
     for path, rel in sorted(chosen.items()):
         with contextlib.suppress(SnapshotMissing):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import posixpath
 import tomllib
+from collections.abc import Collection
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,6 +38,14 @@ class Tree(NamedTuple):
     def path_of(self, relpath: str) -> str:
         return posixpath.join(self.root, relpath)
 
+    def matches_in(self, pattern: Pattern, paths: Collection[str]) -> list[str]:
+        """The localised paths among ``paths`` (e.g. the store index) that ``pattern`` names."""
+        if pattern.is_literal:
+            path = self.path_of(pattern.text)
+            return [path] if path in paths else []
+        prefix = self.root.rstrip("/") + "/"
+        return sorted(p for p in paths if p.startswith(prefix) and pattern.matches(p[len(prefix):]))
+
 
 class Profile(NamedTuple):
     name: str
@@ -45,11 +54,6 @@ class Profile(NamedTuple):
     trees: tuple[Tree, ...]
     network: str = "host"
     missing_root: str = "fail"  # a tree root that is absent/empty at launch: fail, or run unlocalised
-
-
-def profile_dirs(environ: dict[str, str] | None = None) -> list[Path]:
-    """Directories searched for ``NAME.toml``, in order (see :mod:`ovlrun.profilepath`)."""
-    return [Path(d) for d in profilepath.profile_dirs(environ)]
 
 
 def find_profile(spec: str, dirs: list[Path] | None = None, *, trusted_only: bool = False) -> Path:

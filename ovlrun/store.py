@@ -1,17 +1,20 @@
 """The local snapshot store.
 
-Layout (all root-owned, 0755)::
+Layout (all root-owned; directories 0755 except where noted)::
 
     STORE/index.json                    which snapshot serves each source (atomic rename)
     STORE/index.lock                    flock serialising index updates
     STORE/locks/KEY.lock                flock held while building one source
     STORE/tmp/KEY.RANDOM/               builds in progress (never listed or mounted)
+    STORE/snapshots/KEY/ID/             one snapshot, 0700 (its tree mirrors source modes)
     STORE/snapshots/KEY/ID/manifest.json
     STORE/snapshots/KEY/ID/tree/        the opaque metacopy tree (a lower layer)
+    STORE/plans/DEV-INO.plan            cached launch plans, 0600 (ovlrun/jobplan.py)
 
 A build happens in ``tmp/`` and is published by ``rename(2)`` into ``snapshots/`` and then
 by an atomic rewrite of ``index.json``; a launch reads only ``index.json`` and the manifests
-it names, never the shared tree.  A snapshot that is not in the index is never mounted.
+it names (or its cached plan), never the shared tree.  A snapshot that is not in the
+index is never mounted.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ovlrun.errors import OvlrunError
-from ovlrun.storelayout import check_snapshot_trusted, store_dir
+from ovlrun.storelayout import store_dir
 
 FORMAT = 1
 
@@ -120,7 +123,6 @@ class SnapshotMissing(OvlrunError):
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._trusted: set[str] = set()
 
     @classmethod
     def open(cls, path: Path | str | None = None) -> Store:
@@ -263,12 +265,6 @@ class Store:
                     except SnapshotMissing:
                         continue
         return out
-
-    # -- trust -----------------------------------------------------------------------
-
-    def check_trusted(self, snapshot: Snapshot) -> None:
-        """Refuse a snapshot anyone but root could have written (see :mod:`ovlrun.storelayout`)."""
-        check_snapshot_trusted(str(self.path), str(snapshot.directory), self._trusted)
 
 
 def new_snapshot_id() -> str:
