@@ -62,24 +62,34 @@ def _stat_key(path: str) -> tuple[int, int, int, int, int] | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _cache_file(store: str, profile_key: tuple[int, int, int, int, int]) -> str:
-    return os.path.join(store, "plans", f"{profile_key[0]}-{profile_key[1]}.plan")
+class CacheKeys:
+    """What a cached plan is valid for: the profile file and the index as they are now."""
 
+    __slots__ = ("index", "profile", "profile_file", "store")
 
-def _keys(profile_file: str, store: str) -> tuple[object, ...] | None:
-    profile_key = _stat_key(profile_file)
-    if profile_key is None:
-        return None
-    return (FORMAT, os.path.abspath(profile_file), profile_key, store, _stat_key(os.path.join(store, INDEX)))
+    def __init__(self, profile_file: str, store: str) -> None:
+        self.profile_file = os.path.abspath(profile_file)
+        self.store = store
+        self.profile = _stat_key(profile_file)
+        self.index = _stat_key(os.path.join(store, INDEX))
+
+    def as_tuple(self) -> tuple[object, ...]:
+        return (FORMAT, self.profile_file, self.profile, self.store, self.index)
+
+    def cache_file(self) -> str | None:
+        if self.profile is None:
+            return None
+        return os.path.join(self.store, "plans", f"{self.profile[0]}-{self.profile[1]}.plan")
 
 
 def load_cached(profile_file: str, store: str) -> JobPlan | None:
     """The cached plan for this profile file and store, if still valid and trustworthy."""
-    keys = _keys(profile_file, store)
-    if keys is None:
+    keys = CacheKeys(profile_file, store)
+    path = keys.cache_file()
+    if path is None:
         return None
     try:
-        fd = os.open(_cache_file(store, keys[2]), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # type: ignore[arg-type]
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
     try:
@@ -93,7 +103,7 @@ def load_cached(profile_file: str, store: str) -> JobPlan | None:
     finally:
         os.close(fd)
     try:
-        if not isinstance(data, dict) or data.get("keys") != keys:
+        if not isinstance(data, dict) or data.get("keys") != keys.as_tuple():
             return None
         items = [MountItem(*item) for item in data["items"]]
         return JobPlan(data["name"], data["network"], data["missing_root"], items, list(data["missing"]))
@@ -101,14 +111,18 @@ def load_cached(profile_file: str, store: str) -> JobPlan | None:
         return None
 
 
-def save_cached(plan: JobPlan, profile_file: str, store: str) -> None:
-    """Best effort: a store we cannot write to (read-only, full) just means no cache."""
-    keys = _keys(profile_file, store)
-    if keys is None or _stat_key(os.path.join(store, INDEX)) is None:
+def save_cached(plan: JobPlan, keys: CacheKeys) -> None:
+    """Cache ``plan`` under ``keys``, taken *before* planning: if the profile or the index
+    changed while we planned, the keys are already stale and the next launch replans
+    (keys taken afterwards would bless a plan made from the old files).
+
+    Best effort: a store we cannot write to (read-only, full) just means no cache.
+    """
+    target = keys.cache_file()
+    if target is None or keys.index is None:
         return  # no index yet: nothing worth caching
-    data = {"keys": keys, "name": plan.name, "network": plan.network, "missing_root": plan.missing_root,
+    data = {"keys": keys.as_tuple(), "name": plan.name, "network": plan.network, "missing_root": plan.missing_root,
             "items": [(i.path, i.source, i.snapshot_dir, i.root) for i in plan.items], "missing": plan.missing}
-    target = _cache_file(store, keys[2])  # type: ignore[arg-type]
     tmp = f"{target}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)

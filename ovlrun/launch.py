@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ovlrun import job
-from ovlrun.jobplan import JobPlan, MountItem, save_cached
+from ovlrun.jobplan import CacheKeys, JobPlan, MountItem, save_cached
 from ovlrun.profile import Profile, parse_profile
 from ovlrun.store import SnapshotMissing, Store
 
@@ -45,9 +45,10 @@ def plan(profile: Profile, store: Store) -> JobPlan:
 
 def plan_job(profile_file: str, store: str) -> JobPlan:
     """Parse the profile, plan against the store, and cache the plan for the next launch."""
+    keys = CacheKeys(profile_file, store)  # before reading either file: see save_cached
     path = Path(profile_file)
     result = plan(parse_profile(path, path.stem), Store.open(store))
-    save_cached(result, profile_file, store)
+    save_cached(result, keys)
     return result
 
 
