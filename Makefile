@@ -30,7 +30,7 @@ lint: setup
 # that contrib/sudoers.d/ovlrun points at.
 install:
 	$(PYTHON) -m pip install -q .
-	$(PYTHON) -m ovlrun.wrapper /usr/local/sbin/ovlrun
+	$(PYTHON) -m ovlrun.cli.install_launcher /usr/local/sbin/ovlrun
 
 bench: setup
 	$(PYTHON) bench/run.py

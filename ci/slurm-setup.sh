@@ -15,7 +15,7 @@
 # Environment knobs:
 #   OVLRUN_SLURM_STATE    state directory (default /var/spool/ovlrun-slurm)
 #   OVLRUN_SLURM_PROLOG   Prolog executable (default: generated hook running
-#                         `python -m ovlrun.slurm prolog` from this checkout)
+#                         `python -m ovlrun slurm prolog` from this checkout)
 #   OVLRUN_SLURM_EPILOG   Epilog executable (same idea)
 #   OVLRUN_SLURM_TASK_PROLOG  TaskProlog (default contrib/slurm/ovlrun-task-prolog)
 #   OVLRUN_SLURM_PYTHON   interpreter for the generated hooks (default: python3)
@@ -79,7 +79,7 @@ $2
 [ -r "$state/hook.env" ] && . "$state/hook.env"
 PYTHONPATH="$repo\${PYTHONPATH:+:\$PYTHONPATH}"
 export PYTHONPATH
-exec "$python" -m ovlrun.slurm $1
+exec "$python" -m ovlrun slurm $1
 EOF
     chmod 755 "$tmp"
     mv -f "$tmp" "$f"

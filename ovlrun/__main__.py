@@ -1,5 +1,5 @@
 import sys
 
-from ovlrun.cli import main
+from ovlrun.cli.main import main
 
 sys.exit(main())

@@ -103,10 +103,10 @@ class World:
         entry = self.base / "ovlrun-entry"
         if not entry.exists():
             entry.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
-                             "import ovlrun.profilepath, ovlrun.storelayout\n"
-                             f"ovlrun.storelayout.DEFAULT_STORE = {str(self.store)!r}\n"
-                             f"ovlrun.profilepath.DEFAULT_PROFILE_DIRS = ({str(self.profiles)!r},)\n"
-                             "from ovlrun.cli import main\nsys.exit(main())\n")
+                             "import ovlrun.profile.locate, ovlrun.store.layout\n"
+                             f"ovlrun.store.layout.DEFAULT_STORE = {str(self.store)!r}\n"
+                             f"ovlrun.profile.locate.DEFAULT_PROFILE_DIRS = ({str(self.profiles)!r},)\n"
+                             "from ovlrun.cli.main import main\nsys.exit(main())\n")
             entry.chmod(0o755)
         return entry
 

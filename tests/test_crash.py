@@ -164,7 +164,7 @@ def test_thousand_short_jobs_some_sigkilled_leave_no_mounts(world: World) -> Non
     print(f"{total} jobs ({killed} SIGKILLed) in {took:.1f}s")
     assert host_mounts() == before
     # No job namespace is left with our overlays either.
-    from ovlrun.inuse import snapshot_ids_in_use
+    from ovlrun.store.inuse import snapshot_ids_in_use
 
     assert snapshot_ids_in_use() == set()
 

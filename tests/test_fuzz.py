@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ovlrun.errors import OvlrunError
-from ovlrun.patterns import overlap
-from ovlrun.profile import Profile, parse_profile, validate
+from ovlrun.profile.parse import Profile, parse_profile, validate
+from ovlrun.profile.patterns import overlap
 from tests.conftest import World, requires_overlay, requires_root
 
 

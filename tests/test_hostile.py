@@ -176,7 +176,7 @@ def test_tampered_store_is_refused_at_launch(world: World) -> None:
 
 
 def test_store_path_in_use_check_ignores_unrelated_overlays(world: World) -> None:
-    from ovlrun.inuse import _layers
+    from ovlrun.store.inuse import _layers
 
     assert _layers("ro,lowerdir+=/s/snapshots/K/I/tree,datadir+=/sw/a\\054b,metacopy=on") == [
         "/s/snapshots/K/I/tree", "/sw/a,b"]

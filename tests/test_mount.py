@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from ovlrun.errors import OvlrunError
-from ovlrun.overlay import OverlaySpec, escape_layer, legacy_options
+from ovlrun.linux.overlay import OverlaySpec, escape_layer, legacy_options
 from tests.conftest import REPO, World, requires_overlay, requires_root
 
 CHILD = r"""
 import json, os, sys
-from ovlrun.kernel import Features
-from ovlrun.job import enter_private_namespace
-from ovlrun.overlay import OverlaySpec, mount_overlay
+from ovlrun.linux.kernel import Features
+from ovlrun.launch.execute import enter_private_namespace
+from ovlrun.linux.overlay import OverlaySpec, mount_overlay
 spec = OverlaySpec(**json.loads(sys.argv[1]))
 features = Features(overlay=True, new_mount_api=sys.argv[2] == "new", layer_append=sys.argv[2] == "new",
                     data_only_layers=sys.argv[3] == "data-only", redirect_max=256)

@@ -34,12 +34,12 @@ def test_second_launch_skips_profile_parsing(world: World) -> None:
     world.simple_profile()
     world.build()
     first = importtime_modules(world)
-    assert "tomllib" in first and "ovlrun.launch" in first
+    assert "tomllib" in first and "ovlrun.launch.planner" in first
     assert len(cache_files(world)) == 1
     (cache,) = cache_files(world)
     assert (os.stat(cache).st_mode & 0o777, os.stat(cache).st_uid) == (0o600, 0)
     second = importtime_modules(world)
-    assert "tomllib" not in second and "ovlrun.launch" not in second and "json" not in second
+    assert "tomllib" not in second and "ovlrun.launch.planner" not in second and "json" not in second
     assert world.job(f"cat {world.sw}/app/1.0/README").stdout == "app 1.0\n"
 
 

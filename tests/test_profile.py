@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from ovlrun.errors import OvlrunError
-from ovlrun.patterns import Pattern, overlap
-from ovlrun.profile import find_profile, parse_profile
+from ovlrun.profile.parse import find_profile, parse_profile
+from ovlrun.profile.patterns import Pattern, overlap
 from tests.conftest import World, requires_overlay, requires_root
 
 GOOD = '''

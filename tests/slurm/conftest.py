@@ -83,7 +83,7 @@ class Slurm:
 
     def wait_job_gone(self, job_id: str) -> None:
         """Wait until the Epilog is done with ``job_id`` (its record is removed last)."""
-        from ovlrun.jobns import JobRecord
+        from ovlrun.linux.namespaces import JobRecord
 
         poll(f"epilog of job {job_id}", lambda: not JobRecord.path_for(job_id).exists()
              and "JobState=COMPLETING" not in _scontrol_job(job_id), timeout=30)

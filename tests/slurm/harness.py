@@ -98,9 +98,9 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
 def make_world() -> World:
     """Fresh tree, profiles and snapshots; then files added to the shared tree that
     the snapshots must hide."""
-    from ovlrun.build import build_profile
-    from ovlrun.profile import load_profile
-    from ovlrun.store import Store
+    from ovlrun.profile.parse import load_profile
+    from ovlrun.store.build import build_profile
+    from ovlrun.store.index import Store
 
     user = ensure_user()
     if BASE.exists():
@@ -150,7 +150,7 @@ def parse(text: str) -> dict[str, str]:
 
 def mounts_under(path: Path) -> list[str]:
     """Mount points at or below ``path`` in the caller's (the host's) namespace."""
-    from ovlrun.jobns import mount_points
+    from ovlrun.linux.namespaces import mount_points
 
     prefix = str(path).rstrip("/") + "/"
     return [m for m in mount_points() if m == str(path) or m.startswith(prefix)]

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from ovlrun import jobns
-from ovlrun.jobns import JobRecord
-from ovlrun.slurm import requested_profile
+from ovlrun.hooks.slurm import requested_profile
+from ovlrun.linux import namespaces
+from ovlrun.linux.namespaces import JobRecord
 
 from .harness import BASE, REPO, UID, USER, World, mounts_under, parse
 
@@ -31,7 +31,7 @@ NODE = "testnode"
 
 
 def hook(name: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ovlrun.slurm", name], env=env, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "ovlrun.hooks.slurm", name], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -78,17 +78,17 @@ def slurm_env(world: World, job_id: str, comment: str, **extra: str) -> dict[str
 def pin_like_slurm(job_dir: Path) -> Path:
     """What job_container/tmpfs does before the Prolog (RunInJob) or CloneNSScript."""
     job_dir.mkdir(mode=0o700)
-    jobns.make_private_bind(job_dir)
+    namespaces.make_private_bind(job_dir)
     holder = job_dir / ".ns"
     holder.touch(mode=0o600)
-    jobns.create_pinned_namespace(holder, lambda: [])
+    namespaces.create_pinned_namespace(holder, lambda: [])
     return holder
 
 
 def release(job_dir: Path) -> None:
     """The plugin's own cleanup of its namespace."""
-    jobns.unpin(job_dir / ".ns")
-    jobns.remove_tree(job_dir)
+    namespaces.unpin(job_dir / ".ns")
+    namespaces.remove_tree(job_dir)
 
 
 def test_comment_parsing() -> None:
@@ -116,7 +116,7 @@ def test_run_in_job_prolog_joins_the_plugins_namespace(slurm_world: World, jc: t
         assert_localised(probe_in(holder, slurm_world), "1.0")
         # The epilog leaves the plugin's namespace to the plugin.
         assert hook("epilog", slurm_env(slurm_world, job_id, "")).returncode == 0
-        assert jobns.is_ns_holder(holder)
+        assert namespaces.is_ns_holder(holder)
         assert JobRecord.load(job_id) is None
     finally:
         release(job_dir)
@@ -164,7 +164,7 @@ def test_enter_without_job_container(slurm_world: World, job_id: str) -> None:
     record = JobRecord.load(job_id)
     assert record and record.ns_owned and record.ns_path
     holder = Path(record.ns_path)
-    assert jobns.is_ns_holder(holder)
+    assert namespaces.is_ns_holder(holder)
     try:
         r = _enter(job_id, UID, slurm_world)
         assert r.returncode == 0, r.stderr
@@ -179,7 +179,7 @@ def test_enter_without_job_container(slurm_world: World, job_id: str) -> None:
         assert hook("epilog", env).returncode == 0
     assert not holder.exists() and not holder.parent.exists()
     assert JobRecord.load(job_id) is None
-    assert mounts_under(jobns.rundir()) == []
+    assert mounts_under(namespaces.rundir()) == []
     r = _enter(job_id, UID, slurm_world)
     assert r.returncode == 125 and "no ovlrun namespace" in r.stderr
 
@@ -205,13 +205,13 @@ def test_prolog_failure_modes_exit_zero(slurm_world: World, jc: tuple[Path, Path
 def test_first_job_on_a_fresh_node_creates_the_run_directory(slurm_world: World, job_id: str) -> None:
     rundir = BASE / "fresh-run" / "jobs"
     if rundir.exists():
-        jobns.remove_tree(rundir.parent)
+        namespaces.remove_tree(rundir.parent)
     env = slurm_env(slurm_world, job_id, "ovl:slurmtest-a", OVLRUN_SLURM_JC_CONF="/nonexistent",
                     OVLRUN_JOB_RUNDIR=str(rundir))
     r = hook("prolog", env)
     assert r.returncode == 0, r.stderr
     assert "(create): 1 localised path(s)" in r.stderr
-    assert jobns.is_ns_holder(rundir / job_id / ".ns")
+    assert namespaces.is_ns_holder(rundir / job_id / ".ns")
     assert hook("epilog", env).returncode == 0
     assert not (rundir / job_id).exists() and mounts_under(rundir) == []
     assert not (rundir / f"{job_id}.json").exists()

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import os
 
-from ovlrun import syscalls
 from ovlrun.errors import OvlrunError
-from ovlrun.kernel import Features
+from ovlrun.linux import syscalls
+from ovlrun.linux.kernel import Features
 
 # fsconfig(2) string values are capped at 256 bytes (incl. NUL) by the overlay parameter
 # parser; longer layer paths are passed as O_PATH fds (FSCONFIG_SET_FD) instead.

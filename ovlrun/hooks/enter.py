@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 import sys
 
-from ovlrun import jobns, syscalls
-from ovlrun.callerenv import caller_environment, refuse_tainted_environment
 from ovlrun.errors import OvlrunError
-from ovlrun.jobns import JobRecord
-from ovlrun.privileges import Identity, sudo_caller
+from ovlrun.launch.caller import caller_environment, refuse_tainted_environment
+from ovlrun.linux import namespaces, syscalls
+from ovlrun.linux.namespaces import JobRecord
+from ovlrun.linux.privileges import Identity, sudo_caller
 
 USAGE = """\
 usage: sudo ovlrun enter JOBID [--] [CMD [ARG...]]
@@ -46,7 +46,7 @@ def authorised_record(job_id: str, caller: int | None) -> JobRecord:
         # Same message whether or not the job exists for someone else would be nicer,
         # but job ids and owners are public in Slurm anyway (squeue).
         raise OvlrunError(f"job {job_id} belongs to {record.user}; you can only enter your own jobs")
-    if not record.ns_path or not jobns.is_ns_holder(record.ns_path):
+    if not record.ns_path or not namespaces.is_ns_holder(record.ns_path):
         why = "; ".join(record.messages) or "its namespace is gone"
         raise OvlrunError(f"job {job_id} has no localised namespace: {why}")
     return record
@@ -54,7 +54,7 @@ def authorised_record(job_id: str, caller: int | None) -> JobRecord:
 
 def enter(job_id: str, command: list[str], environ: dict[str, str] | None = None) -> int:
     """Join job ``job_id``'s namespace, become its user and exec ``command``."""
-    from ovlrun.job import exec_command, shell_argv
+    from ovlrun.launch.execute import exec_command, shell_argv
 
     own_env = dict(os.environ if environ is None else environ)
     if os.geteuid() != 0:

@@ -2,7 +2,7 @@
 
 verify
     Re-walks each current snapshot's source with the builder's own walk, writing
-    nothing (:func:`ovlrun.build.walk_records`: one readdir per directory, one lstat per
+    nothing (:func:`ovlrun.store.build.walk_records`: one readdir per directory, one lstat per
     entry; a symlink whose lstat is unchanged is not readlink'ed again), walks the snapshot
     tree the same way (local: it carries each entry's recorded metadata, since the builder
     copied exactly the fingerprint inputs onto it) and compares the two record sets:
@@ -13,7 +13,7 @@ refresh
 gc
     Removes snapshots that are no longer current (a newer one replaced them, or a killed
     publish orphaned them) and current ones whose source is gone, never one a running
-    job has mounted (:mod:`ovlrun.inuse`), plus leftovers of killed builds and gcs.
+    job has mounted (:mod:`ovlrun.store.inuse`), plus leftovers of killed builds and gcs.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ovlrun.bounded import DEFAULT_TIMEOUT, run_bounded
-from ovlrun.build import Record, build_one, walk_records
 from ovlrun.errors import OvlrunError
-from ovlrun.inuse import snapshot_ids_in_use
-from ovlrun.profile import Profile
-from ovlrun.store import Snapshot, SnapshotMissing, Store
+from ovlrun.profile.parse import Profile
+from ovlrun.store.bounded import DEFAULT_TIMEOUT, run_bounded
+from ovlrun.store.build import Record, build_one, walk_records
+from ovlrun.store.index import Snapshot, SnapshotMissing, Store
+from ovlrun.store.inuse import snapshot_ids_in_use
 
 LISTED_MAX = 100  # names kept per category in a report (counts are always complete)
 DEFAULT_GRACE = 60.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ovlrun.store import store_path
+from ovlrun.store.index import store_path
 
 
 def _unescape(field: str) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 
-from ovlrun import syscalls
+from ovlrun.linux import syscalls
 
 REDIRECT_MAX_PARAM = "/sys/module/overlay/parameters/redirect_max"
 DEFAULT_REDIRECT_MAX = 256

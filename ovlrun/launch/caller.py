@@ -40,8 +40,8 @@ def refuse_tainted_environment(environ: dict[str, str]) -> None:
 
 def check_caller_request(environ: dict[str, str], profile_spec: str) -> None:
     """What a non-root (sudo) caller may not choose: stores and profile paths.  (Nor another
-    user: :func:`ovlrun.privileges.target_identity` enforces that for every caller.)"""
-    from ovlrun.profilepath import is_path_spec
+    user: :func:`ovlrun.linux.privileges.target_identity` enforces that for every caller.)"""
+    from ovlrun.profile.locate import is_path_spec
 
     for key in CALLER_ONLY_SETTINGS:
         if key in environ:

@@ -19,7 +19,7 @@ import marshal
 import os
 import stat
 
-from ovlrun.storelayout import INDEX
+from ovlrun.store.layout import INDEX
 
 FORMAT = 1
 

@@ -6,8 +6,8 @@ for it; every other launch pays nothing.
 
 from __future__ import annotations
 
-from ovlrun import syscalls
 from ovlrun.errors import OvlrunError
+from ovlrun.linux import syscalls
 
 
 def isolate_network() -> None:

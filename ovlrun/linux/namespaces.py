@@ -27,8 +27,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ovlrun import syscalls
 from ovlrun.errors import OvlrunError
+from ovlrun.linux import syscalls
 
 NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3), <linux/nsfs.h>
 DEFAULT_RUNDIR = "/run/ovlrun/jobs"

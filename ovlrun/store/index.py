@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ovlrun.errors import OvlrunError
-from ovlrun.storelayout import store_dir
+from ovlrun.store.layout import store_dir
 
 FORMAT = 1
 

@@ -87,14 +87,14 @@ def launch(argv: list[str]) -> int:
         raise OvlrunError("ovlrun must run as root: use 'sudo ovlrun ...', a scheduler prolog, or a root shell")
     # Everything the job path needs is imported here, as root, before the drop: after it
     # the interpreter's own directories may be unreadable to the user.  Only light
-    # modules: the planner (ovlrun.launch: tomllib, json, ...) is imported on a plan-cache
+    # modules: the planner (ovlrun.launch.planner: tomllib, json, ...) is imported on a plan-cache
     # miss only.
-    from ovlrun import job
-    from ovlrun.callerenv import caller_environment, check_caller_request, refuse_tainted_environment
-    from ovlrun.jobplan import load_cached
-    from ovlrun.privileges import sudo_caller, target_identity
-    from ovlrun.profilepath import locate_profile
-    from ovlrun.storelayout import store_dir
+    from ovlrun.launch import execute
+    from ovlrun.launch.caller import caller_environment, check_caller_request, refuse_tainted_environment
+    from ovlrun.launch.plan import load_cached
+    from ovlrun.linux.privileges import sudo_caller, target_identity
+    from ovlrun.profile.locate import locate_profile
+    from ovlrun.store.layout import store_dir
 
     own_env = dict(os.environ)
     job_env = own_env
@@ -104,7 +104,7 @@ def launch(argv: list[str]) -> int:
         check_caller_request(own_env, profile_spec)
         from_sudo = caller_environment(caller)
         if from_sudo is None:
-            job.warn_stderr("could not read your environment from the calling sudo process; "
+            execute.warn_stderr("could not read your environment from the calling sudo process; "
                             "the job gets the environment sudo gave ovlrun")
         else:
             job_env = from_sudo
@@ -112,11 +112,11 @@ def launch(argv: list[str]) -> int:
     store = store_dir(own_env)
     plan = load_cached(profile_file, store)
     if plan is None:
-        from ovlrun.launch import plan_job
+        from ovlrun.launch.planner import plan_job
 
         plan = plan_job(profile_file, store)
     identity = target_identity(user, own_env)
-    return job.run(plan, command, store=store, identity=identity, strict=strict, environ=job_env)
+    return execute.run(plan, command, store=store, identity=identity, strict=strict, environ=job_env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,14 +126,14 @@ def main(argv: list[str] | None = None) -> int:
             # Slurm hooks and `enter` parse their own argv: no typer import in a Prolog,
             # and `enter JOBID -- CMD...` passes CMD's options through untouched.
             if args[0] == "slurm":
-                from ovlrun.slurm import main as slurm_main
+                from ovlrun.hooks.slurm import main as slurm_main
 
                 return slurm_main(args[1:])
-            from ovlrun.enter import main as enter_main
+            from ovlrun.hooks.enter import main as enter_main
 
             return enter_main(args[1:])
         if args and (args[0] in SUBCOMMANDS or args[0] in HELP_FLAGS):
-            from ovlrun.commands import run_typer
+            from ovlrun.cli.admin import run_typer
 
             return run_typer(args)
         return launch(args)

@@ -1,7 +1,7 @@
 """Where the snapshot store is and whether a snapshot in it may be trusted.
 
 Light on imports (os and stat only): a launch with a cached mount plan checks every
-snapshot it mounts through here without loading :mod:`ovlrun.store`.
+snapshot it mounts through here without loading :mod:`ovlrun.store.index`.
 """
 
 from __future__ import annotations

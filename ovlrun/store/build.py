@@ -32,12 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ovlrun.bounded import DEFAULT_TIMEOUT, run_bounded
 from ovlrun.errors import OvlrunError
-from ovlrun.kernel import redirect_max
-from ovlrun.patterns import Pattern, is_glob
-from ovlrun.profile import Profile, Tree, check_within_root
-from ovlrun.store import Manifest, Snapshot, Store, new_snapshot_id
+from ovlrun.linux.kernel import redirect_max
+from ovlrun.profile.parse import Profile, Tree, check_within_root
+from ovlrun.profile.patterns import Pattern, is_glob
+from ovlrun.store.bounded import DEFAULT_TIMEOUT, run_bounded
+from ovlrun.store.index import Manifest, Snapshot, Store, new_snapshot_id
 
 XATTR_OPAQUE = "trusted.overlay.opaque"
 XATTR_METACOPY = "trusted.overlay.metacopy"
@@ -273,7 +273,7 @@ def build_one(store: Store, path: str, source: str, *, rebuild: bool = False,
               timeout: float = DEFAULT_TIMEOUT, root: str = "") -> BuildResult:
     """Build (or confirm) the snapshot serving ``path``, whose real path is ``source``.
 
-    The walk runs in a bounded worker (:mod:`ovlrun.bounded`): a stalled source fails this
+    The walk runs in a bounded worker (:mod:`ovlrun.store.bounded`): a stalled source fails this
     snapshot after ``timeout`` seconds instead of hanging the builder.
     """
     store.ensure()

@@ -1,7 +1,7 @@
 """Where profiles are found, and whether one may be trusted: no parsing here.
 
 Kept free of heavy imports (no pathlib, re, typing, tomllib) because a launch whose
-mount plan is cached (:mod:`ovlrun.jobplan`) needs to locate and trust-check the profile
+mount plan is cached (:mod:`ovlrun.launch.plan`) needs to locate and trust-check the profile
 file without parsing it.
 """
 
@@ -12,7 +12,9 @@ import os
 from ovlrun.errors import OvlrunError
 
 DEFAULT_PROFILE_DIRS = ("/etc/ovlrun/profiles",)
-BUNDLED_PROFILE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "profiles")
+# ovlrun/profile/locate.py -> the checkout (or site-packages) holding ovlrun/ and profiles/
+BUNDLED_PROFILE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                   "profiles")
 _NAME_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
 _NAME_REST = _NAME_FIRST | frozenset(".+-")
 

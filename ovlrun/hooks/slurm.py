@@ -34,17 +34,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ovlrun import jobns, syscalls
 from ovlrun.errors import OvlrunError
-from ovlrun.jobns import JobRecord
-from ovlrun.profile import Profile, load_profile
-from ovlrun.store import Store
+from ovlrun.linux import namespaces, syscalls
+from ovlrun.linux.namespaces import JobRecord
+from ovlrun.profile.parse import Profile, load_profile
+from ovlrun.store.index import Store
 
 COMMENT_PREFIX = "ovl:"
 DEFAULT_JC_CONF = "/etc/slurm/job_container.conf"
 DEFAULT_LOG = "/var/log/ovlrun/slurm.log"
 # Profile names from a job comment: a name, never a path (a user must not make root
-# mount a profile file of their own).  Same alphabet as ovlrun.profile's names.
+# mount a profile file of their own).  Same alphabet as ovlrun.profile.parse's names.
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 
 
@@ -194,7 +194,7 @@ def _mount_overlays(profile: Profile, store: Store) -> list[str]:
     """Inside the job's namespace: mount the profile, return notes for the record."""
     # Imported here: launch pulls in the privilege code (python-prctl), which a
     # Prolog that finds nothing to mount never needs.
-    from ovlrun.launch import mount_profile
+    from ovlrun.launch.planner import mount_profile
 
     notes: list[str] = []
     localised = mount_profile(profile, store, strict=False, warn=notes.append)
@@ -268,10 +268,10 @@ def _prolog(job: SlurmJob, name: str, env: Mapping[str, str], log: HookLog) -> i
     job_dir = jc.job_dir(job.node, job.job_id, layout) if jc else None
     holder = job_dir / ".ns" if job_dir else None
 
-    if holder is not None and jobns.is_ns_holder(holder):
+    if holder is not None and namespaces.is_ns_holder(holder):
         # RunInJob (24.05+): the plugin's namespace exists; mount into it.
         mode = "join"
-        notes = _guarded(lambda: jobns.run_in_namespace(holder, lambda: _mount_overlays(profile, store)),
+        notes = _guarded(lambda: namespaces.run_in_namespace(holder, lambda: _mount_overlays(profile, store)),
                          job, name, log)
         record.ns_path = str(holder)
     elif jc is not None and jc.clone_ns_script:
@@ -284,8 +284,8 @@ def _prolog(job: SlurmJob, name: str, env: Mapping[str, str], log: HookLog) -> i
         if job_dir is not None:
             directory = job_dir
         else:
-            jobns.rundir().mkdir(mode=0o755, parents=True, exist_ok=True)
-            directory = jobns.rundir() / job.job_id
+            namespaces.rundir().mkdir(mode=0o755, parents=True, exist_ok=True)
+            directory = namespaces.rundir() / job.job_id
         notes = _create(directory, _setup_dirs(job, jc, directory), profile, store, job, name, log)
         if notes is not None:
             record.ns_path, record.ns_owned = str(directory / ".ns"), True
@@ -332,14 +332,14 @@ def _create(directory: Path, setup_dirs: Callable[[], None], profile: Profile, s
         return _mount_overlays(profile, store)
 
     try:
-        jobns.make_private_bind(directory)
+        namespaces.make_private_bind(directory)
         holder = directory / ".ns"
         holder.touch(mode=0o600)
-        return jobns.create_pinned_namespace(holder, setup)
+        return namespaces.create_pinned_namespace(holder, setup)
     except (OvlrunError, OSError) as e:
         # Undo everything, so job_container/tmpfs sets the job up as if we had never
         # been here: the job still runs, with Slurm's own private /tmp.
-        jobns.remove_tree(directory)
+        namespaces.remove_tree(directory)
         _record_unlocalised(job, name, f"cannot prepare the job's namespace: {e}", log)
         return None
 
@@ -383,8 +383,8 @@ def epilog(env: Mapping[str, str] | None = None) -> int:
     if record is not None and record.ns_owned and record.ns_path:
         directory = Path(record.ns_path).parent
         try:
-            jobns.unpin(Path(record.ns_path))
-            jobns.remove_tree(directory)
+            namespaces.unpin(Path(record.ns_path))
+            namespaces.remove_tree(directory)
         except OSError as e:
             log("error", f"cleaning {directory}: {e}")
         if directory.exists():
@@ -417,7 +417,7 @@ def clone_ns_script(env: Mapping[str, str] | None = None) -> int:
     except OvlrunError as e:
         _record_unlocalised(job, record.profile, str(e), log)
         return 0
-    notes = _guarded(lambda: jobns.run_in_namespace(ns, lambda: _mount_overlays(profile, store)),
+    notes = _guarded(lambda: namespaces.run_in_namespace(ns, lambda: _mount_overlays(profile, store)),
                      job, record.profile, log)
     if notes is not None:
         record.ns_path = ns
@@ -448,7 +448,7 @@ Hooks exit 0 on a user's mistake (the job runs unlocalised; the log says why).""
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``ovlrun slurm HOOK`` / ``python -m ovlrun.slurm HOOK``."""
+    """``ovlrun slurm HOOK`` / ``python -m ovlrun.hooks.slurm HOOK``."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 1 and args[0] in ("-h", "--help"):
         print(USAGE)

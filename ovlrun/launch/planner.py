@@ -1,8 +1,8 @@
 """Planning a launch: from a profile and the store's index to a :class:`JobPlan`.
 
 This is the heavy half of a launch (tomllib, json, pattern matching) and reads only the
-local store, never the shared tree.  :mod:`ovlrun.job` executes the plan;
-:mod:`ovlrun.jobplan` caches it so that most launches never import this module.
+local store, never the shared tree.  :mod:`ovlrun.launch.execute` executes the plan;
+:mod:`ovlrun.launch.plan` caches it so that most launches never import this module.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ovlrun import job
-from ovlrun.jobplan import CacheKeys, JobPlan, MountItem, save_cached
-from ovlrun.profile import Profile, parse_profile
-from ovlrun.store import SnapshotMissing, Store
+from ovlrun.launch import execute
+from ovlrun.launch.plan import CacheKeys, JobPlan, MountItem, save_cached
+from ovlrun.profile.parse import Profile, parse_profile
+from ovlrun.store.index import SnapshotMissing, Store
 
 Warn = Callable[[str], None]
 
@@ -55,6 +55,6 @@ def plan_job(profile_file: str, store: str) -> JobPlan:
 def mount_profile(profile: Profile, store: Store, *, strict: bool, warn: Warn) -> list[MountItem]:
     """Plan and mount the profile's overlays in the current (already private) namespace."""
     job_plan = plan(profile, store)
-    job.report_missing(job_plan, strict=strict, warn=warn)
-    return job.mount_items(job_plan.items, str(store.path), strict=strict, warn=warn,
+    execute.report_missing(job_plan, strict=strict, warn=warn)
+    return execute.mount_items(job_plan.items, str(store.path), strict=strict, warn=warn,
                            missing_root=profile.missing_root)

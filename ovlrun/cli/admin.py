@@ -8,11 +8,10 @@ import sys
 import time
 from typing import Annotated, Any
 
-import click
 import typer
 
 from ovlrun import __version__
-from ovlrun.errors import EXIT_OVLRUN, OvlrunError
+from ovlrun.errors import OvlrunError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ovlrun administration.",
                   context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,9 +44,9 @@ def snapshot_build(profile: ProfileOpt,
     Sources that already have a snapshot are left alone (releases are immutable); use
     --rebuild to re-walk them.  Exits 1 if any source failed.
     """
-    from ovlrun.build import build_profile
-    from ovlrun.profile import load_profile
-    from ovlrun.store import Store
+    from ovlrun.profile.parse import load_profile
+    from ovlrun.store.build import build_profile
+    from ovlrun.store.index import Store
 
     _require_root("snapshot build")
     results = build_profile(load_profile(profile), Store.open(), rebuild=rebuild, timeout=timeout)
@@ -59,7 +58,7 @@ def snapshot_build(profile: ProfileOpt,
 @snapshot_app.command("list")
 def snapshot_list(as_json: JsonOpt = False) -> None:
     """List the snapshots in the store and which path each serves."""
-    from ovlrun.store import Store
+    from ovlrun.store.index import Store
 
     _require_root("snapshot list", "snapshot directories are readable by root only")
     store = Store.open()
@@ -90,7 +89,7 @@ def snapshot_list(as_json: JsonOpt = False) -> None:
 
 
 def _selected_profile(profile: str | None, all_: bool) -> Any:
-    from ovlrun.profile import load_profile
+    from ovlrun.profile.parse import load_profile
 
     if (profile is None) == (not all_):
         raise OvlrunError("give either --profile NAME or --all")
@@ -104,8 +103,8 @@ def snapshot_verify(profile: SelectProfileOpt = None, all_: AllOpt = False, as_j
     whose metadata changed, new entries.  Exits 0 if all are clean, 1 otherwise.
 
     Costs the server one readdir per directory and one getattr per entry."""
-    from ovlrun.lifecycle import verify
-    from ovlrun.store import Store
+    from ovlrun.store.index import Store
+    from ovlrun.store.lifecycle import verify
 
     drifts = verify(Store.open(), _selected_profile(profile, all_), timeout=timeout)
     if as_json:
@@ -133,8 +132,8 @@ def snapshot_verify(profile: SelectProfileOpt = None, all_: AllOpt = False, as_j
 def snapshot_refresh(profile: SelectProfileOpt = None, all_: AllOpt = False, timeout: TimeoutOpt = 300.0) -> None:
     """Rebuild the snapshots whose source changed (as verify reports) and publish them
     atomically; running jobs keep the snapshot they mounted.  Exits 1 if any failed."""
-    from ovlrun.lifecycle import refresh
-    from ovlrun.store import Store
+    from ovlrun.store.index import Store
+    from ovlrun.store.lifecycle import refresh
 
     _require_root("snapshot refresh")
     results = refresh(Store.open(), _selected_profile(profile, all_), timeout=timeout)
@@ -155,8 +154,8 @@ def snapshot_gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only li
                 as_json: JsonOpt = False, timeout: TimeoutOpt = 300.0) -> None:
     """Remove snapshots a newer one replaced and those whose source is gone, never one a
     running job uses; clean up leftovers of killed builds."""
-    from ovlrun.lifecycle import gc
-    from ovlrun.store import Store
+    from ovlrun.store.index import Store
+    from ovlrun.store.lifecycle import gc
 
     if not dry_run:
         _require_root("snapshot gc")
@@ -176,8 +175,8 @@ def snapshot_gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only li
 @profile_app.command("check")
 def profile_check(name: Annotated[str, typer.Argument(help="Profile name or path.")]) -> None:
     """Validate a profile (the submit-time check); prints what it would localise."""
-    from ovlrun.profile import load_profile
-    from ovlrun.store import Store
+    from ovlrun.profile.parse import load_profile
+    from ovlrun.store.index import Store
 
     profile = load_profile(name)
     index = Store.open().read_index()
@@ -191,7 +190,7 @@ def profile_check(name: Annotated[str, typer.Argument(help="Profile name or path
 @app.command("doctor")
 def doctor(as_json: JsonOpt = False) -> None:
     """Report what the running kernel supports and how ovlrun will mount."""
-    from ovlrun.kernel import probe
+    from ovlrun.linux.kernel import probe
 
     f = probe()
     info = {"kernel": os.uname().release, "overlay": f.overlay, "new_mount_api": f.new_mount_api,
@@ -211,7 +210,7 @@ def doctor(as_json: JsonOpt = False) -> None:
 @app.command("status")
 def status(as_json: JsonOpt = False) -> None:
     """Inside a job: the profile and each localised path with its snapshot."""
-    from ovlrun.jobstatus import job_status
+    from ovlrun.linux.mountinfo import job_status
 
     info = job_status()
     if as_json:
@@ -227,7 +226,7 @@ def status(as_json: JsonOpt = False) -> None:
 
 def run_typer(args: list[str]) -> int:
     if args and args[0] in ("-h", "--help"):
-        from ovlrun.cli import LAUNCH_HELP
+        from ovlrun.cli.main import LAUNCH_HELP
 
         print("Usage: ovlrun --profile NAME [--user USER] [--strict] [--] [CMD [ARGS...]]\n"
               "       ovlrun COMMAND [ARGS...]\n")
@@ -239,14 +238,11 @@ def run_typer(args: list[str]) -> int:
     if args and args[0] == "--version":
         print(f"ovlrun {__version__}")
         return 0
+    # standalone mode: typer reports its own usage errors (exit 2) and --help (exit 0)
+    # through SystemExit.  Catching click's exception classes instead would need the
+    # click that typer uses, which typer >= 0.26 vendors privately: never import click.
     try:
-        result = app(args=args, prog_name="ovlrun", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        return int(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        return EXIT_OVLRUN
-    except click.exceptions.Abort:
-        return EXIT_OVLRUN
+        result = app(args=args, prog_name="ovlrun", standalone_mode=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     return result if isinstance(result, int) else 0
-

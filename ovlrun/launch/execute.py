@@ -1,7 +1,7 @@
 """Running a job from its plan: private mount namespace, overlays, drop, exec.
 
-Plan first, then execute (mkosi style): the plan (:mod:`ovlrun.jobplan`, made by
-:mod:`ovlrun.launch` or taken from its cache) names every overlay; only here does
+Plan first, then execute (mkosi style): the plan (:mod:`ovlrun.launch.plan`, made by
+:mod:`ovlrun.launch.planner` or taken from its cache) names every overlay; only here does
 anything change, inside a namespace that dies with the job, so nothing can be left
 mounted on the host.  This module is on every launch's path and imports nothing heavy.
 """
@@ -11,18 +11,18 @@ from __future__ import annotations
 import os
 import sys
 
-from ovlrun import syscalls
 from ovlrun.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, OvlrunError
-from ovlrun.kernel import Features, probe
-from ovlrun.overlay import OverlaySpec, SourceMissing, mount_overlay
-from ovlrun.privileges import Identity, drop_to
-from ovlrun.storelayout import check_snapshot_trusted
+from ovlrun.linux import syscalls
+from ovlrun.linux.kernel import Features, probe
+from ovlrun.linux.overlay import OverlaySpec, SourceMissing, mount_overlay
+from ovlrun.linux.privileges import Identity, drop_to
+from ovlrun.store.layout import check_snapshot_trusted
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ovlrun.jobplan import JobPlan, MountItem
+    from ovlrun.launch.plan import JobPlan, MountItem
 
     Warn = Callable[[str], None]
 
@@ -219,7 +219,7 @@ def run(plan: JobPlan, command: list[str], *, store: str, identity: Identity | N
     enter_private_namespace()
     mount_items(plan.items, store, strict=strict, warn=warn_stderr, missing_root=plan.missing_root)
     if plan.network == "none":
-        from ovlrun.network import isolate_network  # pyroute2 is slow to import: only here
+        from ovlrun.linux.network import isolate_network  # pyroute2 is slow to import: only here
 
         isolate_network()
     # Re-enter the working directory by path: if it lies in a localised subtree the job's

@@ -23,9 +23,9 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import NamedTuple
 
-from ovlrun import profilepath
 from ovlrun.errors import OvlrunError
-from ovlrun.patterns import Pattern, PatternError, overlap
+from ovlrun.profile import locate
+from ovlrun.profile.patterns import Pattern, PatternError, overlap
 
 NETWORK_MODES = ("host", "none")
 MISSING_ROOT_MODES = ("fail", "unlocalised")
@@ -57,9 +57,9 @@ class Profile(NamedTuple):
 
 
 def find_profile(spec: str, dirs: list[Path] | None = None, *, trusted_only: bool = False) -> Path:
-    """Map ``--profile`` to a file (see :func:`ovlrun.profilepath.locate_profile`)."""
+    """Map ``--profile`` to a file (see :func:`ovlrun.locate.locate_profile`)."""
     search = None if dirs is None else [str(d) for d in dirs]
-    return Path(profilepath.locate_profile(spec, search, trusted_only=trusted_only))
+    return Path(locate.locate_profile(spec, search, trusted_only=trusted_only))
 
 
 def load_profile(spec: str, dirs: list[Path] | None = None, *, trusted_only: bool = False) -> Profile:
