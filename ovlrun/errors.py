@@ -25,3 +25,8 @@ class OvlrunError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def __reduce__(self) -> tuple[type[OvlrunError], tuple[str, int]]:
+        # Crosses process boundaries (the bounded walk worker) with its class and status;
+        # every subclass takes (message, status).
+        return (type(self), (self.message, self.status))

@@ -181,10 +181,8 @@ def profile_check(name: Annotated[str, typer.Argument(help="Profile name or path
     profile = load_profile(name)
     index = Store.open().read_index()
     print(f"{profile.name}: {profile.file} OK ({profile.description or 'no description'})")
-    for tree in profile.trees:
-        for pattern in tree.patterns:
-            built = tree.matches_in(pattern, index)
-            print(f"  {tree.path_of(pattern.text)}: {len(built)} snapshot(s) built")
+    for tree, pattern, built in profile.select(index):
+        print(f"  {tree.path_of(pattern.text)}: {len(built)} snapshot(s) built")
 
 
 @app.command("doctor")
@@ -210,8 +208,6 @@ def doctor(as_json: JsonOpt = False) -> None:
 @app.command("status")
 def status(as_json: JsonOpt = False) -> None:
     """Inside a job: the profile and each localised path with its snapshot."""
-    from ovlrun.linux.mountinfo import job_status
-
     info = job_status()
     if as_json:
         print(json.dumps(info, indent=1))
@@ -224,9 +220,31 @@ def status(as_json: JsonOpt = False) -> None:
         print(f"  {m['path']}  <- {m['snapshot']}  ({m['mode']})")
 
 
+def job_status() -> dict[str, Any]:
+    """What this process's mount namespace localises, read back from the kernel.
+
+    The mount table is the truth (not what the launcher meant to do): every overlay one
+    of whose layers is a snapshot tree is a localised path.
+    """
+    from ovlrun.linux import mountinfo
+    from ovlrun.store.layout import snapshot_of_layer
+
+    localised = []
+    for m in mountinfo.read():
+        if m.fstype != "overlay":
+            continue
+        for layer in mountinfo.overlay_layers(m.super_options):
+            if snapshot_of_layer(layer) is not None:
+                data_only = "datadir+" in m.super_options or "::" in m.super_options
+                mode = "data-only" if data_only else "fallback (shared tree as regular lower layer)"
+                localised.append({"path": m.point, "snapshot": os.path.dirname(layer.rstrip("/")), "mode": mode})
+                break
+    return {"profile": os.environ.get("OVLRUN_PROFILE", ""), "localised": localised}
+
+
 def run_typer(args: list[str]) -> int:
     if args and args[0] in ("-h", "--help"):
-        from ovlrun.cli.main import LAUNCH_HELP
+        from ovlrun.cli.launch import LAUNCH_HELP
 
         print("Usage: ovlrun --profile NAME [--user USER] [--strict] [--] [CMD [ARGS...]]\n"
               "       ovlrun COMMAND [ARGS...]\n")

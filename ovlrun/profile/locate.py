@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from ovlrun.errors import OvlrunError
+from ovlrun.linux.files import NOT_WRITABLE, trust_problem
 
 DEFAULT_PROFILE_DIRS = ("/etc/ovlrun/profiles",)
 # ovlrun/profile/locate.py -> the checkout (or site-packages) holding ovlrun/ and profiles/
@@ -38,9 +39,10 @@ def is_path_spec(spec: str) -> bool:
 def check_trusted_profile(path: str) -> None:
     """A profile a sudo caller gets must be one only root could have written."""
     for p in (os.path.dirname(path) or ".", path):
-        st = os.stat(p)
-        if st.st_uid != 0 or st.st_mode & 0o022:
-            raise OvlrunError(f"refusing profile {path}: {p} must be owned by root and not group/other-writable")
+        problem = trust_problem(os.stat(p), NOT_WRITABLE)
+        if problem:
+            raise OvlrunError(f"refusing profile {path}: {p} must be owned by root and not group/other-writable "
+                              f"({problem})")
 
 
 def locate_profile(spec: str, dirs: list[str] | None = None, *, trusted_only: bool = False) -> str:
