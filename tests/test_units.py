@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from ovlrun.cli.launch import parse_launch
+from ovlrun.cli.launch import LaunchArgs, parse_launch
 from ovlrun.errors import OvlrunError
 from ovlrun.linux import mountinfo
 from ovlrun.linux.files import NOT_WRITABLE, PRIVATE, is_temporary_of, temporary_name, trust_problem
@@ -58,12 +58,12 @@ def test_snapshot_of_layer() -> None:
 
 
 @pytest.mark.parametrize(("argv", "parsed"), [
-    (["--profile", "p", "--", "ls", "-l"], ("p", None, False, ["ls", "-l"])),
-    (["-p", "p", "ls", "--profile", "x"], ("p", None, False, ["ls", "--profile", "x"])),
-    (["--profile=p", "--strict", "-u", "bob"], ("p", "bob", True, [])),
-    (["--user=bob", "-p", "p", "-", "x"], ("p", "bob", False, ["-", "x"])),
+    (["--profile", "p", "--", "ls", "-l"], LaunchArgs("p", None, False, False, ["ls", "-l"])),
+    (["-p", "p", "ls", "--profile", "x"], LaunchArgs("p", None, False, False, ["ls", "--profile", "x"])),
+    (["--profile=p", "--strict", "-u", "bob"], LaunchArgs("p", "bob", True, False, [])),
+    (["--user=bob", "-p", "p", "--login", "-", "x"], LaunchArgs("p", "bob", False, True, ["-", "x"])),
 ])
-def test_parse_launch(argv: list[str], parsed: tuple[object, ...]) -> None:
+def test_parse_launch(argv: list[str], parsed: LaunchArgs) -> None:
     assert parse_launch(argv) == parsed
 
 
@@ -74,8 +74,9 @@ def test_parse_launch(argv: list[str], parsed: tuple[object, ...]) -> None:
     (["ls"], "missing --profile"),
 ])
 def test_parse_launch_errors(argv: list[str], message: str) -> None:
-    with pytest.raises(OvlrunError, match=message):
+    with pytest.raises(OvlrunError, match=message) as info:
         parse_launch(argv)
+    assert info.value.status == 125  # env(1)'s status for its own usage errors
 
 
 def test_trust_problem_masks(tmp_path: os.PathLike[str]) -> None:

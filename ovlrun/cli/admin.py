@@ -1,4 +1,9 @@
-"""Administrative subcommands (typer): snapshot, profile, doctor, status."""
+"""Every subcommand but the launch, with typer: snapshot, profile, doctor, status, and
+(from :mod:`ovlrun.cli.hooks`) slurm and enter.
+
+typer through its public API only: typer >= 0.26 vendors its own click, so importing
+click would find another copy (or none).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ from typing import Annotated, Any
 import typer
 
 from ovlrun import __version__
-from ovlrun.errors import OvlrunError
+from ovlrun.cli.hooks import register as register_hooks
+from ovlrun.errors import EXIT_OVLRUN, EXIT_USAGE, OvlrunError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ovlrun administration.",
                   context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,9 +25,10 @@ snapshot_app = typer.Typer(no_args_is_help=True, help="Build and inspect metadat
 profile_app = typer.Typer(no_args_is_help=True, help="Inspect profiles.")
 app.add_typer(snapshot_app, name="snapshot")
 app.add_typer(profile_app, name="profile")
+register_hooks(app)
 
 ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="Profile name (searched in OVLRUN_PROFILE_PATH, "
-                                         "/etc/ovlrun/profiles, bundled profiles/) or path to a .toml file.")]
+                                         "else /etc/ovlrun/profiles) or path to a .toml file.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the shared tree per source "
                                            "before giving up on it (a stalled server).")]
@@ -242,25 +249,47 @@ def job_status() -> dict[str, Any]:
     return {"profile": os.environ.get("OVLRUN_PROFILE", ""), "localised": localised}
 
 
+def _usage_error(e: Exception) -> int | None:
+    """Report typer's usage error ``e`` in one line; None if ``e`` is not one.
+
+    typer raises its (vendored) click's ``ClickException`` subclasses for bad usage; they
+    are recognised by click's documented interface (``exit_code``, ``format_message``,
+    ``ctx``) rather than by class, which would mean importing click.
+    """
+    exit_code = getattr(e, "exit_code", None)
+    format_message = getattr(e, "format_message", None)
+    if not isinstance(exit_code, int) or not callable(format_message):
+        return None
+    if type(e).__name__ == "NoArgsIsHelpError":  # help was printed already
+        return EXIT_USAGE
+    ctx = getattr(e, "ctx", None)
+    where = getattr(ctx, "command_path", "ovlrun")
+    print(f"{where}: {format_message()} (see '{where} --help')", file=sys.stderr)
+    return exit_code
+
+
 def run_typer(args: list[str]) -> int:
+    """Run a subcommand: its own status, 0 for --help, 2 for bad usage (one line)."""
     if args and args[0] in ("-h", "--help"):
         from ovlrun.cli.launch import LAUNCH_HELP
 
-        print("Usage: ovlrun --profile NAME [--user USER] [--strict] [--] [CMD [ARGS...]]\n"
+        print("Usage: ovlrun --profile NAME [--user USER] [--strict] [--login] [--] [CMD [ARGS...]]\n"
               "       ovlrun COMMAND [ARGS...]\n")
         print(LAUNCH_HELP)
-        print("Options:\n  -p, --profile NAME  profile name or path to a .toml file\n"
-              "  -u, --user USER     run as USER (root callers only, e.g. prologs)\n"
-              "  --strict            fail if a localised path has no snapshot\n")
         return 0
     if args and args[0] == "--version":
         print(f"ovlrun {__version__}")
         return 0
-    # standalone mode: typer reports its own usage errors (exit 2) and --help (exit 0)
-    # through SystemExit.  Catching click's exception classes instead would need the
-    # click that typer uses, which typer >= 0.26 vendors privately: never import click.
     try:
-        result = app(args=args, prog_name="ovlrun", standalone_mode=True)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        result = app(args=args, prog_name="ovlrun", standalone_mode=False)
+    except (typer.Exit, typer.Abort) as e:
+        return getattr(e, "exit_code", 1)
+    except OvlrunError:
+        raise
+    except Exception as e:
+        code = _usage_error(e)
+        if code is None:
+            raise
+        # `enter` is a wrapper like the launch and env(1): its own failures are 125.
+        return EXIT_OVLRUN if args[0] == "enter" else code
     return result if isinstance(result, int) else 0

@@ -16,20 +16,33 @@ import sys
 
 from ovlrun.errors import EXIT_OVLRUN, OvlrunError
 
-ADMIN_COMMANDS = ("snapshot", "doctor", "profile", "status")
+SUBCOMMANDS = ("snapshot", "doctor", "profile", "status", "slurm", "enter")
 HELP_FLAGS = ("-h", "--help", "--version")
+# What a sudo caller may run as root: a job, and entering their own job.
+SUDO_ALLOWED = ("enter",)
+
+
+def sudo_gate(args: list[str]) -> None:
+    """Refuse every subcommand but ``enter`` to a non-root caller who came through sudo.
+
+    They need no root (``profile check``, ``status``: run them without sudo), or are the
+    administrator's alone (``snapshot``: root writing what every job trusts; ``doctor``;
+    ``slurm``: slurmd's).  The shipped sudoers drop-in allows only launches and ``enter``
+    too; this is the first line of defence, sudoers the second.
+    """
+    import os
+
+    if not os.environ.get("SUDO_UID", "0").strip("0") or not args or args[0] in SUDO_ALLOWED:
+        return
+    if args[0] in SUBCOMMANDS:
+        raise OvlrunError(f"'ovlrun {args[0]}' is not available through sudo: "
+                          + ("run it without sudo, as yourself" if args[0] in ("profile", "status")
+                             else "it is for the administrator (root) only"))
 
 
 def dispatch(args: list[str]) -> int:
-    if args and args[0] == "slurm":
-        from ovlrun.cli.hooks import slurm_main
-
-        return slurm_main(args[1:])
-    if args and args[0] == "enter":
-        from ovlrun.cli.hooks import enter_main
-
-        return enter_main(args[1:])
-    if args and (args[0] in ADMIN_COMMANDS or args[0] in HELP_FLAGS):
+    sudo_gate(args)
+    if args and (args[0] in SUBCOMMANDS or args[0] in HELP_FLAGS):
         from ovlrun.cli.admin import run_typer
 
         return run_typer(args)
@@ -48,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
+        # The reader went away (``ovlrun snapshot list | head``): point stdout at
+        # /dev/null so the interpreter's final flush does not complain again.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OVLRUN
 
 

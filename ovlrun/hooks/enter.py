@@ -65,4 +65,4 @@ def enter(job_id: str, command: list[str], environ: dict[str, str] | None = None
     env["OVLRUN_PROFILE"] = record.profile or ""
     env["OVLRUN_JOB_ID"] = job_id
     # setns() moved us to the namespace's root: exec_job re-enters the working directory.
-    return exec_job(command, env, identity, cwd)
+    return exec_job(command, env, identity, cwd, env_shell=caller is not None)

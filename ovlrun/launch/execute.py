@@ -58,10 +58,15 @@ def exec_command(argv: list[str], environ: dict[str, str], identity: Identity | 
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def shell_argv(identity: Identity | None) -> list[str]:
-    """The user's login shell, from the password database, started as a login shell."""
-    shell = identity.shell if identity else Identity.of_uid(0).shell
-    return [shell, "-l"]
+def shell_argv(identity: Identity | None, env: dict[str, str], *, login: bool, env_shell: bool) -> list[str]:
+    """The shell a job without a command gets, as ``sudo -s`` does it: ``$SHELL`` from the
+    job's environment when that is the user's own (``env_shell``), else the user's shell
+    from the password database; not a login shell (a login shell re-reads /etc/profile
+    and resets PATH, losing the environment the job is promised) unless ``login``."""
+    shell = env.get("SHELL", "") if env_shell else ""
+    if not shell.startswith("/"):
+        shell = identity.shell if identity else Identity.of_uid(0).shell
+    return [shell, "-l"] if login else [shell]
 
 
 def current_directory() -> str | None:
@@ -72,9 +77,10 @@ def current_directory() -> str | None:
         return None
 
 
-def exec_job(command: list[str], env: dict[str, str], identity: Identity | None, cwd: str | None) -> int:
+def exec_job(command: list[str], env: dict[str, str], identity: Identity | None, cwd: str | None, *,
+             login: bool = False, env_shell: bool = True) -> int:
     """In the job's namespace: re-enter ``cwd``, drop to ``identity`` and exec ``command``
-    (the user's shell if empty) with ``env``.  Returns only if that failed."""
+    (a shell if empty, see :func:`shell_argv`) with ``env``.  Returns only if that failed."""
     # Re-enter the working directory by path: if it lies in a localised subtree the job's
     # cwd is now the overlay's view of it, not the shared tree's inode below the mount.
     # If it is gone, fall back as a login would: home, then /.
@@ -90,11 +96,12 @@ def exec_job(command: list[str], env: dict[str, str], identity: Identity | None,
         env.setdefault("HOME", identity.home)
     sys.stdout.flush()
     sys.stderr.flush()
-    return exec_command(command or shell_argv(identity), env, identity)
+    argv = command or shell_argv(identity, env, login=login, env_shell=env_shell)
+    return exec_command(argv, env, identity)
 
 
 def run(plan: JobPlan, command: list[str], *, store: str, identity: Identity | None, strict: bool,
-        environ: dict[str, str]) -> int:
+        environ: dict[str, str], login: bool = False, env_shell: bool = True) -> int:
     """Set up the job's namespace from ``plan`` and exec ``command`` in it (as root)."""
     env = dict(environ)
     cwd = current_directory()
@@ -106,4 +113,4 @@ def run(plan: JobPlan, command: list[str], *, store: str, identity: Identity | N
 
         isolate_network()
     env["OVLRUN_PROFILE"] = plan.name
-    return exec_job(command, env, identity, cwd)
+    return exec_job(command, env, identity, cwd, login=login, env_shell=env_shell)

@@ -13,9 +13,6 @@ from ovlrun.errors import OvlrunError
 from ovlrun.linux.files import NOT_WRITABLE, trust_problem
 
 DEFAULT_PROFILE_DIRS = ("/etc/ovlrun/profiles",)
-# ovlrun/profile/locate.py -> the checkout (or site-packages) holding ovlrun/ and profiles/
-BUNDLED_PROFILE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                   "profiles")
 _NAME_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
 _NAME_REST = _NAME_FIRST | frozenset(".+-")
 
@@ -29,7 +26,9 @@ def profile_dirs(environ: dict[str, str] | None = None) -> list[str]:
     env = os.environ if environ is None else environ
     if env.get("OVLRUN_PROFILE_PATH"):
         return [p for p in env["OVLRUN_PROFILE_PATH"].split(":") if p]
-    return [*DEFAULT_PROFILE_DIRS, BUNDLED_PROFILE_DIR]
+    # Never the source checkout's profiles/: a checkout's example profile must not be
+    # live for sudo callers on a production node.
+    return list(DEFAULT_PROFILE_DIRS)
 
 
 def is_path_spec(spec: str) -> bool:
