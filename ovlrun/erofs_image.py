@@ -319,6 +319,8 @@ def _order(root: Node) -> list[Node]:
         children = node.children
         if children is None:
             children = node.children = {}
+        if b"." in children or b".." in children:
+            raise ImageError('a directory entry cannot be named "." or ".."')
         names = sorted([*children, b".", b".."])
         for name in names:
             if name == b"." or name == b"..":

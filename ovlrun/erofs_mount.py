@@ -51,9 +51,13 @@ class ImageMountError(OvlrunError):
     pass
 
 
-def _describe(e: OSError, fs_fd: int | None) -> str:
-    log = syscalls.read_fs_log(fs_fd) if fs_fd is not None else []
-    return "; ".join([str(e), *log])
+def _describe(e: OSError, fs_fd: int) -> str:
+    """errno text plus what the kernel queued on the fs context (erofs logs most refusals
+    to the kernel log instead: say so for the usual "not an image" EINVAL)."""
+    parts = [e.strerror or os.strerror(e.errno or 0), *syscalls.read_fs_log(fs_fd)]
+    if e.errno == errno.EINVAL and len(parts) == 1:
+        parts.append("not a valid EROFS image? (the kernel log says why)")
+    return "; ".join(parts)
 
 
 def _erofs_mount(source: str, image: str) -> int:
@@ -86,13 +90,23 @@ def _source_of(path: str, fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-def mount_file_backed(path: str) -> int:
-    """Mount the image file directly (kernels with file-backed erofs); OSError(ENOTBLK) if not."""
+def _file_backed(path: str) -> int:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return _erofs_mount(_source_of(path, fd), path)
     finally:
         os.close(fd)
+
+
+def mount_file_backed(path: str) -> int:
+    """Mount the image file directly (kernels with file-backed erofs, 6.12+)."""
+    try:
+        return _file_backed(path)
+    except OSError as e:
+        if e.errno == errno.ENOTBLK:
+            raise ImageMountError(f"cannot mount snapshot image {path}: this kernel mounts erofs only from "
+                                  "block devices (no CONFIG_EROFS_FS_BACKED_BY_FILE)") from None
+        raise ImageMountError(f"cannot mount snapshot image {path}: {e.strerror}") from None
 
 
 def _loop_info(path: str) -> bytes:
@@ -151,7 +165,10 @@ def _attach_loop(path: str, image_fd: int) -> tuple[int, str]:
 
 def mount_loop(path: str) -> int:
     """Mount the image through a read-only, autoclear loop device."""
-    image_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        image_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ImageMountError(f"cannot open snapshot image {path}: {e.strerror}") from None
     try:
         loop_fd, device = _attach_loop(path, image_fd)
     finally:
@@ -173,9 +190,7 @@ def mount_image(path: str) -> int:
     device.  Failures raise :class:`ImageMountError` with the kernel's explanation.
     """
     try:
-        return mount_file_backed(path)
-    except ImageMountError:
-        raise
+        return _file_backed(path)
     except OSError as e:
         if e.errno != errno.ENOTBLK:
             raise ImageMountError(f"cannot mount snapshot image {path}: {e.strerror}") from None
