@@ -96,6 +96,7 @@ _SUPER = struct.Struct("<IIIBBHQQIIII16s16sIHHHBBIQB3xIQQ")  # struct erofs_supe
 
 
 _NO_NAMES: list[bytes] = []
+_NO_CHILDREN: dict[bytes, Node] = {}
 _NO_STARTS: list[int] = []
 
 
@@ -186,8 +187,7 @@ def _dir_blocks(names: list[bytes]) -> tuple[list[int], int]:
 
 def _dir_block(node: Node, names: list[bytes], start: int, end: int, parent_nid: int) -> bytes:
     """One directory block: dirents then names (erofs_fill_dentries reads it this way)."""
-    children = node.children
-    assert children is not None
+    children = node.children or _NO_CHILDREN
     nameoff = DIRENT_SIZE * (end - start)
     parts = []
     for i in range(start, end):
@@ -316,9 +316,7 @@ def _order(root: Node) -> list[Node]:
         i += 1
         if not stat.S_ISDIR(node.mode):
             continue
-        children = node.children
-        if children is None:
-            children = node.children = {}
+        children = node.children or _NO_CHILDREN  # None: an empty directory
         if b"." in children or b".." in children:
             raise ImageError('a directory entry cannot be named "." or ".."')
         names = sorted([*children, b".", b".."])
@@ -414,8 +412,7 @@ def write_image(root: Node, out: BinaryIO, *, build_time: int = 0) -> ImageStats
             dirs += 1
             names, starts, inline, parent = node._names, node._starts, node._inline, node._parent
             assert parent is not None
-            children = node.children
-            assert children is not None
+            children = node.children or _NO_CHILDREN
             subdirs = sum(1 for c in children.values() if c.mode & 0o170000 == stat.S_IFDIR)
             tail_start = starts[-1]
             dir_size = (len(starts) - 1) * BLOCK_SIZE + _tail_bytes(names, tail_start)

@@ -183,15 +183,22 @@ def mount_loop(path: str) -> int:
         os.close(loop_fd)
 
 
-def mount_image(path: str) -> int:
+def mount_image(path: str, *, file_backed: bool = True) -> int:
     """A detached read-only (nosuid, nodev) mount of the EROFS image ``path``: its fd.
 
     File-backed where the kernel can (no loop device to leak or run out of), else a loop
-    device.  Failures raise :class:`ImageMountError` with the kernel's explanation.
+    device; ``file_backed=False`` goes straight to the loop device.  (Seen on 6.18 built
+    with CONFIG_EXT4_DEBUG: erofs reads the metadata of a file-backed image with
+    read_cache_folio, which takes no invalidate_lock, and a page-cache miss on an image
+    stored on ext4 trips the debug-only WARN_ON_ONCE in ext4_check_map_extents_env,
+    tainting the kernel once per boot.  A loop device reads through read_iter, whose
+    readahead holds that lock, so it should not; not verified here.)  Failures raise
+    :class:`ImageMountError` with the kernel's explanation.
     """
-    try:
-        return _file_backed(path)
-    except OSError as e:
-        if e.errno != errno.ENOTBLK:
-            raise ImageMountError(f"cannot mount snapshot image {path}: {e.strerror}") from None
+    if file_backed:
+        try:
+            return _file_backed(path)
+        except OSError as e:
+            if e.errno != errno.ENOTBLK:
+                raise ImageMountError(f"cannot mount snapshot image {path}: {e.strerror}") from None
     return mount_loop(path)

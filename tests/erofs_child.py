@@ -90,6 +90,12 @@ def main() -> int:
                     reply["mountinfo"] = (fstype, source)
         if req.get("walk", True):
             reply["entries"], reply["listings"] = _walk(os.fsencode(top))
+        raw = {}
+        for rel, offset, length in req.get("raw", []):
+            with open(os.fsencode(top) + b"/" + rel, "rb") as f:
+                f.seek(offset)
+                raw[(rel, offset)] = f.read(length)
+        reply["raw"] = raw
         probes: dict[bytes, dict[bytes, int]] = {}
         for rel, names in req.get("probes", {}).items():
             got = probes[rel] = {}

@@ -209,7 +209,13 @@ def test_mount_shows_the_tree(tmp: Path, method: str) -> None:
     root = odd_tree()
     image = tmp / "odd.img"
     write(root, image)
-    reply = in_child({"method": method, "probes": probes_for(root)}, image)
+    # Files read directly from the image are holes: zeros up to st_size, nothing after.
+    raw = [(b"one", 0, 10), (b"block+1", 4000, 200), (b"huge", 50 << 30, 4096), (b"huge", (100 << 30) - 1, 10),
+           (b"past-8TiB", 8 << 40, 10), (b"zero", 0, 10)]
+    reply = in_child({"method": method, "probes": probes_for(root), "raw": raw}, image)
+    assert reply["raw"] == {(b"one", 0): bytes(1), (b"block+1", 4000): bytes(97), (b"huge", 50 << 30): bytes(4096),
+                            (b"huge", (100 << 30) - 1): bytes(1), (b"past-8TiB", 8 << 40): bytes(1),
+                            (b"zero", 0): b""}
     fstype, source = reply["mountinfo"]
     assert fstype == "erofs"
     if method == "loop":
