@@ -350,7 +350,9 @@ def write_image(root: Node, out: BinaryIO, *, build_time: int = 0) -> ImageStats
         raise ImageError("the root of an image must be a directory")
     order = _order(root)
     placed, meta_end, used, data_blocks, any_chunked = _place(order)
-    if placed[0] is not root or root._nid > 0xFFFF:  # erofs_super_block.root_nid is 16 bits
+    # erofs_super_block.root_nid is 16 bits: the root comes first in the order, so it is in
+    # block 0, or in block 1 when its inline directory data does not fit after the superblock.
+    if root._nid > 0xFFFF:
         raise AssertionError("root inode misplaced")
 
     # The shared xattr area follows the last inode; ids count 4-byte units from

@@ -144,3 +144,38 @@ def expected_record(node: Node) -> tuple[int, int, int, int, int, int, bytes | N
         return (node.mode, node.uid, node.gid, node.size, node.mtime_ns, 1, None, xattrs)
     assert node.target is not None
     return (node.mode, node.uid, node.gid, len(node.target), node.mtime_ns, 1, node.target, {})
+
+
+def random_tree(seed: int, count: int) -> Node:
+    """``count`` random entries: random name bytes and lengths, many symlinks and
+    directories (records with inline tails, which the writer must keep within a block)."""
+    import random
+
+    rng = random.Random(seed)
+    alphabet = bytes(b for b in range(1, 256) if b != ord("/"))
+    root = Node(D | 0o755, 0, 0, rng.randrange(2**62), children={})
+    dirs = [root]
+    for _ in range(count):
+        parent = rng.choice(dirs)
+        assert parent.children is not None
+        length = rng.choice((1, 2, 3, rng.randrange(1, 40), rng.randrange(1, 256), 255))
+        name = bytes(rng.choice(alphabet) for _ in range(length))
+        if name in (b".", b"..") or name in parent.children:
+            continue
+        mode = rng.choice((0o755, 0o644, 0o4755, 0o1777, 0o2750, 0o000, 0o7777))
+        uid, gid = rng.choice((0, 1, 65534, 70000, 2**32 - 2)), rng.randrange(2**32 - 1)
+        mtime = rng.randrange(-(2**40), 2**63)
+        kind = rng.random()
+        if kind < 0.15:
+            child = Node(D | mode, uid, gid, mtime, children={})
+            dirs.append(child)
+        elif kind < 0.45:
+            tlen = rng.choice((1, rng.randrange(1, 100), rng.randrange(1, 4096), 4095, 4032, 4033))
+            child = Node(L | 0o777, uid, gid, mtime, target=bytes(rng.choice(alphabet) for _ in range(tlen)))
+        else:
+            size = rng.choice((0, 1, rng.randrange(1 << 20), rng.randrange(1 << 45)))
+            rlen = rng.choice((1, rng.randrange(1, 300), rng.randrange(1, 4097)))
+            child = Node(R | mode, uid, gid, mtime, size, redirect=b"/" + bytes(rng.choice(alphabet)
+                                                                                   for _ in range(rlen - 1)))
+        parent.children[name] = child
+    return root

@@ -25,7 +25,7 @@ import pytest
 
 from ovlrun.erofs_image import ImageError, Node, write_image
 from tests.conftest import IS_ROOT
-from tests.erofs_tree import D, L, R, expected_record, iter_tree, odd_tree, walk_dir
+from tests.erofs_tree import D, L, R, expected_record, iter_tree, odd_tree, random_tree, walk_dir
 
 CHILD = Path(__file__).with_name("erofs_child.py")
 requires_root = pytest.mark.skipif(not IS_ROOT, reason="mounting needs root")
@@ -222,6 +222,21 @@ def test_mount_shows_the_tree(tmp: Path, method: str) -> None:
         assert source.startswith("/dev/loop")
     elif method == "file":
         assert source == str(image)
+    check_mount(root, reply)
+    check_probes(reply)
+
+
+@requires_root
+@requires_fsck
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_trees(tmp: Path, seed: int) -> None:
+    """Random names, owners, modes, times and a mix of records with inline tails (symlinks
+    and directories up to a block) and without: exercises the placement of inodes."""
+    root = random_tree(seed, 3000)
+    image = tmp / "random.img"
+    write(root, image)
+    fsck(image)
+    reply = in_child({"method": ("file", "loop", "auto")[seed % 3], "probes": probes_for(root, limit=50)}, image)
     check_mount(root, reply)
     check_probes(reply)
 
