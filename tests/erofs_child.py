@@ -75,6 +75,8 @@ def main() -> int:
     try:
         syscalls.unshare(syscalls.CLONE_NEWNS)
         syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+        if req.get("no_loop_configure"):  # as on kernels before 5.8: an ioctl the loop driver does not know
+            erofs_mount.LOOP_CONFIGURE = 0x4C7F
         method = req["method"]
         mount = {"file": erofs_mount.mount_file_backed, "loop": erofs_mount.mount_loop,
                  "auto": erofs_mount.mount_image}[method]
@@ -88,6 +90,10 @@ def main() -> int:
                 if left.split()[4] == top:
                     fstype, source = right.split()[:2]
                     reply["mountinfo"] = (fstype, source)
+                    if source.startswith("/dev/loop"):
+                        sysfs = f"/sys/block/{os.path.basename(source)}"
+                        with open(f"{sysfs}/ro") as ro, open(f"{sysfs}/loop/autoclear") as autoclear:
+                            reply["loop"] = (ro.read().strip(), autoclear.read().strip())
         if req.get("walk", True):
             reply["entries"], reply["listings"] = _walk(os.fsencode(top))
         raw = {}

@@ -220,6 +220,7 @@ def test_mount_shows_the_tree(tmp: Path, method: str) -> None:
     assert fstype == "erofs"
     if method == "loop":
         assert source.startswith("/dev/loop")
+        assert reply["loop"] == ("1", "1")  # read-only, autoclear
     elif method == "file":
         assert source == str(image)
     check_mount(root, reply)
@@ -250,6 +251,17 @@ def test_file_backed_mount_of_a_long_path(tmp: Path) -> None:
     write(root, deep / "x.img")
     for method in ("file", "loop"):
         check_mount(root, in_child({"method": method}, deep / "x.img"))
+
+
+@requires_root
+def test_loop_without_loop_configure(tmp: Path) -> None:
+    """LOOP_SET_FD + LOOP_SET_STATUS64 where LOOP_CONFIGURE is unknown: read-only, autoclear."""
+    root = odd_tree()
+    write(root, tmp / "odd.img")
+    reply = in_child({"method": "loop", "no_loop_configure": True}, tmp / "odd.img")
+    assert reply["mountinfo"][1].startswith("/dev/loop")
+    assert reply["loop"] == ("1", "1")  # read-only, autoclear
+    check_mount(root, reply)
 
 
 @requires_root
