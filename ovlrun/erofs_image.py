@@ -4,7 +4,8 @@ The image is metadata only: what overlayfs needs of a lower layer whose director
 all opaque and whose regular files are all metacopy files redirected into the data-only
 layer (the shared release).  It is written in one sequential pass (no seeks, no
 intermediate tree, no mkfs) and is deterministic: the same tree and ``build_time`` give
-the same bytes.
+the same bytes.  :func:`read_image` reads such an image back into Nodes (for checks
+without a mount) and refuses anything write_image would not have written.
 
 On-disk format: Linux ``fs/erofs/erofs_fs.h`` (also erofs-utils ``include/erofs_fs.h``);
 the comments below name the structures and the kernel checks each choice follows.
@@ -84,6 +85,8 @@ _METACOPY_ENTRY = struct.pack("<BBH", 16, _XATTR_INDEX_TRUSTED, 0) + b"overlay.m
 _OPAQUE_ENTRY = struct.pack("<BBH", 14, _XATTR_INDEX_TRUSTED, 1) + b"overlay.opaque" + b"y\0"
 _SHARED_XATTRS = _METACOPY_ENTRY + _OPAQUE_ENTRY
 _REDIRECT_NAME = b"overlay.redirect"
+_REDIRECT_HEAD = struct.pack("<BB", len(_REDIRECT_NAME), _XATTR_INDEX_TRUSTED)
+_NULL_ENTRY = struct.pack("<I", _NULL_ADDR)
 
 # Records with an inline tail that does not fit in the current block wait for one that
 # does; more than this many waiting and the block is padded out instead.
@@ -467,8 +470,6 @@ def write_image(root: Node, out: BinaryIO, *, build_time: int = 0) -> ImageStats
                       padding=meta_end - SUPER_OFFSET - SUPER_SIZE - used)
 
 
-_REDIRECT_HEAD = struct.pack("<BB", len(_REDIRECT_NAME), _XATTR_INDEX_TRUSTED)
-_NULL_ENTRY = struct.pack("<I", _NULL_ADDR)
 
 
 class _Writer:
@@ -491,3 +492,136 @@ class _Writer:
         self.out.write(b"".join(self.parts))
         self.parts.clear()
         self.buffered = 0
+
+
+_XATTR_PREFIXES = {1: b"user.", 2: b"system.posix_acl_access", 3: b"system.posix_acl_default", 4: b"trusted.",
+                   6: b"security."}
+_DIR_NAMES = (b".", b"..")
+
+
+def read_image(data: bytes) -> Node:
+    """The tree stored in an image made by :func:`write_image` (for checks without a mount:
+    ``snapshot verify``, tests).  Reads the layouts write_image uses and refuses others;
+    raises :class:`ImageError` when the image is not what write_image would write:
+    a directory without ``trusted.overlay.opaque=y``, a file without metacopy, other xattrs.
+    """
+    view = memoryview(data)
+    if len(data) < SUPER_OFFSET + SUPER_SIZE:
+        raise ImageError("image too short")
+    sb = _SUPER.unpack_from(data, SUPER_OFFSET)
+    magic, blkszbits, root_nid, meta_blkaddr, xattr_blkaddr, incompat = sb[0], sb[3], sb[5], sb[10], sb[11], sb[14]
+    if magic != SUPER_MAGIC or blkszbits != BLOCK_BITS or incompat & ~_FEATURE_INCOMPAT_CHUNKED_FILE:
+        raise ImageError("not an EROFS image with the layout ovlrun writes")
+    meta = meta_blkaddr << BLOCK_BITS
+    shared_base = xattr_blkaddr << BLOCK_BITS
+
+    def xattr_entry(pos: int) -> tuple[bytes, bytes, int]:
+        name_len, index, value_size = struct.unpack_from("<BBH", data, pos)
+        prefix = _XATTR_PREFIXES.get(index)
+        if prefix is None:
+            raise ImageError(f"unknown xattr name index {index}")
+        name = prefix + bytes(view[pos + 4:pos + 4 + name_len])
+        value = bytes(view[pos + 4 + name_len:pos + 4 + name_len + value_size])
+        return name, value, (4 + name_len + value_size + 3) & ~3
+
+    def read_inode(nid: int) -> tuple[Node, int, int, int]:
+        """(node with attributes and xattr-derived fields, layout, i_u, offset after xattrs)."""
+        pos = meta + (nid << 5)
+        fmt, icount, mode, _, size, i_u, _, uid, gid, sec, nsec, _ = _INODE.unpack_from(data, pos)
+        if not fmt & 1:
+            raise ImageError(f"compact inode at nid {nid}")
+        node = Node(mode, uid, gid, sec * 1_000_000_000 + nsec, size)
+        end = pos + INODE_SIZE
+        xattrs: dict[bytes, bytes] = {}
+        if icount:
+            shared = data[end + 4]
+            xend = end + XATTR_HEADER_SIZE + 4 * (icount - 1)
+            at = end + XATTR_HEADER_SIZE
+            for _ in range(shared):
+                (xid,) = struct.unpack_from("<I", data, at)
+                name, value, _ = xattr_entry(shared_base + 4 * xid)
+                xattrs[name] = value
+                at += 4
+            while at < xend:
+                name, value, step = xattr_entry(at)
+                xattrs[name] = value
+                at += step
+            end = xend
+        fmtbits = stat.S_IFMT(mode)
+        want: dict[bytes, bytes] = {}
+        if fmtbits == stat.S_IFDIR:
+            want = {b"trusted.overlay.opaque": b"y"}
+        elif fmtbits == stat.S_IFREG:
+            want = {b"trusted.overlay.metacopy": b""}
+            node.redirect = xattrs.get(b"trusted.overlay.redirect")
+            if node.redirect is not None:
+                want[b"trusted.overlay.redirect"] = node.redirect
+        elif fmtbits != stat.S_IFLNK:
+            raise ImageError(f"unexpected file type {fmtbits:o} at nid {nid}")
+        if xattrs != want:
+            raise ImageError(f"unexpected xattrs {xattrs!r} at nid {nid}")
+        return node, (fmt >> 1) & 7, i_u, end
+
+    def content(nid: int, node: Node, layout: int, i_u: int, end: int) -> list[bytes]:
+        """The data blocks of a directory or symlink (the last one possibly short)."""
+        size = node.size
+        count = (size + BLOCK_SIZE - 1) >> BLOCK_BITS
+        blocks = []
+        for b in range(count):
+            length = min(BLOCK_SIZE, size - (b << BLOCK_BITS))
+            if layout == _LAYOUT_FLAT_INLINE and b == count - 1:
+                if (end & (BLOCK_SIZE - 1)) + length > BLOCK_SIZE:
+                    raise ImageError(f"inline data crosses a block boundary at nid {nid}")
+                blocks.append(bytes(view[end:end + length]))
+            elif layout in (_LAYOUT_FLAT_PLAIN, _LAYOUT_FLAT_INLINE):
+                start = (i_u + b) << BLOCK_BITS
+                blocks.append(bytes(view[start:start + length]))
+            else:
+                raise ImageError(f"unexpected data layout {layout} at nid {nid}")
+        return blocks
+
+    root, layout, i_u, end = read_inode(root_nid)
+    stack = [(root_nid, root, layout, i_u, end)]
+    dirs_seen: set[int] = set()
+    while stack:
+        nid, node, layout, i_u, end = stack.pop()
+        fmt = stat.S_IFMT(node.mode)
+        if fmt == stat.S_IFLNK:
+            node.target = b"".join(content(nid, node, layout, i_u, end))
+            node.size = 0
+            continue
+        if fmt == stat.S_IFREG:
+            if layout == _LAYOUT_CHUNK_BASED:
+                entries, fmtbits = _chunk_layout(node.size)
+                if i_u != fmtbits or bytes(view[end:end + 4 * entries]) != _NULL_ENTRY * entries:
+                    raise ImageError(f"a file with data blocks at nid {nid}")
+            elif layout != _LAYOUT_FLAT_PLAIN or node.size:
+                raise ImageError(f"unexpected file layout {layout} at nid {nid}")
+            continue
+        if nid in dirs_seen:
+            raise ImageError(f"directory nid {nid} is linked twice")
+        dirs_seen.add(nid)
+        children: dict[bytes, Node] = {}
+        blocks = content(nid, node, layout, i_u, end)
+        node.children = children
+        node.size = 0
+        previous = b""
+        seen_dots = 0
+        for block in blocks:
+            count = struct.unpack_from("<H", block, 8)[0] // DIRENT_SIZE
+            for i in range(count):
+                child_nid, nameoff, _ = _DIRENT.unpack_from(block, i * DIRENT_SIZE)
+                stop = struct.unpack_from("<H", block, (i + 1) * DIRENT_SIZE + 8)[0] if i + 1 < count else len(block)
+                name = block[nameoff:stop].split(b"\0", 1)[0]
+                if name <= previous and previous:
+                    raise ImageError(f"directory entries out of order at nid {nid}")
+                previous = name
+                if name in _DIR_NAMES:
+                    seen_dots += 1
+                    continue
+                child, clayout, ci_u, cend = read_inode(child_nid)
+                children[name] = child
+                stack.append((child_nid, child, clayout, ci_u, cend))
+        if seen_dots != 2:
+            raise ImageError(f"directory without . and .. at nid {nid}")
+    return root
