@@ -16,7 +16,8 @@ Layout of an image::
     data blocks : directory blocks that do not fit inline, long symlink targets
 
 * ``meta_blkaddr`` is 0, so an inode's nid is its byte offset / 32 (``erofs_iloc``);
-  the root is the first inode (nid 36, just after the superblock): ``root_nid`` is 16 bits.
+  the root is the first inode (nid 36, just after the superblock, or in block 1 if its
+  inline data does not fit there): ``root_nid`` is 16 bits.
 * Every inode is ``erofs_inode_extended`` (64 B): 32-bit uid/gid, 64-bit size and its own
   ``i_mtime``/``i_mtime_nsec`` (compact inodes share one nanosecond value per image).
 * Regular files are ``EROFS_INODE_CHUNK_BASED`` with the 4-byte block map (no
@@ -157,7 +158,7 @@ class ImageStats:
     symlinks: int
     meta_bytes: int  # superblock + inodes + inline data
     data_blocks: int  # directory blocks and symlink blocks outside the metadata area
-    padding: int  # zero bytes in the metadata area (alignment, deferral)
+    padding: int  # zero bytes in the metadata area: 32-byte inode alignment, blocks padded out
 
 
 def _check_name(name: bytes) -> None:
@@ -240,6 +241,8 @@ def _place(order: list[Node]) -> tuple[list[Node], int, int, int, bool]:
         contained = False  # has an inline tail that must not cross a block boundary
         if not 0 <= node.uid <= 0xFFFFFFFF or not 0 <= node.gid <= 0xFFFFFFFF:
             raise ImageError(f"uid/gid {node.uid}/{node.gid} out of range")
+        if not 0 <= node.mode <= 0xFFFF or not -(1 << 63) <= node.mtime_ns // 1_000_000_000 < 1 << 63:
+            raise ImageError(f"mode {node.mode:o} or mtime {node.mtime_ns} out of range")
         if fmt == stat.S_IFREG:
             size = INODE_SIZE + _XATTR_HEADER.size
             redirect = node.redirect
@@ -390,7 +393,7 @@ def write_image(root: Node, out: BinaryIO, *, build_time: int = 0) -> ImageStats
     for ino, node in enumerate(placed, 1):
         at = node._nid << 5
         if at < out_w.offset:
-            raise AssertionError(f"overlap at {at} (written {out_w.offset}) {node!r} prev {placed[ino - 2]!r}")
+            raise AssertionError(f"inode records overlap at nid {node._nid}")
         if at != out_w.offset:
             out_w.write(bytes(at - out_w.offset))
         mode = node.mode
@@ -465,11 +468,13 @@ def write_image(root: Node, out: BinaryIO, *, build_time: int = 0) -> ImageStats
     if next_block != total_blocks or out_w.offset != total_blocks << BLOCK_BITS:
         raise AssertionError("data blocks do not match their numbering")
     out_w.flush()
+    for node in placed:  # drop the layout state (and the child -> parent reference cycles)
+        node._parent = None
+        node._names = _NO_NAMES
+        node._starts = _NO_STARTS
     return ImageStats(bytes=total_blocks << BLOCK_BITS, inodes=len(placed), blocks=total_blocks, dirs=dirs,
                       files=files, symlinks=symlinks, meta_bytes=meta_end, data_blocks=data_blocks,
                       padding=meta_end - SUPER_OFFSET - SUPER_SIZE - used)
-
-
 
 
 class _Writer:

@@ -172,6 +172,9 @@ def test_deterministic(tmp: Path) -> None:
     {b"link": Node(L | 0o777, target=b"t" * 4096)},
     {b"uid": Node(R | 0o644, uid=2**32)},
     {b"redirect": Node(R | 0o644, redirect=b"r" * 65536)},
+    {b"redirect": Node(R | 0o644, redirect=b"")},
+    {b"mode": Node(R | 0o644 | 0x10000)},
+    {b"mtime": Node(R | 0o644, mtime_ns=2**100)},
 ])
 def test_refuses_what_it_cannot_store(bad: dict[bytes, Node]) -> None:
     with pytest.raises(ImageError):
