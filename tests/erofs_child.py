@@ -50,10 +50,14 @@ def _walk(top: bytes) -> tuple[dict[bytes, Record], dict[bytes, list[bytes]]]:
     return entries, listings
 
 
-def _mount_overlay(lower: str, data: str, target: str) -> None:
+def _mount_overlay(lower: str | int, data: str, target: str) -> None:
+    """lowerdir+ is a path, or the fd of a detached mount (FSCONFIG_SET_FD)."""
     fd = syscalls.fsopen("overlay")
     try:
-        syscalls.fsconfig_set_string(fd, "lowerdir+", lower)
+        if isinstance(lower, int):
+            syscalls.fsconfig_set_fd(fd, "lowerdir+", lower, "detached erofs mount")
+        else:
+            syscalls.fsconfig_set_string(fd, "lowerdir+", lower)
         syscalls.fsconfig_set_string(fd, "datadir+", data)
         syscalls.fsconfig_set_string(fd, "metacopy", "on")
         syscalls.fsconfig_set_string(fd, "redirect_dir", "follow")
@@ -81,6 +85,13 @@ def main() -> int:
         mount = {"file": erofs_mount.mount_file_backed, "loop": erofs_mount.mount_loop,
                  "auto": erofs_mount.mount_image}[method]
         fd = mount(req["image"])
+        if req.get("overlay_detached"):  # the overlay's lower layer is the detached mount itself
+            merged = tempfile.mkdtemp(prefix="erofs-ovl-")
+            _mount_overlay(fd, req["overlay_source"], merged)
+            os.close(fd)
+            with open("/proc/self/mountinfo") as f:
+                reply["erofs_attached"] = any(" - erofs " in line for line in f)
+            fd = mount(req["image"])  # attached too, for the comparison of the image itself
         top = tempfile.mkdtemp(prefix="erofs-child-")
         syscalls.move_mount(fd, top)
         os.close(fd)
@@ -113,8 +124,9 @@ def main() -> int:
                     got[name] = e.errno or -1
         reply["probes"] = probes
         if req.get("overlay_source"):
-            merged = tempfile.mkdtemp(prefix="erofs-ovl-")
-            _mount_overlay(top, req["overlay_source"], merged)
+            if not req.get("overlay_detached"):
+                merged = tempfile.mkdtemp(prefix="erofs-ovl-")
+                _mount_overlay(top, req["overlay_source"], merged)
             seen = {}
             for rel in req["read"]:
                 path = os.fsencode(merged) + b"/" + rel

@@ -339,14 +339,19 @@ def make_source(base: Path) -> Path:
 
 
 @requires_root
-@pytest.mark.parametrize("method", ["file", "loop"])
-def test_overlay_serves_the_source(tmp: Path, method: str) -> None:
+@pytest.mark.parametrize("method,detached", [("file", False), ("loop", False), ("auto", True)])
+def test_overlay_serves_the_source(tmp: Path, method: str, detached: bool) -> None:
+    """detached: the overlay's lower layer is the erofs mount's fd (FSCONFIG_SET_FD), which
+    is attached nowhere: works on 6.18."""
     src = make_source(tmp)
     root = walk_dir(os.fsencode(src))
     image = tmp / "snap.img"
     write(root, image)
     files = [rel for rel, node in iter_tree(root) if stat.S_ISREG(node.mode)]
-    reply = in_child({"method": method, "overlay_source": str(src), "read": files}, image)
+    reply = in_child({"method": method, "overlay_source": str(src), "read": files, "overlay_detached": detached},
+                     image)
+    if detached:
+        assert reply["erofs_attached"] is False
     check_mount(root, reply)
     assert sorted(reply["overlay"]) == sorted(files)
     for rel, (digest, (mode, uid, gid, size, mtime_ns, blocks)) in reply["overlay"].items():
