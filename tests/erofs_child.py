@@ -20,7 +20,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ovlrun import erofs_mount, syscalls
+from ovlrun.linux import erofs as erofs_mount
+from ovlrun.linux import syscalls
 
 Record = tuple[int, int, int, int, int, int, int, bytes | None, dict[bytes, bytes]]
 

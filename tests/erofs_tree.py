@@ -8,7 +8,7 @@ import os
 import stat
 from collections.abc import Iterator
 
-from ovlrun.erofs_image import Node
+from ovlrun.store.image import Node
 
 D, R, L = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
 DIRENT = 12

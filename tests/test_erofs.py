@@ -1,5 +1,5 @@
-"""EROFS snapshot images: written by ovlrun.erofs_image, checked by fsck.erofs, mounted by
-ovlrun.erofs_mount (file-backed and loop) in a child's private mount namespace, and used
+"""EROFS snapshot images: written by ovlrun.store.image, checked by fsck.erofs, mounted by
+ovlrun.linux.erofs (file-backed and loop) in a child's private mount namespace, and used
 as the lower layer of a real metacopy overlay."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from ovlrun.erofs_image import ImageError, Node, read_image, write_image
+from ovlrun.store.image import ImageError, Node, read_image, write_image
 from tests.conftest import IS_ROOT
 from tests.erofs_tree import D, L, R, expected_record, iter_tree, odd_tree, random_tree, walk_dir
 

@@ -36,6 +36,7 @@ MNT_DETACH = 2
 
 # <linux/mount.h>, new mount API
 FSOPEN_CLOEXEC = 0x1
+FSCONFIG_SET_FLAG = 0
 FSCONFIG_SET_STRING = 1
 FSCONFIG_SET_FD = 5
 FSCONFIG_CMD_CREATE = 6
@@ -140,6 +141,10 @@ def fsopen(fstype: str, flags: int = FSOPEN_CLOEXEC) -> int:
 
 def fsconfig_set_string(fd: int, key: str, value: str | bytes) -> None:
     _check(_fsconfig(fd, FSCONFIG_SET_STRING, key.encode(), _bytes(value), 0), f"fsconfig {key}", value)
+
+
+def fsconfig_set_flag(fd: int, key: str) -> None:
+    _check(_fsconfig(fd, FSCONFIG_SET_FLAG, key.encode(), None, 0), f"fsconfig {key}")
 
 
 def fsconfig_set_fd(fd: int, key: str, value_fd: int, path: str | bytes | None = None) -> None:

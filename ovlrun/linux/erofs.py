@@ -23,8 +23,8 @@ import os
 import struct
 import time
 
-from ovlrun import syscalls
 from ovlrun.errors import OvlrunError
+from ovlrun.linux import syscalls
 
 # <linux/loop.h>
 LOOP_SET_FD = 0x4C00
