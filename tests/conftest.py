@@ -162,3 +162,41 @@ def world() -> Iterator[World]:
     if IS_ROOT:
         assert host_mounts() == before, "a test left mounts in the host namespace"
     shutil.rmtree(base, ignore_errors=True)
+
+
+@dataclass
+class Entry:
+    """One entry of a snapshot image as the kernel shows it (mounted in a child)."""
+
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    nlink: int
+    blocks: int
+    target: bytes | None
+    xattrs: dict[bytes, bytes]
+
+
+def snapshot_dir(world: World, path: str | Path) -> Path:
+    """The current snapshot directory of a localised path, per the store's index."""
+    import json
+
+    index = json.loads((world.store / "index.json").read_text())["sources"]
+    return world.store / index[str(path)]
+
+
+def snapshot_entries(world: World, path: str | Path) -> dict[bytes, Entry]:
+    """Every entry of the current snapshot image of ``path``, relpath bytes -> Entry, read by
+    mounting the image in a child's private namespace (tests/erofs_child.py)."""
+    import pickle
+
+    image = snapshot_dir(world, path) / "image.erofs"
+    child = Path(__file__).with_name("erofs_child.py")
+    r = subprocess.run([sys.executable, str(child)], input=pickle.dumps({"image": str(image), "method": "auto"}),
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    reply = pickle.loads(r.stdout)
+    assert "error" not in reply, reply["error"]
+    return {rel: Entry(*record) for rel, record in reply["entries"].items()}

@@ -27,7 +27,7 @@ def grow(release: Path, dirs: int, files: int) -> None:
 def check_store(world: World, *, settled: bool = False) -> dict[str, str]:
     """The store invariants that must hold whenever no builder is running.
 
-    Every snapshot in snapshots/ is complete (manifest + tree); the index parses and
+    Every snapshot in snapshots/ is complete (manifest + image); the index parses and
     names only such snapshots.  (tmp/ and a temporary index file of a writer killed
     mid-write may remain: the next build or gc removes them, so with ``settled``, after
     one, there are none.)
@@ -37,13 +37,13 @@ def check_store(world: World, *, settled: bool = False) -> dict[str, str]:
         index = json.loads((world.store / "index.json").read_text())["sources"]
     for rel in index.values():
         assert (world.store / rel / "manifest.json").is_file(), rel
-        assert (world.store / rel / "tree").is_dir(), rel
+        assert (world.store / rel / "image.erofs").is_file(), rel
     snapshots = world.store / "snapshots"
     if snapshots.is_dir():
         for key in snapshots.iterdir():
             for snap in key.iterdir():
                 manifest = json.loads((snap / "manifest.json").read_text())
-                assert manifest["id"] == snap.name and (snap / "tree").is_dir(), snap
+                assert manifest["id"] == snap.name and (snap / "image.erofs").is_file(), snap
     if settled:
         leftovers = [p.name for p in world.store.glob(".index.json.*")]
         assert leftovers == [], leftovers
@@ -171,7 +171,7 @@ def test_thousand_short_jobs_some_sigkilled_leave_no_mounts(world: World) -> Non
 
 FULL_DISK_SCRIPT = r"""
 set -u
-mount -t tmpfs -o size=8m,nr_inodes=64,mode=0755 tmpfs "$STORE"
+mount -t tmpfs -o size=256k,mode=0755 tmpfs "$STORE"
 run() { "$PY" -m ovlrun "$@"; }
 run snapshot build --profile small 2>&1; echo "small=$?"
 run snapshot build --profile big 2>&1; echo "big=$?"
@@ -185,7 +185,7 @@ run --profile small --strict -- cat "$SW/app/1.0/README"; echo "job=$?"
 
 
 def test_full_store_fails_cleanly_and_jobs_still_run(world: World) -> None:
-    grow(world.sw / "app" / "1.1", 10, 20)
+    grow(world.sw / "app" / "1.1", 40, 50)  # an image of ~400 KiB: more than the 256 KiB store holds
     world.write_profile("small", f'[[tree]]\nroot = "{world.sw}"\nlocalise = ["app/1.0"]\n')
     world.write_profile("big", f'[[tree]]\nroot = "{world.sw}"\nlocalise = ["app/1.1"]\n')
     world.store.mkdir()

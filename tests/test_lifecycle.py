@@ -99,7 +99,7 @@ def test_refresh_publishes_new_snapshot_running_job_keeps_old_and_gc_waits_for_i
         r = world.ovlrun("snapshot", "refresh", "--profile", "p")
         assert r.returncode == 0 and "rebuilt:" in r.stderr, r.stderr
         new = current_dir(world, rel)
-        assert new != old and (new / "tree").is_dir() and (old / "tree").is_dir()
+        assert new != old and (new / "image.erofs").is_file() and (old / "image.erofs").is_file()
         # The next job gets the new snapshot (size matches the new data)...
         assert world.job(f"cat {rel}/README; stat -c %s {rel}/README; ls {rel}/lib/python").stdout == \
             "app 1.0 fixed\n14\nlate.py\nmod.py\n"

@@ -16,14 +16,17 @@ from tests.conftest import REPO, World, requires_overlay, requires_root
 
 CHILD = r"""
 import json, os, sys
+from ovlrun.launch.mount import mount_localised, open_image
+from ovlrun.launch.plan import MountItem
 from ovlrun.linux.kernel import Features
-from ovlrun.launch.execute import enter_private_namespace
-from ovlrun.linux.overlay import OverlaySpec, mount_overlay
+from ovlrun.linux.namespaces import enter_private_namespace
+from ovlrun.linux.overlay import OverlaySpec
 spec = OverlaySpec(**json.loads(sys.argv[1]))
 features = Features(overlay=True, new_mount_api=sys.argv[2] == "new", layer_append=sys.argv[2] == "new",
                     data_only_layers=sys.argv[3] == "data-only", redirect_max=256)
 enter_private_namespace()
-mount_overlay(spec, features)
+item = MountItem(spec.target, spec.data, os.path.dirname(spec.snapshot_tree), "")
+mount_localised(item, open_image(item.image), features)
 base = "/".join(spec.snapshot_tree.split("/")[:4])  # /var/tmp/ovlrun-test-XXXX: ours only
 options = [l.split(" - ")[1] for l in open("/proc/self/mountinfo") if " - overlay " in l and base in l]
 names = sorted(os.listdir(spec.target))

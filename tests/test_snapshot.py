@@ -11,20 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, World, requires_overlay, requires_root
+from tests.conftest import REPO, World, requires_overlay, requires_root, snapshot_dir, snapshot_entries
 
 pytestmark = [requires_root, requires_overlay]
 
 ODD_NAMES = [b"new\nline", b"co:lon", b"com,ma", b"back\\slash", b"sp ace", b"latin1-\xe9\xff", b"x" * 255]
 
 
-def snapshot_tree(world: World, path: str) -> Path:
-    index = json.loads((world.store / "index.json").read_text())["sources"]
-    return world.store / index[path] / "tree"
-
-
-def xattr(path: Path | bytes, name: str) -> bytes:
-    return os.getxattr(path, name, follow_symlinks=False)
+OPAQUE = b"trusted.overlay.opaque"
+METACOPY = b"trusted.overlay.metacopy"
+REDIRECT = b"trusted.overlay.redirect"
 
 
 def test_snapshot_content(world: World) -> None:
@@ -43,32 +39,34 @@ def test_snapshot_content(world: World) -> None:
     result = world.build()
     assert "skipped FIFO /fifo" in result.stderr
 
-    snap = snapshot_tree(world, str(rel))
+    entries = snapshot_entries(world, rel)
     # Directories: opaque, metadata copied.
-    for d in (snap, snap / "lib", snap / "lib" / "python", snap / "bin"):
-        assert xattr(d, "trusted.overlay.opaque") == b"y"
-    assert stat.S_IMODE(os.stat(snap / "lib").st_mode) == 0o750
-    # Files: sparse metacopy with an absolute redirect from the subtree root.
-    st_src, st_snap = os.stat(tool), os.stat(snap / "bin" / "tool")
-    assert (st_snap.st_size, st_snap.st_uid, st_snap.st_gid) == (st_src.st_size, 1234, 5678)
-    assert stat.S_IMODE(st_snap.st_mode) == 0o4755
-    assert (st_snap.st_mtime_ns, st_snap.st_atime_ns) == (1_500_000_000_987_654_321, 1_600_000_000_123_456_789)
-    assert xattr(snap / "bin" / "tool", "trusted.overlay.redirect") == b"/bin/tool"
-    assert xattr(snap / "bin" / "tool", "trusted.overlay.metacopy") == b""
-    lib = snap / "lib" / "libfoo.so.1"
-    assert os.stat(lib).st_size == os.stat(rel / "lib" / "libfoo.so.1").st_size > 0
-    assert os.stat(lib).st_blocks == 0, "metacopy files must not hold data"
+    for d in (b"", b"lib", b"lib/python", b"bin"):
+        assert entries[d].xattrs[OPAQUE] == b"y"
+    assert stat.S_IMODE(entries[b"lib"].mode) == 0o750
+    # Files: data-less metacopy with an absolute redirect from the subtree root.
+    st_src, tool_entry = os.stat(tool), entries[b"bin/tool"]
+    assert (tool_entry.size, tool_entry.uid, tool_entry.gid) == (st_src.st_size, 1234, 5678)
+    assert stat.S_IMODE(tool_entry.mode) == 0o4755
+    assert tool_entry.mtime_ns == 1_500_000_000_987_654_321  # an image keeps one time, the mtime
+    assert tool_entry.xattrs[REDIRECT] == b"/bin/tool" and tool_entry.xattrs[METACOPY] == b""
+    lib = entries[b"lib/libfoo.so.1"]
+    assert lib.size == os.stat(rel / "lib" / "libfoo.so.1").st_size > 0
     # Symlinks: copied as symlinks with owner.
-    link = snap / "lib" / "libfoo.so"
-    assert os.readlink(link) == "libfoo.so.1"
-    assert (os.lstat(link).st_uid, os.lstat(link).st_gid) == (4321, 8765)
+    link = entries[b"lib/libfoo.so"]
+    assert stat.S_ISLNK(link.mode) and link.target == b"libfoo.so.1"
+    assert (link.uid, link.gid) == (4321, 8765)
     # Odd names survive byte for byte, redirect included.
     for name in ODD_NAMES:
-        p = os.path.join(os.fsencode(snap), name)
-        assert xattr(p, "trusted.overlay.redirect") == b"/" + name
-    assert not (snap / "fifo").exists()
-    manifest = json.loads((snap.parent / "manifest.json").read_text())
+        assert entries[name].xattrs[REDIRECT] == b"/" + name
+    assert b"fifo" not in entries
+    snap = snapshot_dir(world, rel)
+    # No file data: the image holds metadata only (a few KiB for this release).
+    assert (snap / "image.erofs").stat().st_size < 64 * 1024
+    manifest = json.loads((snap / "manifest.json").read_text())
     assert manifest["source"] == str(rel) and manifest["counts"]["skipped"] == 1
+    assert manifest["format"] == 2 and manifest["image_bytes"] == (snap / "image.erofs").stat().st_size
+    assert len(manifest["image_sha256"]) == 64
     assert manifest["counts"]["files"] == 4 + len(ODD_NAMES)
     assert len(manifest["fingerprint"]) == 64
     # The unlocalised release has no snapshot.
@@ -98,7 +96,7 @@ def test_build_is_idempotent_and_list(world: World) -> None:
     world.build()
     first = sorted((world.store / "snapshots").rglob("manifest.json"))
     again = world.build()
-    assert "up-to-date" in again.stderr
+    assert "exists:" in again.stderr and "'ovlrun snapshot refresh' rebuilds changed sources" in again.stderr
     assert sorted((world.store / "snapshots").rglob("manifest.json")) == first
     listed = json.loads(world.ovlrun("snapshot", "list", "--json").stdout)
     assert [row["path"] for row in listed] == [str(world.sw / "app" / "1.0")]
@@ -172,17 +170,15 @@ def test_world_writable_source_dir_is_not_writable_through_the_store(world: Worl
     (rel / "scratch").chmod(0o1777)  # a sloppy release: world-writable directory
     world.simple_profile()
     world.build()
-    snap = snapshot_tree(world, str(rel))
-    assert stat.S_IMODE(os.stat(snap / "scratch").st_mode) == 0o1777  # mode mirrored for jobs...
-    assert stat.S_IMODE(os.stat(snap.parent).st_mode) == 0o700  # ...but the tree is out of users' reach
-    planted = subprocess.run(["/bin/sh", "-c", f"touch '{snap / 'scratch' / 'planted'}'"], cwd="/",
-                             preexec_fn=lambda: os.setuid(65534), capture_output=True, text=True)
-    assert planted.returncode != 0 and "Permission denied" in planted.stderr
+    snap = snapshot_dir(world, rel)
+    assert stat.S_IMODE(snapshot_entries(world, rel)[b"scratch"].mode) == 0o1777  # mode mirrored for jobs...
+    assert stat.S_IMODE(os.stat(snap).st_mode) == 0o700  # ...but the snapshot is out of users' reach
+    assert stat.S_IMODE(os.stat(snap / "image.erofs").st_mode) == 0o600  # and read-only to all but root
     # Jobs, as an unprivileged user, still read through the overlay (root's credentials reach the layers).
     result = world.as_sudo("--profile", "p", "--", "/bin/sh", "-c", f"ls -ld {rel}/scratch; cat {rel}/README",
                            uid=65534)
     assert result.returncode == 0 and result.stdout.startswith("drwxrwxrwt") and "app 1.0" in result.stdout
     # A snapshot directory opened up to others is refused at launch.
-    snap.parent.chmod(0o755)
+    snap.chmod(0o755)
     refused = world.job("true")
     assert refused.returncode == 125 and "lets other users reach its tree" in refused.stderr

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from typing import Annotated, Any
 
 import typer
@@ -65,7 +64,7 @@ def snapshot_build(profile: ProfileOpt,
 @snapshot_app.command("list")
 def snapshot_list(as_json: JsonOpt = False) -> None:
     """List the snapshots in the store and which path each serves."""
-    from ovlrun.store.index import Store
+    from ovlrun.store.index import Store, format_time
 
     _require_root("snapshot list", "snapshot directories are readable by root only")
     store = Store.open()
@@ -78,7 +77,8 @@ def snapshot_list(as_json: JsonOpt = False) -> None:
         rows.append({"path": m.path, "source": m.source, "id": m.id, "current": rel in serving,
                      "built": m.built, "counts": m.counts, "directory": str(snap.directory),
                      "fingerprint": m.fingerprint, "max_redirect": m.max_redirect,
-                     "long_redirects": m.long_redirects})
+                     "long_redirects": m.long_redirects, "image_bytes": m.image_bytes,
+                     "image_sha256": m.image_sha256, "format": "image" if snap.is_image else "directory (retired)"})
     if as_json:
         json.dump(rows, sys.stdout, indent=1)
         print()
@@ -89,7 +89,7 @@ def snapshot_list(as_json: JsonOpt = False) -> None:
     for r in rows:
         counts = r["counts"]
         entries = counts.get("dirs", 0) + counts.get("files", 0) + counts.get("symlinks", 0) + 1
-        built = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["built"]))
+        built = format_time(r["built"])
         mark = "*" if r["current"] else " "
         print(f"{mark} {r['path']}  {r['id']}  {entries} entries  built {built}")
     print("(* = current snapshot for its path)")

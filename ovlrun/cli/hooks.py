@@ -68,7 +68,10 @@ def enter(job_id: Annotated[str, typer.Argument(metavar="JOBID", help="The job's
     126 (CMD not executable), 127 (CMD not found)."""
     from ovlrun.hooks.enter import enter as enter_job
 
-    raise typer.Exit(enter_job(job_id, command or []))
+    argv = command or []
+    if argv[:1] == ["--"]:  # option parsing stopped at JOBID, so the "--" is still here
+        argv = argv[1:]
+    raise typer.Exit(enter_job(job_id, argv))
 
 
 def register(app: typer.Typer) -> None:

@@ -1,17 +1,28 @@
 """Mounting a plan's overlays in the job's private namespace.
 
 Every snapshot is trust-checked first (only root may have written what the overlay
-serves), then each localised path gets one read-only overlay (:mod:`ovlrun.linux.overlay`).
-A vanished release is skipped with a warning; a missing tree root is an error unless
-the profile allows running unlocalised.  On the launch path: imports nothing heavy.
+serves) and its image opened, then each localised path gets one read-only overlay
+(:mod:`ovlrun.linux.overlay`) whose lower layer is the snapshot's EROFS image, mounted
+(:mod:`ovlrun.linux.erofs`) at ``SNAPSHOT_DIR/tree`` on a small tmpfs over the snapshot
+directory, in this namespace only.  Once the overlay exists that tmpfs is detached
+again: overlayfs holds private clones of its layers, so the image mount lives exactly
+as long as the overlay (a loop device, where one is needed, is autoclear), while the
+overlay's options keep naming ``.../snapshots/KEY/ID/tree``, which is how gc and
+``status`` recognise a snapshot in use.  A vanished release is skipped with a warning;
+a missing tree root is an error unless the profile allows running unlocalised.  On the
+launch path: imports nothing heavy.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import sys
 
 from ovlrun.errors import OvlrunError
+from ovlrun.linux import syscalls
+from ovlrun.linux.erofs import mount_image
+from ovlrun.linux.files import NOT_WRITABLE, trust_problem
 from ovlrun.linux.kernel import Features, probe
 from ovlrun.linux.overlay import OverlaySpec, SourceMissing, mount_overlay
 from ovlrun.store.layout import check_snapshot_trusted
@@ -51,8 +62,12 @@ def mount_items(items: list[MountItem], store: str, *, strict: bool, warn: Warn,
     trusted: set[str] = set()
     for item in items:
         check_snapshot_trusted(store, item.snapshot_dir, trusted)
-    specs = [OverlaySpec(target=item.source, snapshot_tree=item.tree, data=item.source) for item in items]
-    failures = _mount_concurrently(specs, features)
+    image_fds = [open_image(item.image) for item in items]
+    try:
+        failures = _mount_concurrently(items, image_fds, features)
+    finally:
+        for fd in image_fds:
+            os.close(fd)
     mounted = []
     absent_roots: set[str] = set()
     for item, failure in zip(items, failures, strict=True):
@@ -76,8 +91,48 @@ def mount_items(items: list[MountItem], store: str, *, strict: bool, warn: Warn,
 MAX_MOUNT_THREADS = 8
 
 
-def _mount_concurrently(specs: list[OverlaySpec], features: Features) -> list[BaseException | None]:
-    """Mount every spec; return each one's failure (or None), in order.
+def open_image(path: str) -> int:
+    """The snapshot image, opened without following symlinks and trust-checked on the fd
+    that is then mounted (no window to swap the file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise OvlrunError(f"snapshot image {path}: {e.strerror}") from None
+    st = os.fstat(fd)
+    problem = "not a regular file" if not stat.S_ISREG(st.st_mode) else trust_problem(st, NOT_WRITABLE)
+    if problem:
+        os.close(fd)
+        raise OvlrunError(f"refusing snapshot image {path}: {problem}")
+    return fd
+
+
+def mount_localised(item: MountItem, image_fd: int, features: Features) -> None:
+    """Mount the image (fd ``image_fd``) at ``item.tree`` and the overlay on ``item.source``."""
+    try:
+        image_mount = mount_image(f"/proc/self/fd/{image_fd}")
+    except OvlrunError as e:
+        raise OvlrunError(f"cannot mount snapshot image {item.image}: "
+                          f"{e.message.split(': ', 1)[-1]}") from None
+    try:
+        try:
+            flags = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
+            syscalls.mount("ovlrun", item.snapshot_dir, "tmpfs", flags, "mode=0700,size=64k,nr_inodes=16")
+            os.mkdir(item.tree, 0o700)
+            syscalls.move_mount(image_mount, item.tree)
+        except OSError as e:
+            raise OvlrunError(f"cannot attach snapshot image {item.image}: {e}") from None
+        try:
+            # Resolves the source once; no separate existence check.
+            mount_overlay(OverlaySpec(target=item.source, snapshot_tree=item.tree, data=item.source), features)
+        finally:
+            syscalls.umount2(item.snapshot_dir, syscalls.MNT_DETACH)
+    finally:
+        os.close(image_mount)
+
+
+def _mount_concurrently(items: list[MountItem], image_fds: list[int],
+                        features: Features) -> list[BaseException | None]:
+    """Mount every item; return each one's failure (or None), in order.
 
     Each mount waits for round trips to the shared tree (resolving the source, the data
     layer's statfs when the superblock is created): at NFS latencies, 20 sequential
@@ -86,21 +141,21 @@ def _mount_concurrently(specs: list[OverlaySpec], features: Features) -> list[Ba
     threads are started after unshare() (they share the job's new mount namespace) and
     are all joined before anything else (the privilege drop) happens.
     """
-    failures: list[BaseException | None] = [None] * len(specs)
+    failures: list[BaseException | None] = [None] * len(items)
 
     def mount_one(i: int) -> None:
         try:
-            mount_overlay(specs[i], features)  # resolves the source once; no separate existence check
+            mount_localised(items[i], image_fds[i], features)
         except BaseException as e:  # re-raised by the caller, in order
             failures[i] = e
 
-    if len(specs) < 2:
-        for i in range(len(specs)):
+    if len(items) < 2:
+        for i in range(len(items)):
             mount_one(i)
         return failures
     import threading
 
-    pending = list(range(len(specs)))
+    pending = list(range(len(items)))
     lock = threading.Lock()
 
     def worker() -> None:
@@ -111,7 +166,7 @@ def _mount_concurrently(specs: list[OverlaySpec], features: Features) -> list[Ba
                 i = pending.pop()
             mount_one(i)
 
-    threads = [threading.Thread(target=worker) for _ in range(min(MAX_MOUNT_THREADS, len(specs)))]
+    threads = [threading.Thread(target=worker) for _ in range(min(MAX_MOUNT_THREADS, len(items)))]
     # The workers mostly wait in syscalls; between them they need the GIL only briefly.
     # With the default 5 ms switch interval a worker ready to run can wait that long.
     interval = sys.getswitchinterval()

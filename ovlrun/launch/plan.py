@@ -7,11 +7,12 @@ launch's path, and ``typing`` alone costs ~10 ms to import on a -I -S interprete
 
 from __future__ import annotations
 
-from ovlrun.store.layout import snapshot_tree
+from ovlrun.store.layout import snapshot_image, snapshot_tree
 
 
 class MountItem:
-    """One localised path: mount ``snapshot_dir/tree`` (+ ``source`` as data) on ``source``."""
+    """One localised path: mount the image in ``snapshot_dir`` at its ``tree`` (in the
+    job's namespace only) and an overlay of it (+ ``source`` as data) on ``source``."""
 
     __slots__ = ("path", "root", "snapshot_dir", "source")
 
@@ -24,6 +25,10 @@ class MountItem:
     @property
     def tree(self) -> str:
         return snapshot_tree(self.snapshot_dir)
+
+    @property
+    def image(self) -> str:
+        return snapshot_image(self.snapshot_dir)
 
 
 class JobPlan:

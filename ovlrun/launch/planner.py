@@ -34,6 +34,9 @@ def plan(profile: Profile, store: Store) -> JobPlan:
             # gc removed it after we read the index (its source was deleted): same as unbuilt.
             missing.append(path)
             continue
+        if not snapshot.is_image:
+            missing.append(path)  # a directory snapshot from before images: never mounted
+            continue
         items.append(MountItem(path, snapshot.manifest.source, str(snapshot.directory), roots[path]))
     return JobPlan(profile.name, profile.network, profile.missing_root, items, missing)
 

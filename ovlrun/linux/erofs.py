@@ -195,10 +195,15 @@ def mount_image(path: str, *, file_backed: bool = True) -> int:
     readahead holds that lock, so it should not; not verified here.)  Failures raise
     :class:`ImageMountError` with the kernel's explanation.
     """
-    if file_backed:
+    if file_backed and not _file_backed_refused:
         try:
             return _file_backed(path)
         except OSError as e:
             if e.errno != errno.ENOTBLK:
                 raise ImageMountError(f"cannot mount snapshot image {path}: {e.strerror}") from None
+            # Once per process: a launch mounting 20 images asks the kernel once.
+            globals()["_file_backed_refused"] = True
     return mount_loop(path)
+
+
+_file_backed_refused = False  # this kernel refused a file-backed mount (ENOTBLK)

@@ -1,14 +1,15 @@
-"""Building opaque metacopy snapshots of shared release directories.
+"""Building snapshot images of shared release directories.
 
-For a source subtree S the snapshot is a local tree T where
-- every directory is a real directory, marked opaque (``trusted.overlay.opaque=y``) so
-  overlayfs never looks below it, with S's mode, owner and times;
-- every regular file is an empty sparse file of S's size, mode, owner and times, marked
-  ``trusted.overlay.metacopy`` (metadata only) with ``trusted.overlay.redirect`` set to its
-  absolute path inside S ("/lib/libfoo.so"): mounted with S as the data-only layer, the
-  kernel finds the data there (Documentation/filesystems/overlayfs.rst, "Data-only lower
-  layers");
-- symlinks are copied as symlinks with owner and times;
+For a source subtree S the snapshot is one EROFS image (:mod:`ovlrun.store.image`),
+written straight from the walk, with no intermediate tree:
+- every directory opaque (``trusted.overlay.opaque=y``) with S's mode, owner and mtime,
+  so overlayfs never looks below it;
+- every regular file data-less (a sparse chunk-based inode of S's size), with S's mode,
+  owner and mtime, marked ``trusted.overlay.metacopy`` with ``trusted.overlay.redirect``
+  set to its absolute path inside S ("/lib/libfoo.so"): mounted with S as the data-only
+  layer, the kernel finds the data there (Documentation/filesystems/overlayfs.rst,
+  "Data-only lower layers");
+- symlinks as symlinks with owner and mtime;
 - sockets, FIFOs and device nodes are skipped with a warning: a software release has no
   business shipping them and the overlay is mounted ``nodev`` anyway.
 
@@ -36,17 +37,17 @@ from ovlrun.errors import OvlrunError
 from ovlrun.linux.kernel import redirect_max
 from ovlrun.profile.parse import Profile, Tree, check_within_root
 from ovlrun.profile.patterns import Pattern, is_glob
+from ovlrun.store import layout
 from ovlrun.store.bounded import DEFAULT_TIMEOUT, run_bounded
-from ovlrun.store.index import Manifest, Snapshot, Store, new_snapshot_id
+from ovlrun.store.image import ImageError, Node, read_image, write_image
+from ovlrun.store.index import Manifest, Snapshot, Store, format_time, new_snapshot_id
 
-XATTR_OPAQUE = "trusted.overlay.opaque"
-XATTR_METACOPY = "trusted.overlay.metacopy"
-XATTR_REDIRECT = "trusted.overlay.redirect"
 MAX_WARNINGS_KEPT = 50
 
 Reporter = Callable[[str], None]
 # What verify compares per entry: the fingerprint inputs (mode, uid, gid, size, mtime_ns,
-# symlink target).  The snapshot tree carries exactly these, so it is its own record.
+# symlink target; a directory's size is 0: it is the filesystem's business, not the
+# release's).  The image carries exactly these, so it is its own record.
 Record = tuple[int, int, int, int, int, bytes]
 
 
@@ -57,7 +58,7 @@ class BuildError(OvlrunError):
 @dataclass
 class BuildResult:
     path: str
-    status: str  # "built", "up-to-date", "failed"
+    status: str  # "built", "exists" (not re-walked), "up-to-date" (re-walked, unchanged), "failed"
     snapshot: Snapshot | None = None
     message: str = ""
 
@@ -92,6 +93,8 @@ class WalkSummary:
     long_redirects: int
     warnings: list[str]
     records: dict[bytes, Record] | None
+    image_bytes: int = 0
+    image_sha256: str = ""
 
     @classmethod
     def of(cls, state: _WalkState) -> WalkSummary:
@@ -124,127 +127,107 @@ def expand(tree: Tree, pattern: Pattern) -> list[str]:
     return found
 
 
+def _record(mode: int, uid: int, gid: int, size: int, mtime_ns: int, extra: bytes) -> Record:
+    # A directory's size is the filesystem's business; a symlink's is its target's length.
+    if stat.S_ISDIR(mode):
+        size = 0
+    elif stat.S_ISLNK(mode):
+        size = len(extra)
+    return (mode, uid, gid, size, mtime_ns, extra)
+
+
 def _fingerprint(state: _WalkState, rel: bytes, st: os.stat_result, extra: bytes = b"") -> None:
-    record = b"%s\0%o\0%d\0%d\0%d\0%d\0%s\n" % (rel, st.st_mode, st.st_uid, st.st_gid, st.st_size,
-                                                 st.st_mtime_ns, extra)
-    state.digest.update(record)
+    record = _record(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, extra)
+    state.digest.update(b"%s\0%o\0%d\0%d\0%d\0%d\0%s\n" % (rel, *record))
     if state.records is not None:
-        state.records[rel] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, extra)
+        state.records[rel] = record
 
 
 def _link_target(name: str, src_fd: int, rel: bytes, st: os.stat_result, state: _WalkState) -> str:
     known = state.known.get(rel) if state.known is not None else None
-    if known is not None and known[:5] == (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns):
+    if known is not None and known == _record(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                                              known[5]) and len(known[5]) == st.st_size:
         # Same symlink inode metadata as in the snapshot: a new target would mean a new
         # symlink (new mtime), so skip the readlink round trip.
         return os.fsdecode(known[5])
     return os.readlink(name, dir_fd=src_fd)
 
 
-def _set_metadata(fd: int, st: os.stat_result) -> None:
-    # chown first: it clears set-uid/set-gid bits that chmod then restores.
-    os.fchown(fd, st.st_uid, st.st_gid)
-    os.fchmod(fd, stat.S_IMODE(st.st_mode))
-    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
 def _open_dir(name: str, dir_fd: int) -> int:
     return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
 
 
-def _write_file(name: str, rel: bytes, st: os.stat_result, dst_fd: int, state: _WalkState, limit: int) -> None:
+def _node(st: os.stat_result, **kw: object) -> Node:
+    return Node(st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, **kw)  # type: ignore[arg-type]
+
+
+def _file_node(rel: bytes, st: os.stat_result, state: _WalkState, limit: int) -> Node:
     redirect = b"/" + rel
     if len(redirect) > state.max_redirect:
         state.max_redirect = len(redirect)
     if len(redirect) > limit:
         state.long_redirects += 1
         state.warn(f"redirect of {len(redirect)} bytes exceeds redirect_max={limit}: {os.fsdecode(redirect)!r}")
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dst_fd)
-    try:
-        os.ftruncate(fd, st.st_size)  # sparse: no data blocks
-        os.setxattr(fd, XATTR_METACOPY, b"")
-        os.setxattr(fd, XATTR_REDIRECT, redirect)
-        _set_metadata(fd, st)
-    finally:
-        os.close(fd)
+    return _node(st, size=st.st_size, redirect=redirect)
 
 
-# One directory being mirrored: (src_fd, dst_fd, relpath bytes, remaining names, its stat).
-_Frame = tuple[int, int | None, bytes, list[str], os.stat_result]
+# One directory being walked: (its fd, its node or None when only recording, relpath
+# bytes, remaining names).
+_Frame = tuple[int, Node | None, bytes, list[str]]
 
 
-def _walk(src_root_fd: int, dst_root_fd: int | None, state: _WalkState, limit: int) -> None:
-    """Mirror the directory ``src_root_fd`` into ``dst_root_fd`` iteratively (deep trees are fine).
+def _walk(src_root_fd: int, root: Node | None, state: _WalkState, limit: int) -> None:
+    """Walk the directory ``src_root_fd`` iteratively (deep trees are fine) into the node
+    tree ``root`` (made from the root's stat by the caller).
 
-    With ``dst_root_fd`` None nothing is written: the walk only fingerprints and records
+    With ``root`` None nothing is built: the walk only fingerprints and records
     (``snapshot verify``), at the same cost on the source as a build.
     """
-    root_st = os.fstat(src_root_fd)
-    _fingerprint(state, b"", root_st)
-    stack: list[_Frame] = [(src_root_fd, dst_root_fd, b"", _list(src_root_fd, b"/"), root_st)]
+    _fingerprint(state, b"", os.fstat(src_root_fd))
+    stack: list[_Frame] = [(src_root_fd, root, b"", _list(src_root_fd, b"/"))]
     while stack:
-        src_fd, dst_fd, rel, entries, _ = stack[-1]
+        src_fd, node, rel, entries = stack[-1]
         if not entries:
-            _finish_dir(stack, state)
+            stack.pop()
+            if stack:  # the root fd belongs to the caller
+                os.close(src_fd)
             continue
         name = entries.pop()
-        child = (rel + b"/" if rel else b"") + os.fsencode(name)
+        raw = os.fsencode(name)
+        child = (rel + b"/" if rel else b"") + raw
         st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
+        new: Node | None = None
         if stat.S_ISDIR(st.st_mode):
-            stack.append(_enter_dir(name, child, st, src_fd, dst_fd, state))
+            _fingerprint(state, child, st)
+            state.counts["dirs"] += 1
+            new = _node(st, children={}) if node is not None else None
+            sub_fd = _enter_dir(name, child, src_fd)
+            stack.append((sub_fd, new, child, _list(sub_fd, b"/" + child)))
         elif stat.S_ISREG(st.st_mode):
             _fingerprint(state, child, st)
             state.counts["files"] += 1
             if st.st_nlink > 1:
                 state.counts["hardlinked"] += 1
-            if dst_fd is not None:
-                _write_file(name, child, st, dst_fd, state, limit)
+            new = _file_node(child, st, state, limit) if node is not None else None
         elif stat.S_ISLNK(st.st_mode):
-            _copy_symlink(name, child, st, src_fd, dst_fd, state)
+            target = os.fsencode(_link_target(name, src_fd, child, st, state))
+            _fingerprint(state, child, st, target)
+            state.counts["symlinks"] += 1
+            new = _node(st, size=len(target), target=target) if node is not None else None
         else:
             state.counts["skipped"] += 1
             kind = {stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
                     stat.S_IFBLK: "block device"}.get(stat.S_IFMT(st.st_mode), "special file")
             state.warn(f"skipped {kind} /{os.fsdecode(child)} (not represented in snapshots)")
+        if new is not None and node is not None and node.children is not None:
+            node.children[raw] = new
 
 
-def _finish_dir(stack: list[_Frame], state: _WalkState) -> None:
-    """All entries of the top directory are done: seal its copy and leave it."""
-    src_fd, dst_fd, _, _, dir_st = stack.pop()
-    if dst_fd is not None:
-        os.setxattr(dst_fd, XATTR_OPAQUE, b"y")
-        _set_metadata(dst_fd, dir_st)
-    if stack:  # the root fds belong to the caller
-        os.close(src_fd)
-        if dst_fd is not None:
-            os.close(dst_fd)
-
-
-def _enter_dir(name: str, child: bytes, st: os.stat_result, src_fd: int, dst_fd: int | None,
-               state: _WalkState) -> _Frame:
-    _fingerprint(state, child, st)
-    state.counts["dirs"] += 1
-    sub_dst = None
-    if dst_fd is not None:
-        os.mkdir(name, 0o700, dir_fd=dst_fd)
-        sub_dst = _open_dir(name, dst_fd)
+def _enter_dir(name: str, child: bytes, src_fd: int) -> int:
     try:
-        sub_src = _open_dir(name, src_fd)
+        return _open_dir(name, src_fd)
     except PermissionError:  # refused at open (FUSE/NFS opendir), not at readdir
         raise BuildError(f"cannot list '/{os.fsdecode(child)}' in the source: permission denied") from None
-    return (sub_src, sub_dst, child, _list(sub_src, b"/" + child), st)
-
-
-def _copy_symlink(name: str, child: bytes, st: os.stat_result, src_fd: int, dst_fd: int | None,
-                  state: _WalkState) -> None:
-    target = _link_target(name, src_fd, child, st, state)
-    _fingerprint(state, child, st, os.fsencode(target))
-    state.counts["symlinks"] += 1
-    if dst_fd is None:
-        return
-    os.symlink(target, name, dir_fd=dst_fd)
-    os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
-    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
 
 
 def _list(fd: int, where: bytes) -> list[str]:
@@ -257,19 +240,50 @@ def _list(fd: int, where: bytes) -> list[str]:
         raise BuildError(f"cannot list {os.fsdecode(where)!r} in the source: permission denied") from None
 
 
-def build_tree(source: str, build_dir: Path) -> tuple[WalkSummary, Path]:
-    tree_dir = build_dir / "tree"
-    tree_dir.mkdir(mode=0o700)
+def build_image(source: str, image: Path) -> WalkSummary:
+    """Walk ``source`` and write its snapshot image to ``image`` (a new file)."""
     state = _WalkState()
     limit = redirect_max()
     src_fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    dst_fd = os.open(tree_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        _walk(src_fd, dst_fd, state, limit)
+        root = _node(os.fstat(src_fd), children={})
+        _walk(src_fd, root, state, limit)
     finally:
         os.close(src_fd)
-        os.close(dst_fd)
-    return WalkSummary.of(state), tree_dir
+    fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        try:
+            stats = write_image(root, out, build_time=int(time.time()))
+        except ImageError as e:
+            raise BuildError(f"cannot write the snapshot image of {source}: {e}") from None
+        out.flush()
+        os.fsync(out.fileno())
+    summary = WalkSummary.of(state)
+    summary.image_bytes = stats.bytes
+    summary.image_sha256 = file_sha256(str(image))
+    return summary
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def image_records(image: Path) -> dict[bytes, Record]:
+    """The record of every entry in a snapshot image (local: no request to the shared tree)."""
+    with open(image, "rb") as f:
+        root = read_image(f.read())
+    records: dict[bytes, Record] = {}
+    stack: list[tuple[bytes, Node]] = [(b"", root)]
+    while stack:
+        rel, node = stack.pop()
+        records[rel] = _record(node.mode, node.uid, node.gid, node.size, node.mtime_ns, node.target or b"")
+        for name, child in (node.children or {}).items():
+            stack.append(((rel + b"/" if rel else b"") + name, child))
+    return records
 
 
 def walk_records(directory: str, known: dict[bytes, Record] | None = None) -> WalkSummary:
@@ -300,13 +314,17 @@ def build_one(store: Store, path: str, source: str, *, rebuild: bool = False,
             # Snapshots published before directories were made 0700 are tightened here,
             # by the builder, so launches (which refuse open ones) need not write.
             os.chmod(old.directory, 0o700)
+        if old is not None and not old.is_image:
+            old = None  # a directory snapshot (before images): replaced by an image
         if old is not None and old.manifest.source == source and not rebuild:
-            return BuildResult(path, "up-to-date", old, f"built {time.ctime(old.manifest.built)}")
+            return BuildResult(path, "exists", old, f"built {format_time(old.manifest.built)}; "
+                               "'ovlrun snapshot refresh' rebuilds changed sources")
         build_dir = store.new_build_dir(path)
         try:
             started = time.monotonic()
-            state, _ = run_bounded(lambda: build_tree(source, build_dir), timeout=timeout,
-                                   what=f"building snapshot of {path}", close_fds=(lock_fd,))
+            image = build_dir / layout.IMAGE
+            state = run_bounded(lambda: build_image(source, image), timeout=timeout,
+                                what=f"building snapshot of {path}", close_fds=(lock_fd,))
             fingerprint = state.fingerprint
             if old is not None and old.manifest.source == source and old.manifest.fingerprint == fingerprint:
                 shutil.rmtree(build_dir)
@@ -314,7 +332,8 @@ def build_one(store: Store, path: str, source: str, *, rebuild: bool = False,
             manifest = Manifest(path=path, source=source, id=new_snapshot_id(), built=time.time(),
                                 fingerprint=fingerprint, counts=state.counts, max_redirect=state.max_redirect,
                                 long_redirects=state.long_redirects, redirect_max=redirect_max(),
-                                warnings=state.warnings, root=root or (old.manifest.root if old else ""))
+                                warnings=state.warnings, root=root or (old.manifest.root if old else ""),
+                                image_bytes=state.image_bytes, image_sha256=state.image_sha256)
             snapshot = store.publish(build_dir, manifest)
         except BaseException as e:
             shutil.rmtree(build_dir, ignore_errors=True)

@@ -23,7 +23,7 @@ from ovlrun.linux.files import is_temporary_of, write_atomic
 from ovlrun.store import layout
 from ovlrun.store.layout import source_key, store_dir
 
-FORMAT = 1
+FORMAT = 2  # 2: snapshots are EROFS images (1: directory trees, no longer mounted)
 
 
 def _token(nbytes: int) -> str:
@@ -44,6 +44,8 @@ class Manifest(NamedTuple):
     redirect_max: int = 0
     warnings: list[str] = []  # noqa: RUF012 (never mutated; NamedTuple defaults are shared)
     root: str = ""  # the profile tree's root ("" in manifests from before it was recorded)
+    image_bytes: int = 0
+    image_sha256: str = ""  # "" for directory snapshots (format 1), which launches ignore
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, **self._asdict()}
@@ -61,8 +63,13 @@ class Snapshot(NamedTuple):
     manifest: Manifest
 
     @property
-    def tree(self) -> Path:
-        return Path(layout.snapshot_tree(str(self.directory)))
+    def image(self) -> Path:
+        return Path(layout.snapshot_image(str(self.directory)))
+
+    @property
+    def is_image(self) -> bool:
+        """An EROFS image snapshot (not a retired directory snapshot)."""
+        return bool(self.manifest.image_sha256)
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -227,6 +234,11 @@ class Store:
                     except SnapshotMissing:
                         continue
         return out
+
+
+def format_time(seconds: float) -> str:
+    """How every command shows a time: local, ISO 8601 to the second."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
 
 def new_snapshot_id() -> str:

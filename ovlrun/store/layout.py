@@ -9,7 +9,9 @@ Layout (all root-owned; directories 0755 except where noted)::
     STORE/tmp/gc.RANDOM/                snapshots gc took out, being deleted
     STORE/snapshots/KEY/ID/             one snapshot, 0700 (its tree mirrors source modes)
     STORE/snapshots/KEY/ID/manifest.json
-    STORE/snapshots/KEY/ID/tree/        the opaque metacopy tree (a lower layer)
+    STORE/snapshots/KEY/ID/image.erofs  the opaque metacopy tree, an EROFS image, 0600
+    (STORE/snapshots/KEY/ID/tree/       in a job's namespace only: where the image is
+                                        mounted while its overlay is made)
     STORE/plans/DEV-INO.plan            cached launch plans, 0600 (ovlrun/launch/plancache.py)
 
 KEY names a localised path (:func:`source_key`), ID one build of it.  Light on imports
@@ -30,6 +32,7 @@ INDEX_LOCK = "index.lock"
 MANIFEST = "manifest.json"
 SNAPSHOTS = "snapshots"
 TREE = "tree"
+IMAGE = "image.erofs"
 TMP = "tmp"
 LOCKS = "locks"
 PLANS = "plans"
@@ -60,6 +63,10 @@ def index_file(store: str) -> str:
 
 def snapshot_tree(snapshot_dir: str) -> str:
     return os.path.join(snapshot_dir, TREE)
+
+
+def snapshot_image(snapshot_dir: str) -> str:
+    return os.path.join(snapshot_dir, IMAGE)
 
 
 def plan_file(store: str, dev: int, ino: int) -> str:

@@ -3,16 +3,17 @@
 verify
     Re-walks each current snapshot's source with the builder's own walk, writing
     nothing (:func:`ovlrun.store.build.walk_records`: one readdir per directory, one lstat per
-    entry; a symlink whose lstat is unchanged is not readlink'ed again), walks the snapshot
-    tree the same way (local: it carries each entry's recorded metadata, since the builder
-    copied exactly the fingerprint inputs onto it) and compares the two record sets:
+    entry; a symlink whose lstat is unchanged is not readlink'ed again), reads the
+    snapshot image's records (local: the image carries exactly the fingerprint inputs)
+    and compares the two record sets:
     entries *missing* in the source, entries whose metadata *changed*, *new* entries.
 refresh
     Rebuilds the snapshots verify finds changed and publishes each new one atomically
     (``rename(2)`` + index rewrite): running jobs keep the tree they mounted.
 gc
     Removes snapshots that are no longer current (a newer one replaced them, or a killed
-    publish orphaned them) and current ones whose source is gone, never one a running
+    publish orphaned them), current ones whose source is gone, and directory snapshots
+    (retired by images; jobs no longer mount them), never one a running
     job has mounted (:mod:`ovlrun.store.inuse`), plus leftovers of killed builds and gcs.
 """
 
@@ -31,7 +32,7 @@ from ovlrun.errors import OvlrunError
 from ovlrun.profile.parse import Profile
 from ovlrun.store import layout
 from ovlrun.store.bounded import DEFAULT_TIMEOUT, run_bounded
-from ovlrun.store.build import Record, build_one, walk_records
+from ovlrun.store.build import Record, build_one, image_records, walk_records
 from ovlrun.store.index import Snapshot, SnapshotMissing, Store
 from ovlrun.store.inuse import snapshot_ids_in_use
 
@@ -95,10 +96,14 @@ def compare(snapshot: dict[bytes, Record], source: dict[bytes, Record]) -> tuple
 def verify_one(path: str, snapshot: Snapshot, *, timeout: float = DEFAULT_TIMEOUT) -> Drift:
     source = snapshot.manifest.source
     drift = Drift(path, source, snapshot.manifest.id, "clean")
+    if not snapshot.is_image:
+        drift.status = "error"
+        drift.message = "a directory snapshot from before images: 'ovlrun snapshot build' replaces it"
+        return drift
     try:
-        ours = walk_records(str(snapshot.tree)).records or {}
-    except OSError as e:
-        drift.status, drift.message = "error", f"cannot read snapshot {snapshot.tree}: {e}"
+        ours = image_records(snapshot.image)
+    except (OSError, ValueError) as e:
+        drift.status, drift.message = "error", f"cannot read snapshot image {snapshot.image}: {e}"
         return drift
     try:
         theirs = run_bounded(lambda: walk_records(source, known=ours), timeout=timeout,
@@ -168,7 +173,7 @@ def refresh(store: Store, profile: Profile | None, *, timeout: float = DEFAULT_T
 class Collected:
     path: str
     directory: str
-    reason: str  # "replaced", "orphaned", "source-gone"
+    reason: str  # "replaced", "orphaned", "source-gone", "retired" (a directory snapshot)
     action: str  # "removed", "would remove", "kept: in use", "kept: grace"
 
 
@@ -234,9 +239,9 @@ def _decide(store: Store, index: dict[str, str], gone: dict[str, bool], in_use: 
         rel = str(snap.directory.relative_to(store.path))
         m = snap.manifest
         if rel in current:
-            if not gone.get(m.path, False):
+            if snap.is_image and not gone.get(m.path, False):
                 continue
-            reason = "source-gone"
+            reason = "source-gone" if snap.is_image else "retired"
         else:
             reason = "replaced" if m.path in index else "orphaned"
         if (snap.directory.parent.name, snap.directory.name) in in_use:
@@ -255,7 +260,7 @@ def _collect(store: Store, index: dict[str, str], report: list[Collected]) -> No
     doomed = [c for c in report if c.action == "removed"]
     new_index = dict(index)
     for c in doomed:
-        if c.reason == "source-gone":
+        if c.reason in ("source-gone", "retired"):
             new_index.pop(c.path, None)
     if new_index != index:
         store.write_index(new_index)
