@@ -109,6 +109,7 @@ def test_tree_root_missing_or_unmounted_at_launch_is_a_clear_error(world: World)
         world.sw.mkdir()  # an empty mount point: the NFS tree is not mounted
         r = world.job("echo ran")
         assert r.returncode == 125 and f"shared tree root {world.sw} is empty (not mounted?)" in r.stderr
+        assert "refusing to run the job there" in r.stderr
         r = world.ovlrun("snapshot", "build", "--profile", "p", timeout=30)
         assert r.returncode == 1 or "matches nothing" in r.stderr
         assert "Traceback" not in r.stderr

@@ -181,7 +181,10 @@ def snapshot_gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only li
 
 @profile_app.command("check")
 def profile_check(name: Annotated[str, typer.Argument(help="Profile name or path.")]) -> None:
-    """Validate a profile (the submit-time check); prints what it would localise."""
+    """Validate a profile (the submit-time check) as launches and Slurm jobs would use it;
+    prints what it would localise.  Exits 1 if sudo launches and Slurm jobs would refuse
+    it.  Needs no root: run it as yourself."""
+    from ovlrun.profile.locate import check_trusted_profile, is_path_spec
     from ovlrun.profile.parse import load_profile
     from ovlrun.store.index import Store
 
@@ -190,6 +193,15 @@ def profile_check(name: Annotated[str, typer.Argument(help="Profile name or path
     print(f"{profile.name}: {profile.file} OK ({profile.description or 'no description'})")
     for tree, pattern, built in profile.select(index):
         print(f"  {tree.path_of(pattern.text)}: {len(built)} snapshot(s) built")
+    if is_path_spec(name):
+        print("  (a profile file by path: only root launches with it; sudo users and Slurm jobs name installed ones)")
+        return
+    # The same trust rule a sudo launch and the Slurm prolog apply: a pass here must
+    # not be a refusal there.
+    try:
+        check_trusted_profile(str(profile.file))
+    except OvlrunError as e:
+        raise OvlrunError(f"sudo launches and Slurm jobs would refuse it: {e}", status=1) from None
 
 
 @app.command("doctor")
@@ -214,17 +226,20 @@ def doctor(as_json: JsonOpt = False) -> None:
 
 @app.command("status")
 def status(as_json: JsonOpt = False) -> None:
-    """Inside a job: the profile and each localised path with its snapshot."""
+    """Inside a job: the profile and each localised path with its snapshot.  Exits 1
+    outside a job."""
     info = job_status()
+    inside = bool(info["profile"] or info["localised"])
     if as_json:
         print(json.dumps(info, indent=1))
-        return
-    if not info["profile"]:
-        print("not inside an ovlrun job (OVLRUN_PROFILE is unset)")
+    elif not inside:
+        print("not inside an ovlrun job (no localised paths, OVLRUN_PROFILE unset)")
     else:
-        print(f"profile: {info['profile']}")
-    for m in info["localised"]:
-        print(f"  {m['path']}  <- {m['snapshot']}  ({m['mode']})")
+        print(f"profile: {info['profile'] or '(unknown)'}")
+        for m in info["localised"]:
+            print(f"  {m['path']}  <- {m['snapshot']}  ({m['mode']})")
+    if not inside:
+        raise typer.Exit(1)
 
 
 def job_status() -> dict[str, Any]:
@@ -246,7 +261,21 @@ def job_status() -> dict[str, Any]:
                 mode = "data-only" if data_only else "fallback (shared tree as regular lower layer)"
                 localised.append({"path": m.point, "snapshot": os.path.dirname(layer.rstrip("/")), "mode": mode})
                 break
-    return {"profile": os.environ.get("OVLRUN_PROFILE", ""), "localised": localised}
+    return {"profile": os.environ.get("OVLRUN_PROFILE", "") or _slurm_job_profile(), "localised": localised}
+
+
+def _slurm_job_profile() -> str:
+    """In a Slurm job without the TaskProlog's exports: the profile its record names."""
+    from ovlrun.hooks.records import JobRecord, valid_job_id
+
+    job_id = os.environ.get("SLURM_JOB_ID", "")
+    if not valid_job_id(job_id):
+        return ""
+    try:
+        record = JobRecord.load(job_id)
+    except (OvlrunError, ValueError, TypeError):
+        return ""
+    return record.profile or "" if record is not None and record.state == "localised" else ""
 
 
 def _usage_error(e: Exception) -> int | None:

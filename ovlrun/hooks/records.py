@@ -59,6 +59,10 @@ class JobRecord:
     def messages_path(cls, job_id: str) -> Path:
         return cls.path_for(job_id).with_suffix(".messages")
 
+    @classmethod
+    def env_path(cls, job_id: str) -> Path:
+        return cls.path_for(job_id).with_suffix(".env")
+
     def save(self) -> None:
         directory = rundir()
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -68,6 +72,10 @@ class JobRecord:
         # reach the interpreter that runs ovlrun.
         notes = "".join(m.replace("\n", " ") + "\n" for m in self.messages)
         write_atomic(str(self.messages_path(self.job_id)), notes.encode())
+        # What a launch puts in a job's environment, for the TaskProlog to export (profile
+        # names are [A-Za-z0-9_.+-], job ids digits: nothing to quote).
+        env = f"OVLRUN_PROFILE={self.profile}\nOVLRUN_JOB_ID={self.job_id}\n" if self.state == "localised" else ""
+        write_atomic(str(self.env_path(self.job_id)), env.encode())
 
     @classmethod
     def load(cls, job_id: str) -> JobRecord | None:
@@ -91,6 +99,7 @@ class JobRecord:
     def remove(cls, job_id: str) -> None:
         cls.path_for(job_id).unlink(missing_ok=True)
         cls.messages_path(job_id).unlink(missing_ok=True)
+        cls.env_path(job_id).unlink(missing_ok=True)
 
     @classmethod
     def all(cls) -> list[JobRecord]:

@@ -36,6 +36,8 @@ from pathlib import Path
 
 from ovlrun.errors import OvlrunError
 from ovlrun.hooks.records import JobRecord, rundir, valid_job_id
+from ovlrun.launch.mount import mount_items, report_missing
+from ovlrun.launch.planner import plan
 from ovlrun.linux import namespaces, syscalls
 from ovlrun.profile.locate import valid_name
 from ovlrun.profile.parse import Profile, load_profile
@@ -195,12 +197,10 @@ def _load_request(name: str) -> tuple[Profile, Store]:
 
 
 def _mount_overlays(profile: Profile, store: Store) -> Notes:
-    """Inside the job's namespace: mount the profile; report what for the job record."""
-    # Imported here: the mount code pulls in the privilege code (python-prctl), which a
-    # Prolog that finds nothing to mount never needs.
-    from ovlrun.launch.mount import mount_items, report_missing
-    from ovlrun.launch.planner import plan
+    """Inside the job's namespace: mount the profile; report what for the job record.
 
+    Everything it needs is imported at module level, before any namespace exists: the
+    job's private /tmp may hide the directory the package is imported from."""
     messages: list[str] = []
     job_plan = plan(profile, store)
     report_missing(job_plan, strict=False, warn=messages.append)

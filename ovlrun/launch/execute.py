@@ -11,11 +11,12 @@ directory, environment, privilege drop, exec.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
-from ovlrun.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND
-from ovlrun.launch.mount import mount_items, report_missing, warn_stderr
+from ovlrun.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, OvlrunError
+from ovlrun.launch.mount import TreeRootMissing, mount_items, report_missing, warn_stderr
 from ovlrun.linux.namespaces import enter_private_namespace
 from ovlrun.linux.privileges import Identity, drop_to
 
@@ -51,7 +52,13 @@ def exec_command(argv: list[str], environ: dict[str, str], identity: Identity | 
     if identity is not None:
         drop_to(identity)
     try:
-        os.execve(path, argv, environ)
+        try:
+            os.execve(path, argv, environ)
+        except OSError as e:
+            if e.errno != errno.ENOEXEC:
+                raise
+            # A script without "#!": run it with /bin/sh, as execvp(3) and env(1) do.
+            os.execve("/bin/sh", ["/bin/sh", path, *argv[1:]], environ)
     except OSError as e:
         print(f"ovlrun: {argv[0]}: {e.strerror}", file=sys.stderr)
         return EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_CANNOT_EXECUTE
@@ -107,7 +114,11 @@ def run(plan: JobPlan, command: list[str], *, store: str, identity: Identity | N
     cwd = current_directory()
     report_missing(plan, strict=strict, warn=warn_stderr)
     enter_private_namespace()
-    mount_items(plan.items, store, strict=strict, warn=warn_stderr, missing_root=plan.missing_root)
+    try:
+        mount_items(plan.items, store, strict=strict, warn=warn_stderr, missing_root=plan.missing_root)
+    except TreeRootMissing as e:
+        raise OvlrunError(f"{e}; refusing to run the job there "
+                          "(profiles may allow it with missing_root = \"unlocalised\")") from None
     if plan.network == "none":
         from ovlrun.linux.network import isolate_network  # pyroute2 is slow to import: only here
 

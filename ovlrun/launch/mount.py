@@ -36,6 +36,12 @@ if TYPE_CHECKING:
     Warn = Callable[[str], None]
 
 
+class TreeRootMissing(OvlrunError):
+    """A profile tree's root is missing or empty (not mounted), and the profile does not
+    allow running without it: the launch refuses to run the job (a Slurm job, which a
+    hook cannot stop without draining the node, runs unlocalised and is told why)."""
+
+
 def warn_stderr(message: str) -> None:
     print(f"ovlrun: warning: {message}", file=sys.stderr)
 
@@ -201,5 +207,4 @@ def _tree_root_available(item: MountItem, missing_root: str, warn: Warn) -> bool
     if missing_root == "unlocalised":
         warn(f"shared tree root {item.root} {problem}; running without localising it")
         return False
-    raise OvlrunError(f"shared tree root {item.root} {problem}; refusing to run the job there "
-                      "(profiles may allow it with missing_root = \"unlocalised\")")
+    raise TreeRootMissing(f"shared tree root {item.root} {problem}")

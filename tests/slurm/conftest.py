@@ -56,7 +56,7 @@ class Slurm:
         out.unlink(missing_ok=True)
         args = ["sbatch", "--wait", "--parsable", "-n1", "-c1", "-J", name,
                 "-o", str(self.world.out / f"{name}.slurm-out"),
-                f"--export=ALL,{','.join(f'{k}={v}' for k, v in self.world.job_env().items())}"]
+                f"--export=ALL,PYTHONPATH={REPO},{','.join(f'{k}={v}' for k, v in self.world.job_env().items())}"]
         if comment is not None:
             args.append(f"--comment={comment}")
         args += [str(self.world.base / "job.sh"), str(out), str(rendezvous or ""), tag]

@@ -10,6 +10,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ for v in 1.0 2.0; do
 done
 echo "$who.overlays=$(grep -c ' - overlay ' /proc/self/mountinfo)"
 echo "$who.tmp_owner=$(stat -c %U /tmp)"
+echo "$who.profile_env=${OVLRUN_PROFILE:-unset}"
+echo "$who.status=$("$OVLRUN_TEST_PYTHON" -m ovlrun status 2>&1 | head -1)"
 """.replace("ADDED", ADDED)
 
 JOB = r"""#!/bin/bash
@@ -77,7 +80,8 @@ class SlurmWorld:
                 "OVLRUN_SLURM_LOG": str(self.base / "slurm-hooks.log")}
 
     def job_env(self) -> dict[str, str]:
-        return {"OVLRUN_TEST_SW": str(self.sw), "OVLRUN_TEST_DIR": str(self.base)}
+        return {"OVLRUN_TEST_SW": str(self.sw), "OVLRUN_TEST_DIR": str(self.base),
+                "OVLRUN_TEST_PYTHON": sys.executable}
 
 
 def ensure_user() -> pwd.struct_passwd:

@@ -202,6 +202,27 @@ def test_prolog_failure_modes_exit_zero(slurm_world: SlurmWorld, jc: tuple[Path,
     assert r.returncode == 0 and "SLURM_JOB_ID" in r.stderr
 
 
+def test_prolog_with_the_tree_not_mounted_says_the_job_runs_unlocalised(slurm_world: SlurmWorld, jc: tuple[Path, Path],
+                                                                         job_id: str) -> None:
+    conf, _ = jc
+    hidden = slurm_world.sw.with_name("sw.hidden")
+    slurm_world.sw.rename(hidden)
+    slurm_world.sw.mkdir()  # an empty mount point: the NFS tree is not mounted
+    try:
+        env = slurm_env(slurm_world, job_id, "ovl:slurmtest-a", OVLRUN_SLURM_JC_CONF=str(conf))
+        r = hook("prolog", env)
+        assert r.returncode == 0, r.stderr
+        record = JobRecord.load(job_id)
+        assert record is not None and record.state == "unlocalised"
+        (message,) = record.messages
+        assert message.startswith("job runs unlocalised") and f"shared tree root {slurm_world.sw} is empty" in message
+        assert "refusing" not in message  # it is not refused: a Prolog cannot stop it without draining the node
+        assert hook("epilog", env).returncode == 0
+    finally:
+        slurm_world.sw.rmdir()
+        hidden.rename(slurm_world.sw)
+
+
 def test_first_job_on_a_fresh_node_creates_the_run_directory(slurm_world: SlurmWorld, job_id: str) -> None:
     rundir = BASE / "fresh-run" / "jobs"
     if rundir.exists():

@@ -46,6 +46,9 @@ def assert_host_clean(slurm: Slurm, job: Job) -> None:
 def test_batch_and_step_see_localised_view(slurm: Slurm) -> None:
     job = slurm.run("ovl:slurmtest-a", "single")
     assert_view(job, "1.0")
+    for who in ("batch", "step"):  # as after a launch: the TaskProlog exports it, status shows it
+        assert job.out[f"{who}.profile_env"] == "slurmtest-a", job.out
+        assert job.out[f"{who}.status"] == "profile: slurmtest-a", job.out
     assert_host_clean(slurm, job)
     assert "profile 'slurmtest-a' (create): 1 localised path(s) for ovltest" in slurm.hook_log()
 
