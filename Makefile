@@ -4,7 +4,7 @@ DEMO_TREE ?= /srv/ovlrun-demo/sw
 APT_PACKAGES = libcap-dev attr fuse3 libfuse3-dev pkg-config tmux sudo
 STAMP = .setup.stamp
 
-.PHONY: setup demo test lint bench install clean
+.PHONY: setup demo test test-vm lint bench install clean
 
 $(STAMP): pyproject.toml
 	apt-get update -qq
@@ -21,6 +21,13 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m pytest -q
+
+# Debian 12 (6.1) and 13 (6.12) kernels under qemu (TCG), the launch subset in each; see
+# tests/test_vm_kernels.py.  Kernels are downloaded once into /var/cache/ovlrun-vm.
+VM_APT_PACKAGES = qemu-system-x86 busybox-static cpio kmod xz-utils zstd
+test-vm: setup
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(VM_APT_PACKAGES) >/dev/null
+	OVLRUN_VM_TESTS=1 $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_vm_kernels.py
 
 lint: setup
 	$(PYTHON) -m ruff check ovlrun tests

@@ -128,6 +128,25 @@ def test_long_layer_paths(world: World, method: str, length: int) -> None:
     assert snapshot_key_id(tree) in out["in_use"]  # type: ignore[operator]
 
 
+@requires_root
+@requires_overlay
+def test_launch_with_store_path_over_the_string_limit(world: World) -> None:
+    """A whole launch from a ~650-byte store: data reads, and ``ovlrun status`` inside the
+    job names the snapshot, whichever way the kernel was given the layer."""
+    (world.base / "st").mkdir(mode=0o755)
+    store = long_dir(world.base / "st", 600) / "store"
+    world.simple_profile()
+    env = {"OVLRUN_STORE": str(store)}
+    assert world.ovlrun("snapshot", "build", "--profile", "p", env=env).returncode == 0
+    rel = world.sw / "app" / "1.0"
+    result = world.job(f"cat {rel}/lib/python/mod.py; {sys.executable} -m ovlrun status --json", env=env)
+    assert result.returncode == 0, result.stderr
+    first, _, status = result.stdout.partition("\n")
+    assert first == "VERSION = '1.0'"
+    (item,) = json.loads(status)["localised"]
+    assert item["path"] == str(rel) and item["snapshot"].startswith(f"{store}/snapshots/")
+
+
 def test_escape_layer() -> None:
     assert escape_layer("/a:b,c\\d") == "/a\\:b\\,c\\\\d"
 

@@ -75,6 +75,8 @@ def test_kernel(suite: str) -> None:
     smoke, features = _report(result.output, "SMOKE"), _report(result.output, "FEATURES")
     print(f"\n{suite} {kernel.release}: {result.seconds:.1f}s, status {result.status}")
     print(json.dumps({"smoke": smoke, "features": features}, indent=1))
+    print("\n".join(line for line in result.output.splitlines()
+                    if " passed" in line or " failed" in line or line.startswith(("FAILED", "SKIPPED", "ERROR"))))
     assert result.status is not None, "the guest never reported (boot failure or timeout):\n" + result.console[-4000:]
     assert result.status == 0, result.output[-6000:]
     assert smoke.get("failed") == [], smoke

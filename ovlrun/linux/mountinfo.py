@@ -42,9 +42,14 @@ def job_status() -> dict[str, Any]:
     store = str(store_path()).rstrip("/") + "/"
     localised = []
     for point, options in overlay_mounts():
-        if store not in options:
+        if store in options:
+            after = options.split(store, 1)[1]
+        elif "=snapshots/" in options:
+            # A store path too long for the kernel's string interfaces is given relative to
+            # the store root (linux/layerpaths.py): lowerdir+=snapshots/KEY/ID/tree.
+            after = "snapshots/" + options.split("=snapshots/", 1)[1]
+        else:
             continue
-        after = options.split(store, 1)[1]
         snapshot = store + "/".join(after.split("/")[:3])
         data_only = "::" in options or "datadir+" in options
         localised.append({"path": point, "snapshot": snapshot,

@@ -116,7 +116,7 @@ def main() -> int:
         doctor = json.loads(r.stdout)
     except ValueError:
         doctor = {"unparsable": r.stdout[-300:], "stderr": r.stderr[-300:]}
-    checks["doctor"] = doctor
+    checks["doctor --json"] = doctor
     check("doctor", r.returncode == 0, r.stderr.strip())
     check("nothing left mounted", not overlay_mounts(), overlay_mounts())
     print("SMOKE " + json.dumps({"failed": failed, **checks}))
