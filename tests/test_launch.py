@@ -201,3 +201,7 @@ def test_status_inside_job(world: World) -> None:
 def test_doctor(world: World) -> None:
     r = world.ovlrun("doctor")
     assert r.returncode == 0 and "data_only_layers" in r.stdout
+    info = json.loads(world.ovlrun("doctor", "--json").stdout)
+    assert info["overlay"] is True and info["method"] == probe().method == info["usable_methods"][0]
+    # An accepted key is only trusted once an unknown one was seen rejected (6.1 accepts all).
+    assert info["probe"]["unknown key"] == "EINVAL" or info["method"] == "mount-fallback"

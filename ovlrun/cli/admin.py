@@ -213,6 +213,8 @@ def doctor(as_json: JsonOpt = False) -> None:
                     print(f"{'probe ' + pk:28} {pv}")
             else:
                 print(f"{k:28} {v}")
+    if f.findings.get("fsopen") == "EPERM":
+        raise OvlrunError("probing overlayfs needs root (fsopen: EPERM); run doctor as root", status=1)
     if not f.overlay:
         raise OvlrunError("overlayfs is not available (no overlay filesystem, even after module autoload)", status=1)
 

@@ -64,8 +64,9 @@ def main() -> int:
            "OVLRUN_STORE": str(store), "OVLRUN_PROFILE_PATH": str(profiles)}
 
     def ovlrun(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        # cwd: not the checkout, or "python -m" would import ovlrun from there, not --source.
         return subprocess.run([sys.executable, "-m", "ovlrun", *argv], env=env, text=True, capture_output=True,
-                              timeout=timeout)
+                              timeout=timeout, cwd=base)
 
     def job(script: str) -> subprocess.CompletedProcess[str]:
         return ovlrun("--profile", "p", "--", "/bin/sh", "-c", script)
