@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 
 from ovlrun.linux import syscalls
@@ -212,7 +213,29 @@ def measure(base: str) -> dict[str, str]:
     res["long: /proc/self/fd/N, fsconfig lowerdir+/datadir+"] = _in_child(lambda: magic_fs() + f" [{_shown(point)}]")
     res["long: /proc/self/fd/N, mount(2) ::"] = _in_child(magic_legacy("::"))
     res["long: /proc/self/fd/N, mount(2) :"] = _in_child(magic_legacy(":"))
+    res.update(timings(snap, lsnap, data, point))
     return res
+
+
+def timings(snap: str, lsnap: str, data: str, point: str, rounds: int = 20) -> dict[str, str]:
+    """ms per mount+umount through ovlrun's own mount_overlay, short vs > 255-byte store
+    path, for every method this kernel has (in a child namespace)."""
+    from ovlrun.linux.kernel import METHODS, forced, probe
+    from ovlrun.linux.overlay import OverlaySpec, mount_overlay
+
+    usable = METHODS[METHODS.index(probe().method):]
+    out: dict[str, str] = {}
+    for method in usable:
+        for label, tree in (("short", snap), ("long", lsnap)):
+            def fn(tree: str = tree, method: str = method) -> str:
+                spec, features = OverlaySpec(point, tree, data), forced(method)
+                start = time.perf_counter()
+                for _ in range(rounds):
+                    mount_overlay(spec, features)
+                    syscalls.umount2(point, syscalls.MNT_DETACH)
+                return f"{(time.perf_counter() - start) * 1000 / rounds:.2f} ms"
+            out[f"time: {method}, {label} store path ({len(tree)} B)"] = _in_child(fn)
+    return out
 
 
 def strings_at(point: str, snap: str, data: str) -> Callable[[], str]:
