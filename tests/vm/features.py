@@ -186,8 +186,7 @@ def measure(base: str) -> dict[str, str]:
 
     def relative_fs() -> str:
         os.chdir(store)
-        return _fs_mount(point, lambda fs: (syscalls.fsconfig_set_string(fs, "lowerdir+", "snapshots/k/i/tree"),
-                                            syscalls.fsconfig_set_string(fs, "datadir+", data)) and None)
+        return _fs_mount(point, string_layers("snapshots/k/i/tree", data))
 
     def relative_legacy(sep: str) -> Callable[[], str]:
         def fn() -> str:
@@ -197,8 +196,7 @@ def measure(base: str) -> dict[str, str]:
 
     def magic_fs() -> str:
         fd = os.open(lsnap, os.O_PATH | os.O_DIRECTORY)
-        return _fs_mount(point, lambda fs: (syscalls.fsconfig_set_string(fs, "lowerdir+", f"/proc/self/fd/{fd}"),
-                                            syscalls.fsconfig_set_string(fs, "datadir+", data)) and None)
+        return _fs_mount(point, string_layers(f"/proc/self/fd/{fd}", data))
 
     def magic_legacy(sep: str) -> Callable[[], str]:
         def fn() -> str:
@@ -238,11 +236,15 @@ def timings(snap: str, lsnap: str, data: str, point: str, rounds: int = 20) -> d
     return out
 
 
-def strings_at(point: str, snap: str, data: str) -> Callable[[], str]:
+def string_layers(snap: str, data: str) -> Callable[[int], None]:
     def config(fs: int) -> None:
         syscalls.fsconfig_set_string(fs, "lowerdir+", snap)
         syscalls.fsconfig_set_string(fs, "datadir+", data)
-    return lambda: _fs_mount(point, config)
+    return config
+
+
+def strings_at(point: str, snap: str, data: str) -> Callable[[], str]:
+    return lambda: _fs_mount(point, string_layers(snap, data))
 
 
 def _shown(point: str) -> str:
