@@ -71,7 +71,7 @@ def test_kernel(suite: str) -> None:
     if not harness.qemu_available():
         pytest.fail("qemu-system-x86_64 or /bin/busybox (busybox-static) missing")
     kernel = kernels.fetch(suite)
-    result = harness.run(kernel, guest_script(), timeout=480)
+    result = harness.run(kernel, guest_script(), timeout=360)  # normally 150-190 s
     smoke, features = _report(result.output, "SMOKE"), _report(result.output, "FEATURES")
     print(f"\n{suite} {kernel.release}: {result.seconds:.1f}s, status {result.status}")
     print(json.dumps({"smoke": smoke, "features": features}, indent=1))
