@@ -1,46 +1,101 @@
-# Quick start (as root on a fresh Debian 12 machine):  make demo  ;  make test
-PYTHON ?= python3
+# Quick start, as root on a fresh Debian 12 or 13 machine:
+#     make demo    installs ovlrun system-wide (make install), builds a demo tree and its
+#                  snapshots, runs a job in it
+#     make test    runs the test suite in a clean venv of Debian's python3
+#
+# Everything uses Debian's own interpreter, never the first python3 on PATH (a pyenv or
+# conda one may carry packages that hide a missing dependency).
+SYSTEM_PYTHON ?= /usr/bin/python3
+PREFIX ?= /usr/local
+SYSCONFDIR ?= /etc
+SUDOERS_DIR ?= $(SYSCONFDIR)/sudoers.d
+LIBDIR = $(PREFIX)/lib/ovlrun
+VENV = $(LIBDIR)/venv
+LAUNCHER = $(PREFIX)/sbin/ovlrun
+USER_COMMAND = $(PREFIX)/bin/ovlrun
+PROFILE_DIR = $(SYSCONFDIR)/ovlrun/profiles
 DEMO_TREE ?= /srv/ovlrun-demo/sw
-APT_PACKAGES = libcap-dev attr fuse3 libfuse3-dev pkg-config tmux sudo
-STAMP = .setup.stamp
+# The development venv for tests and lint: made from SYSTEM_PYTHON with only what
+# pyproject.toml declares, so an undeclared import fails the suite.
+DEV_VENV = .venv
+DEV_PYTHON = $(DEV_VENV)/bin/python
+# Build and runtime: venv + python-prctl's compiler, headers and libcap.  Tests: FUSE
+# (the NFS stand-in), attr, tmux, sudo, erofs-utils (fsck.erofs).
+RUNTIME_PACKAGES = python3-venv python3-dev gcc libcap-dev sudo
+TEST_PACKAGES = attr fuse3 libfuse3-dev pkg-config tmux erofs-utils
+APT_STAMP = .apt.stamp
+DEV_STAMP = $(DEV_VENV)/.installed
 
-.PHONY: setup demo test test-vm lint bench install clean
+.PHONY: install uninstall demo test lint bench vm-test clean
 
-$(STAMP): pyproject.toml
+$(APT_STAMP):
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null
-	$(PYTHON) -m pip install -q -e '.[test]'
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		$(RUNTIME_PACKAGES) $(TEST_PACKAGES) >/dev/null
 	touch $@
 
-setup: $(STAMP)
+# A root-owned venv in $(VENV) with ovlrun installed from a wheel built from this
+# checkout (root never runs the checkout's code), the isolated root launcher in
+# $(LAUNCHER) (python -I -S, that venv's site-packages after the stdlib), the same
+# command for users in $(USER_COMMAND) (status, profile check), $(PROFILE_DIR) and the
+# sudoers drop-in (0440, checked with visudo).  Re-running upgrades in place.
+install: $(APT_STAMP)
+	@test "$$(id -u)" = 0 || { echo "make install: run as root" >&2; exit 1; }
+	rm -rf build/wheel $(VENV).new
+	umask 022 && $(SYSTEM_PYTHON) -m venv $(VENV).new
+	umask 022 && $(VENV).new/bin/python -m pip install -q --upgrade pip
+	umask 022 && $(VENV).new/bin/python -m pip wheel -q --no-deps -w build/wheel .
+	umask 022 && $(VENV).new/bin/python -m pip install -q build/wheel/ovlrun-*.whl
+	rm -rf $(VENV).old
+	if [ -d $(VENV) ]; then mv $(VENV) $(VENV).old; fi
+	mv $(VENV).new $(VENV)
+	rm -rf $(VENV).old
+	install -d -m 0755 $(PREFIX)/sbin $(PREFIX)/bin $(PROFILE_DIR)
+	$(VENV)/bin/python -I -m ovlrun.cli.install_launcher $(LAUNCHER)
+	ln -sfn $(LAUNCHER) $(USER_COMMAND)
+	install -d -m 0755 $(SUDOERS_DIR)
+	sed 's|/usr/local/sbin/ovlrun|$(LAUNCHER)|' contrib/sudoers.d/ovlrun > $(SUDOERS_DIR)/.ovlrun.new
+	chmod 0440 $(SUDOERS_DIR)/.ovlrun.new
+	visudo -cqf $(SUDOERS_DIR)/.ovlrun.new
+	mv $(SUDOERS_DIR)/.ovlrun.new $(SUDOERS_DIR)/ovlrun
+	@echo "installed: $(LAUNCHER) (root launcher), $(USER_COMMAND), $(VENV), $(SUDOERS_DIR)/ovlrun;"
+	@echo "profiles go in $(PROFILE_DIR); snapshots in /var/lib/ovlrun"
 
-demo: setup
-	$(PYTHON) demo/build_tree.py $(DEMO_TREE)
-	$(PYTHON) -m ovlrun snapshot build --profile demo
-	$(PYTHON) -m ovlrun --profile demo -- demo/job.sh
+# Removes what install made; keeps profiles ($(PROFILE_DIR)) and the snapshot store.
+uninstall:
+	rm -f $(SUDOERS_DIR)/ovlrun $(USER_COMMAND) $(LAUNCHER)
+	rm -rf $(LIBDIR)
+	@echo "removed ovlrun; kept $(PROFILE_DIR) and /var/lib/ovlrun (remove them by hand if unwanted)"
 
-test: setup
-	$(PYTHON) -m pytest -q
+demo: install
+	$(SYSTEM_PYTHON) demo/build_tree.py $(DEMO_TREE)
+	install -m 0644 profiles/demo.toml $(PROFILE_DIR)/demo.toml
+	$(LAUNCHER) snapshot build --profile demo
+	OVLRUN_CMD=$(USER_COMMAND) $(LAUNCHER) --profile demo -- demo/job.sh
 
-# Debian 12 (6.1) and 13 (6.12) kernels under qemu (TCG), the launch subset in each; see
-# tests/test_vm_kernels.py.  Kernels are downloaded once into /var/cache/ovlrun-vm.
-VM_APT_PACKAGES = qemu-system-x86 busybox-static cpio kmod xz-utils zstd
-test-vm: setup
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(VM_APT_PACKAGES) >/dev/null
-	OVLRUN_VM_TESTS=1 $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_vm_kernels.py
+$(DEV_STAMP): pyproject.toml | $(APT_STAMP)
+	$(SYSTEM_PYTHON) -m venv $(DEV_VENV)
+	$(DEV_PYTHON) -m pip install -q --upgrade pip
+	$(DEV_PYTHON) -m pip install -q -e '.[test]'
+	touch $@
 
-lint: setup
-	$(PYTHON) -m ruff check ovlrun tests
-	$(PYTHON) -m mypy
+test: $(DEV_STAMP)
+	$(DEV_PYTHON) -m pytest -q
 
-# Installs the package and the fast isolated launcher (python -I -S, see ovlrun/wrapper.py)
-# that contrib/sudoers.d/ovlrun points at.
-install:
-	$(PYTHON) -m pip install -q .
-	$(PYTHON) -m ovlrun.cli.install_launcher /usr/local/sbin/ovlrun
+lint: $(DEV_STAMP)
+	$(DEV_PYTHON) -m ruff check ovlrun tests
+	$(DEV_PYTHON) -m mypy
 
-bench: setup
-	$(PYTHON) bench/run.py
+# Debian 12 (6.1) and 13 (6.12) kernels booted under qemu (TCG), the launch subset in
+# each (tests/test_vm_kernels.py).  Kernel packages are fetched once into
+# /var/cache/ovlrun-vm (apt under a private configuration; the host's sources untouched).
+VM_PACKAGES = qemu-system-x86 busybox-static cpio kmod xz-utils zstd
+vm-test: $(DEV_STAMP)
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(VM_PACKAGES) >/dev/null
+	OVLRUN_VM_TESTS=1 $(DEV_PYTHON) -m pytest -q -p no:cacheprovider tests/test_vm_kernels.py
+
+bench: $(DEV_STAMP)
+	$(DEV_PYTHON) bench/run.py
 
 clean:
-	rm -f $(STAMP)
+	rm -rf $(APT_STAMP) $(DEV_VENV) build

@@ -99,7 +99,7 @@ def measure(tree: TreeInfo, rounds: int, latency_us: int, log=print) -> dict[str
         "python3 -I -S -c pass": [sys.executable, "-I", "-S", "-c", "pass"],
     }
     isolated = RUN_DIR / "ovlrun-isolated"
-    subprocess.run([sys.executable, "-m", "ovlrun.cli.install_launcher", str(isolated)], check=True, capture_output=True,
+    subprocess.run([sys.executable, "-m", "ovlrun.cli.install_launcher", "--from-checkout", str(isolated)], check=True, capture_output=True,
                    cwd=ovlrun_cli.REPO)
     for n in SUBTREE_COUNTS:
         cmds[f"ovlrun {n} subtrees"] = [*ovlrun_cli.prefix(launch_profile(n)), "/bin/true"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 # env(1)/chroot(1) conventions: 125 = the wrapper itself failed, 126 = command found but
 # not executable, 127 = command not found.
+EXIT_USAGE = 2  # a command line ovlrun cannot make sense of (every command, as typer does)
 EXIT_OVLRUN = 125
 EXIT_CANNOT_EXECUTE = 126
 EXIT_NOT_FOUND = 127
@@ -25,3 +26,8 @@ class OvlrunError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def __reduce__(self) -> tuple[type[OvlrunError], tuple[str, int]]:
+        # Crosses process boundaries (the bounded walk worker) with its class and status;
+        # every subclass takes (message, status).
+        return (type(self), (self.message, self.status))

@@ -21,7 +21,7 @@ from tests.conftest import REPO, World, requires_overlay, requires_root
 CHILD = r"""
 import json, os, sys
 from ovlrun.linux.kernel import forced
-from ovlrun.launch.execute import enter_private_namespace
+from ovlrun.linux.namespaces import enter_private_namespace
 from ovlrun.linux.overlay import OverlaySpec, mount_overlay
 spec = OverlaySpec(**json.loads(sys.argv[1]))
 features = forced(sys.argv[2])

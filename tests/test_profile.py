@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from ovlrun.errors import OvlrunError
-from ovlrun.profile.parse import find_profile, parse_profile
+from ovlrun.profile.locate import locate_profile
+from ovlrun.profile.parse import parse_profile
 from ovlrun.profile.patterns import Pattern, overlap
 from tests.conftest import World, requires_overlay, requires_root
 
@@ -115,15 +116,15 @@ def test_lookup_order(tmp_path: Path) -> None:
     first.mkdir()
     second.mkdir()
     (second / "x.toml").write_text("")
-    assert find_profile("x", [first, second]) == second / "x.toml"
+    assert locate_profile("x", [str(first), str(second)]) == str(second / "x.toml")
     (first / "x.toml").write_text("")
-    assert find_profile("x", [first, second]) == first / "x.toml"
+    assert locate_profile("x", [str(first), str(second)]) == str(first / "x.toml")
     with pytest.raises(OvlrunError, match="no profile named 'y'"):
-        find_profile("y", [first, second])
+        locate_profile("y", [str(first), str(second)])
     with pytest.raises(OvlrunError, match="invalid profile name"):
-        find_profile("-rf", [first])
+        locate_profile("-rf", [str(first)])
     with pytest.raises(OvlrunError, match="does not exist"):
-        find_profile(str(tmp_path / "missing.toml"))
+        locate_profile(str(tmp_path / "missing.toml"))
 
 
 @requires_root

@@ -11,7 +11,7 @@ on this machine's root filesystem (9p) with the store on a guest tmpfs:
    and the launch tests of tests/test_launch.py that need no extra user.
 
 Opt-in (they download two kernel packages once, then boot them under TCG: ~1-3 min
-each): ``OVLRUN_VM_TESTS=1`` or ``make test-vm``.  Needs root, qemu-system-x86,
+each): ``OVLRUN_VM_TESTS=1`` or ``make vm-test``.  Needs root, qemu-system-x86,
 busybox-static, cpio and kmod (depmod, modprobe).
 """
 
@@ -28,7 +28,7 @@ from tests.conftest import REPO
 
 ENABLED = os.environ.get("OVLRUN_VM_TESTS") == "1"
 pytestmark = pytest.mark.skipif(not ENABLED or os.geteuid() != 0,
-                                reason="VM kernel tests: set OVLRUN_VM_TESTS=1 (root, qemu; see make test-vm)")
+                                reason="VM kernel tests: set OVLRUN_VM_TESTS=1 (root, qemu; see make vm-test)")
 
 LAUNCH_TESTS = " or ".join((
     "test_reads_data_through_localised_view", "test_data_matches_source_bytes", "test_absent_name_is_enoent",

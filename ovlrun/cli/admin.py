@@ -1,4 +1,9 @@
-"""Administrative subcommands (typer): snapshot, profile, doctor, status."""
+"""Every subcommand but the launch, with typer: snapshot, profile, doctor, status, and
+(from :mod:`ovlrun.cli.hooks`) slurm and enter.
+
+typer through its public API only: typer >= 0.26 vendors its own click, so importing
+click would find another copy (or none).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ from typing import Annotated, Any
 import typer
 
 from ovlrun import __version__
-from ovlrun.errors import OvlrunError
+from ovlrun.cli.hooks import register as register_hooks
+from ovlrun.errors import EXIT_OVLRUN, EXIT_USAGE, OvlrunError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ovlrun administration.",
                   context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,9 +25,10 @@ snapshot_app = typer.Typer(no_args_is_help=True, help="Build and inspect metadat
 profile_app = typer.Typer(no_args_is_help=True, help="Inspect profiles.")
 app.add_typer(snapshot_app, name="snapshot")
 app.add_typer(profile_app, name="profile")
+register_hooks(app)
 
 ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="Profile name (searched in OVLRUN_PROFILE_PATH, "
-                                         "/etc/ovlrun/profiles, bundled profiles/) or path to a .toml file.")]
+                                         "else /etc/ovlrun/profiles) or path to a .toml file.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the shared tree per source "
                                            "before giving up on it (a stalled server).")]
@@ -181,10 +188,8 @@ def profile_check(name: Annotated[str, typer.Argument(help="Profile name or path
     profile = load_profile(name)
     index = Store.open().read_index()
     print(f"{profile.name}: {profile.file} OK ({profile.description or 'no description'})")
-    for tree in profile.trees:
-        for pattern in tree.patterns:
-            built = tree.matches_in(pattern, index)
-            print(f"  {tree.path_of(pattern.text)}: {len(built)} snapshot(s) built")
+    for tree, pattern, built in profile.select(index):
+        print(f"  {tree.path_of(pattern.text)}: {len(built)} snapshot(s) built")
 
 
 @app.command("doctor")
@@ -222,8 +227,6 @@ def doctor(as_json: JsonOpt = False) -> None:
 @app.command("status")
 def status(as_json: JsonOpt = False) -> None:
     """Inside a job: the profile and each localised path with its snapshot."""
-    from ovlrun.linux.mountinfo import job_status
-
     info = job_status()
     if as_json:
         print(json.dumps(info, indent=1))
@@ -236,25 +239,74 @@ def status(as_json: JsonOpt = False) -> None:
         print(f"  {m['path']}  <- {m['snapshot']}  ({m['mode']})")
 
 
-def run_typer(args: list[str]) -> int:
-    if args and args[0] in ("-h", "--help"):
-        from ovlrun.cli.main import LAUNCH_HELP
+def job_status() -> dict[str, Any]:
+    """What this process's mount namespace localises, read back from the kernel.
 
-        print("Usage: ovlrun --profile NAME [--user USER] [--strict] [--] [CMD [ARGS...]]\n"
+    The mount table is the truth (not what the launcher meant to do): every overlay one
+    of whose layers is a snapshot tree is a localised path.
+    """
+    from ovlrun.linux import mountinfo
+    from ovlrun.store.layout import snapshot_of_layer, store_dir
+
+    localised = []
+    for m in mountinfo.read():
+        if m.fstype != "overlay":
+            continue
+        for layer in mountinfo.overlay_layers(m.super_options):
+            if snapshot_of_layer(layer) is not None:
+                data_only = "datadir+" in m.super_options or "::" in m.super_options
+                mode = "data-only" if data_only else "fallback (shared tree as regular lower layer)"
+                # A store path too long for the kernel's string interfaces was given
+                # relative to the store root, snapshots/KEY/ID/tree (linux/layerpaths.py).
+                snapshot = os.path.dirname(layer.rstrip("/"))
+                if not snapshot.startswith("/"):
+                    snapshot = os.path.join(store_dir(), snapshot)
+                localised.append({"path": m.point, "snapshot": snapshot, "mode": mode})
+                break
+    return {"profile": os.environ.get("OVLRUN_PROFILE", ""), "localised": localised}
+
+
+def _usage_error(e: Exception) -> int | None:
+    """Report typer's usage error ``e`` in one line; None if ``e`` is not one.
+
+    typer raises its (vendored) click's ``ClickException`` subclasses for bad usage; they
+    are recognised by click's documented interface (``exit_code``, ``format_message``,
+    ``ctx``) rather than by class, which would mean importing click.
+    """
+    exit_code = getattr(e, "exit_code", None)
+    format_message = getattr(e, "format_message", None)
+    if not isinstance(exit_code, int) or not callable(format_message):
+        return None
+    if type(e).__name__ == "NoArgsIsHelpError":  # help was printed already
+        return EXIT_USAGE
+    ctx = getattr(e, "ctx", None)
+    where = getattr(ctx, "command_path", "ovlrun")
+    print(f"{where}: {format_message()} (see '{where} --help')", file=sys.stderr)
+    return exit_code
+
+
+def run_typer(args: list[str]) -> int:
+    """Run a subcommand: its own status, 0 for --help, 2 for bad usage (one line)."""
+    if args and args[0] in ("-h", "--help"):
+        from ovlrun.cli.launch import LAUNCH_HELP
+
+        print("Usage: ovlrun --profile NAME [--user USER] [--strict] [--login] [--] [CMD [ARGS...]]\n"
               "       ovlrun COMMAND [ARGS...]\n")
         print(LAUNCH_HELP)
-        print("Options:\n  -p, --profile NAME  profile name or path to a .toml file\n"
-              "  -u, --user USER     run as USER (root callers only, e.g. prologs)\n"
-              "  --strict            fail if a localised path has no snapshot\n")
         return 0
     if args and args[0] == "--version":
         print(f"ovlrun {__version__}")
         return 0
-    # standalone mode: typer reports its own usage errors (exit 2) and --help (exit 0)
-    # through SystemExit.  Catching click's exception classes instead would need the
-    # click that typer uses, which typer >= 0.26 vendors privately: never import click.
     try:
-        result = app(args=args, prog_name="ovlrun", standalone_mode=True)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        result = app(args=args, prog_name="ovlrun", standalone_mode=False)
+    except (typer.Exit, typer.Abort) as e:
+        return getattr(e, "exit_code", 1)
+    except OvlrunError:
+        raise
+    except Exception as e:
+        code = _usage_error(e)
+        if code is None:
+            raise
+        # `enter` is a wrapper like the launch and env(1): its own failures are 125.
+        return EXIT_OVLRUN if args[0] == "enter" else code
     return result if isinstance(result, int) else 0

@@ -35,17 +35,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ovlrun.errors import OvlrunError
+from ovlrun.hooks.records import JobRecord, rundir, valid_job_id
 from ovlrun.linux import namespaces, syscalls
-from ovlrun.linux.namespaces import JobRecord
+from ovlrun.profile.locate import valid_name
 from ovlrun.profile.parse import Profile, load_profile
 from ovlrun.store.index import Store
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ovlrun.linux.namespaces import Notes
 
 COMMENT_PREFIX = "ovl:"
 DEFAULT_JC_CONF = "/etc/slurm/job_container.conf"
 DEFAULT_LOG = "/var/log/ovlrun/slurm.log"
-# Profile names from a job comment: a name, never a path (a user must not make root
-# mount a profile file of their own).  Same alphabet as ovlrun.profile.parse's names.
-NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 
 
 # ------------------------------------------------------------------------ logging
@@ -88,7 +90,7 @@ class SlurmJob:
         if missing:
             raise OvlrunError(f"not run by slurmd: {', '.join(missing)} unset")
         job_id = env["SLURM_JOB_ID"]
-        if not job_id.isdigit():
+        if not valid_job_id(job_id):
             raise OvlrunError(f"SLURM_JOB_ID={job_id!r} is not a number")
         uid = int(env["SLURM_JOB_UID"])
         return cls(
@@ -112,7 +114,9 @@ def requested_profile(comment: str) -> tuple[str | None, str | None]:
             name = word[len(COMMENT_PREFIX):]
             if not name:
                 return None, f"empty profile name in job comment {comment!r}"
-            if not NAME_RE.fullmatch(name) or name.endswith(".toml"):
+            # A name, never a path: a user must not make root mount a profile file of
+            # their own.
+            if not valid_name(name) or name.endswith(".toml"):
                 return None, (f"invalid profile name {name!r} in job comment: use a profile "
                               "name (letters, digits, '_', '.', '+', '-'), not a path")
             return name, None
@@ -190,16 +194,19 @@ def _load_request(name: str) -> tuple[Profile, Store]:
     return load_profile(name, trusted_only=True), Store.open()
 
 
-def _mount_overlays(profile: Profile, store: Store) -> list[str]:
-    """Inside the job's namespace: mount the profile, return notes for the record."""
-    # Imported here: launch pulls in the privilege code (python-prctl), which a
+def _mount_overlays(profile: Profile, store: Store) -> Notes:
+    """Inside the job's namespace: mount the profile; report what for the job record."""
+    # Imported here: the mount code pulls in the privilege code (python-prctl), which a
     # Prolog that finds nothing to mount never needs.
-    from ovlrun.launch.planner import mount_profile
+    from ovlrun.launch.mount import mount_items, report_missing
+    from ovlrun.launch.planner import plan
 
-    notes: list[str] = []
-    localised = mount_profile(profile, store, strict=False, warn=notes.append)
-    notes.extend(f"localised {item.path}" for item in localised)
-    return notes
+    messages: list[str] = []
+    job_plan = plan(profile, store)
+    report_missing(job_plan, strict=False, warn=messages.append)
+    mounted = mount_items(job_plan.items, str(store.path), strict=False, warn=messages.append,
+                          missing_root=profile.missing_root)
+    return {"localised": [item.path for item in mounted], "messages": messages}
 
 
 def _private_dirs(job: SlurmJob, jc: JobContainerConf, job_dir: Path) -> None:
@@ -255,51 +262,56 @@ def _prolog(job: SlurmJob, name: str, env: Mapping[str, str], log: HookLog) -> i
     except OvlrunError as e:
         _record_unlocalised(job, name, str(e), log)
         return 0
-    if profile.network != "host":
-        record.messages.append(f"profile {name!r}: network={profile.network!r} is not applied "
-                               "to Slurm jobs (only the mount namespace is shared with the job)")
-
     try:
         jc = read_job_container_conf(_jc_conf_path(env), job.node)
     except (OvlrunError, OSError) as e:
         _record_unlocalised(job, name, f"cannot read job_container.conf: {e}", log)
         return 0
-    layout = env.get("OVLRUN_SLURM_JOBDIR_LAYOUT")
-    job_dir = jc.job_dir(job.node, job.job_id, layout) if jc else None
-    holder = job_dir / ".ns" if job_dir else None
-
-    if holder is not None and namespaces.is_ns_holder(holder):
-        # RunInJob (24.05+): the plugin's namespace exists; mount into it.
-        mode = "join"
-        notes = _guarded(lambda: namespaces.run_in_namespace(holder, lambda: _mount_overlays(profile, store)),
-                         job, name, log)
-        record.ns_path = str(holder)
-    elif jc is not None and jc.clone_ns_script:
-        # 24.11+: CloneNSScript mounts once the namespace exists; it reads this record.
-        mode = "record"
-        notes = []
-        record.state = "requested"
-    else:
-        mode = "create"
-        if job_dir is not None:
-            directory = job_dir
-        else:
-            namespaces.rundir().mkdir(mode=0o755, parents=True, exist_ok=True)
-            directory = namespaces.rundir() / job.job_id
-        notes = _create(directory, _setup_dirs(job, jc, directory), profile, store, job, name, log)
-        if notes is not None:
-            record.ns_path, record.ns_owned = str(directory / ".ns"), True
+    if profile.network != "host":
+        record.messages.append(f"profile {name!r}: network={profile.network!r} is not applied "
+                               "to Slurm jobs (only the mount namespace is shared with the job)")
+    mode, notes = _prepare_namespace(job, name, profile, store, jc, env.get("OVLRUN_SLURM_JOBDIR_LAYOUT"),
+                                     record, log)
     if notes is None:
         return 0  # failure already recorded; job runs unlocalised
     if mode != "record":
         record.state = "localised"
-    record.localised = [n.removeprefix("localised ") for n in notes if n.startswith("localised ")]
-    record.messages += [n for n in notes if not n.startswith("localised ")]
+    record.localised = notes["localised"]
+    record.messages += notes["messages"]
     record.save()
     for m in record.messages:
         log("warning", m)
     log("info", f"profile {name!r} ({mode}): {len(record.localised)} localised path(s) for {job.user}")
     return 0
+
+
+def _prepare_namespace(job: SlurmJob, name: str, profile: Profile, store: Store, jc: JobContainerConf | None,
+                       layout: str | None, record: JobRecord, log: HookLog) -> tuple[str, Notes | None]:
+    """Decide how this Slurm mounts (see the module docstring) and do it.
+
+    Returns the mode ("join", "record", "create") and the notes of the mount (None if it
+    failed, already recorded); sets the record's namespace fields.
+    """
+    job_dir = jc.job_dir(job.node, job.job_id, layout) if jc else None
+    holder = job_dir / ".ns" if job_dir else None
+    if holder is not None and namespaces.is_ns_holder(holder):
+        # RunInJob (24.05+): the plugin's namespace exists; mount into it.
+        record.ns_path = str(holder)
+        return "join", _guarded(lambda: namespaces.run_in_namespace(holder, lambda: _mount_overlays(profile, store)),
+                                job, name, log)
+    if jc is not None and jc.clone_ns_script:
+        # 24.11+: CloneNSScript mounts once the namespace exists; it reads this record.
+        record.state = "requested"
+        return "record", {"localised": [], "messages": []}
+    if job_dir is not None:
+        directory = job_dir
+    else:
+        rundir().mkdir(mode=0o755, parents=True, exist_ok=True)
+        directory = rundir() / job.job_id
+    notes = _create(directory, _setup_dirs(job, jc, directory), profile, store, job, name, log)
+    if notes is not None:
+        record.ns_path, record.ns_owned = str(directory / ".ns"), True
+    return "create", notes
 
 
 def _setup_dirs(job: SlurmJob, jc: JobContainerConf | None, directory: Path) -> Callable[[], None]:
@@ -316,7 +328,7 @@ def _setup_dirs(job: SlurmJob, jc: JobContainerConf | None, directory: Path) -> 
 
 
 def _create(directory: Path, setup_dirs: Callable[[], None], profile: Profile, store: Store,
-            job: SlurmJob, name: str, log: HookLog) -> list[str] | None:
+            job: SlurmJob, name: str, log: HookLog) -> Notes | None:
     """Make ``directory`` with a pinned namespace in ``.ns``; None (logged) on failure."""
     try:
         directory.mkdir(mode=0o700, parents=False)
@@ -327,7 +339,7 @@ def _create(directory: Path, setup_dirs: Callable[[], None], profile: Profile, s
         _record_unlocalised(job, name, f"cannot create {directory}: {e}", log)
         return None
 
-    def setup() -> list[str]:
+    def setup() -> Notes:
         setup_dirs()
         return _mount_overlays(profile, store)
 
@@ -344,7 +356,7 @@ def _create(directory: Path, setup_dirs: Callable[[], None], profile: Profile, s
         return None
 
 
-def _guarded(action: Callable[[], list[str]], job: SlurmJob, name: str, log: HookLog) -> list[str] | None:
+def _guarded(action: Callable[[], Notes], job: SlurmJob, name: str, log: HookLog) -> Notes | None:
     try:
         return action()
     except (OvlrunError, OSError) as e:
@@ -372,7 +384,7 @@ def epilog(env: Mapping[str, str] | None = None) -> int:
     env = os.environ if env is None else env
     log = HookLog("epilog", env.get("SLURM_JOB_ID"), env)
     job_id = env.get("SLURM_JOB_ID", "")
-    if not job_id.isdigit():
+    if not valid_job_id(job_id):
         log("error", f"SLURM_JOB_ID={job_id!r} is not a job id")
         return 0
     try:
@@ -401,7 +413,7 @@ def clone_ns_script(env: Mapping[str, str] | None = None) -> int:
     job_id = env.get("SLURM_JOB_ID", "")
     log = HookLog("clone-ns", job_id, env)
     ns = env.get("SLURM_NS")
-    if not job_id.isdigit() or not ns:
+    if not valid_job_id(job_id) or not ns:
         log("error", "SLURM_JOB_ID or SLURM_NS unset: not run as CloneNSScript")
         return 0
     try:
@@ -421,51 +433,9 @@ def clone_ns_script(env: Mapping[str, str] | None = None) -> int:
                      job, record.profile, log)
     if notes is not None:
         record.ns_path = ns
-        record.localised = [n.removeprefix("localised ") for n in notes if n.startswith("localised ")]
-        record.messages += [n for n in notes if not n.startswith("localised ")]
+        record.localised = notes["localised"]
+        record.messages += notes["messages"]
         record.state = "localised"
         record.save()
         log("info", f"profile {record.profile!r}: {len(record.localised)} localised path(s)")
     return 0
-
-
-HOOKS: dict[str, Callable[[], int]] = {
-    "prolog": prolog,
-    "epilog": epilog,
-    "clone-ns": clone_ns_script,
-}
-
-
-USAGE = """\
-usage: ovlrun slurm {prolog,epilog,clone-ns}
-
-Slurm hooks (run by slurmd as root; see docs/slurm.md for slurm.conf and
-job_container.conf).  A job asks for a profile with: sbatch --comment=ovl:NAME
-  prolog    Prolog: prepare the job's namespace with the profile's overlays
-  epilog    Epilog: remove what the prolog made
-  clone-ns  CloneNSScript (Slurm 24.11+): mount into $SLURM_NS
-Hooks exit 0 on a user's mistake (the job runs unlocalised; the log says why)."""
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``ovlrun slurm HOOK`` / ``python -m ovlrun.hooks.slurm HOOK``."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) == 1 and args[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    if len(args) != 1 or args[0] not in HOOKS:
-        print(USAGE, file=sys.stderr)
-        return 2
-    if os.environ.get("SUDO_UID") or os.geteuid() != 0:
-        # The sudoers rule for ovlrun lets users run it as root; the hooks trust their
-        # environment (job id, owner) and are for slurmd alone.
-        raise OvlrunError("Slurm hooks are run by slurmd as root, not by users or through sudo")
-    return HOOKS[args[0]]()
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except OvlrunError as e:
-        print(f"ovlrun: {e}", file=sys.stderr)
-        sys.exit(e.status)

@@ -21,6 +21,11 @@ import os
 import stat
 
 from ovlrun.errors import OvlrunError
+from ovlrun.linux.privileges import Identity
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # Variables that would let the caller steer our own root process if sudo let them through.
 DANGEROUS_PREFIXES = ("PYTHON", "LD_")
@@ -40,7 +45,7 @@ def refuse_tainted_environment(environ: dict[str, str]) -> None:
 
 def check_caller_request(environ: dict[str, str], profile_spec: str) -> None:
     """What a non-root (sudo) caller may not choose: stores and profile paths.  (Nor another
-    user: :func:`ovlrun.linux.privileges.target_identity` enforces that for every caller.)"""
+    user: :func:`target_identity` enforces that for every caller.)"""
     from ovlrun.profile.locate import is_path_spec
 
     for key in CALLER_ONLY_SETTINGS:
@@ -94,3 +99,63 @@ def caller_environment(caller_uid: int) -> dict[str, str] | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def sudo_caller(environ: dict[str, str]) -> int | None:
+    """The uid that invoked us through sudo, if not root."""
+    raw = environ.get("SUDO_UID", "")
+    if not raw:
+        return None
+    try:
+        uid = int(raw)
+    except ValueError:
+        raise OvlrunError(f"SUDO_UID={raw!r} is not a number") from None
+    return uid or None
+
+
+def target_identity(user: str | None, environ: dict[str, str]) -> Identity | None:
+    """Whom to run the command as; ``None`` means stay root.
+
+    ``--user`` is for root callers (scheduler prologs); a sudo caller always runs as
+    themselves, with their supplementary groups.
+    """
+    caller = sudo_caller(environ)
+    if user is not None:
+        if caller is not None:
+            raise OvlrunError("--user is only for root; under sudo the job runs as the calling user")
+        ident = Identity.of_name(user)
+        return ident if ident.uid != 0 else None
+    if caller is not None:
+        gid = None
+        if environ.get("SUDO_GID", "").isdigit():
+            gid = int(environ["SUDO_GID"])
+        return Identity.of_uid(caller, gid)
+    return None
+
+
+class Caller:
+    """Who asked for a launch, and what they get: the job's environment and user."""
+
+    __slots__ = ("identity", "is_sudo", "job_env")
+
+    def __init__(self, is_sudo: bool, identity: Identity | None, job_env: dict[str, str]) -> None:
+        self.is_sudo = is_sudo  # a non-root user through sudo: only trusted profiles and stores
+        self.identity = identity  # None: the job stays root
+        self.job_env = job_env
+
+
+def resolve_caller(own_env: dict[str, str], profile_spec: str, user: str | None,
+                   warn: Callable[[str], None]) -> Caller:
+    """Apply the sudo boundary to a launch request (see the module docstring)."""
+    caller = sudo_caller(own_env)
+    job_env = own_env
+    if caller is not None:
+        refuse_tainted_environment(own_env)
+        check_caller_request(own_env, profile_spec)
+        from_sudo = caller_environment(caller)
+        if from_sudo is None:
+            warn("could not read your environment from the calling sudo process; "
+                 "the job gets the environment sudo gave ovlrun")
+        else:
+            job_env = from_sudo
+    return Caller(caller is not None, target_identity(user, own_env), job_env)

@@ -4,6 +4,9 @@ Plan first, then execute (mkosi style): the plan (:mod:`ovlrun.launch.plan`, mad
 :mod:`ovlrun.launch.planner` or taken from its cache) names every overlay; only here does
 anything change, inside a namespace that dies with the job, so nothing can be left
 mounted on the host.  This module is on every launch's path and imports nothing heavy.
+
+:func:`exec_job` is the common end of a launch and of ``ovlrun enter``: working
+directory, environment, privilege drop, exec.
 """
 
 from __future__ import annotations
@@ -11,160 +14,16 @@ from __future__ import annotations
 import os
 import sys
 
-from ovlrun.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, OvlrunError
-from ovlrun.linux import syscalls
-from ovlrun.linux.kernel import Features, probe
-from ovlrun.linux.overlay import OverlaySpec, SourceMissing, mount_overlay
+from ovlrun.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND
+from ovlrun.launch.mount import mount_items, report_missing, warn_stderr
+from ovlrun.linux.namespaces import enter_private_namespace
 from ovlrun.linux.privileges import Identity, drop_to
-from ovlrun.store.layout import check_snapshot_trusted
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from ovlrun.launch.plan import JobPlan, MountItem
-
-    Warn = Callable[[str], None]
+    from ovlrun.launch.plan import JobPlan
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
-
-
-def warn_stderr(message: str) -> None:
-    print(f"ovlrun: warning: {message}", file=sys.stderr)
-
-
-def report_missing(plan: JobPlan, *, strict: bool, warn: Warn) -> None:
-    """One line per localised path with no snapshot; an error with ``strict``."""
-    for path in plan.missing:
-        message = (f"no snapshot for {path}; it stays unlocalised "
-                   f"(build it with: ovlrun snapshot build --profile {plan.name})")
-        if strict:
-            raise OvlrunError(message.replace("; it stays unlocalised", ""))
-        warn(message)
-
-
-def enter_private_namespace() -> None:
-    """Become the only member of a new mount namespace that cannot affect the host.
-
-    MS_SLAVE (not private) so mounts the host makes later (e.g. automounted NFS
-    releases) still appear in the job, while nothing the job mounts propagates out.
-    """
-    try:
-        syscalls.unshare(syscalls.CLONE_NEWNS)
-        syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_SLAVE)
-    except OSError as e:
-        raise OvlrunError(f"cannot create a private mount namespace: {e}") from None
-
-
-def mount_items(items: list[MountItem], store: str, *, strict: bool, warn: Warn,
-                missing_root: str = "fail", features: Features | None = None) -> list[MountItem]:
-    """Trust-check and mount every planned overlay in the current (private) namespace.
-
-    A vanished source is skipped with a warning (fatal with ``strict``).
-    """
-    features = features or probe()
-    if not features.overlay:
-        raise OvlrunError("this kernel has no overlayfs (modprobe overlay)")
-    trusted: set[str] = set()
-    for item in items:
-        check_snapshot_trusted(store, item.snapshot_dir, trusted)
-    specs = [OverlaySpec(target=item.source, snapshot_tree=item.tree, data=item.source) for item in items]
-    failures = _mount_concurrently(specs, features)
-    mounted = []
-    absent_roots: set[str] = set()
-    for item, failure in zip(items, failures, strict=True):
-        if failure is not None and not isinstance(failure, SourceMissing):
-            raise failure
-        if failure is not None:
-            if item.root in absent_roots:
-                continue
-            if not _tree_root_available(item, missing_root, warn):
-                absent_roots.add(item.root)
-                continue
-            message = f"{item.source} (localised path {item.path}) is missing on the shared tree"
-            if strict:
-                raise OvlrunError(message) from None
-            warn(message + "; skipped")
-            continue
-        mounted.append(item)
-    return mounted
-
-
-MAX_MOUNT_THREADS = 8
-
-
-def _mount_concurrently(specs: list[OverlaySpec], features: Features) -> list[BaseException | None]:
-    """Mount every spec; return each one's failure (or None), in order.
-
-    Each mount waits for round trips to the shared tree (resolving the source, the data
-    layer's statfs when the superblock is created): at NFS latencies, 20 sequential
-    mounts cost 20+ ms of waiting.  The mounts are independent (localised paths never
-    nest), so they run from a few threads; ctypes and os calls release the GIL.  The
-    threads are started after unshare() (they share the job's new mount namespace) and
-    are all joined before anything else (the privilege drop) happens.
-    """
-    failures: list[BaseException | None] = [None] * len(specs)
-
-    def mount_one(i: int) -> None:
-        try:
-            mount_overlay(specs[i], features)  # resolves the source once; no separate existence check
-        except BaseException as e:  # re-raised by the caller, in order
-            failures[i] = e
-
-    if len(specs) < 2:
-        for i in range(len(specs)):
-            mount_one(i)
-        return failures
-    import threading
-
-    pending = list(range(len(specs)))
-    lock = threading.Lock()
-
-    def worker() -> None:
-        while True:
-            with lock:
-                if not pending:
-                    return
-                i = pending.pop()
-            mount_one(i)
-
-    threads = [threading.Thread(target=worker) for _ in range(min(MAX_MOUNT_THREADS, len(specs)))]
-    # The workers mostly wait in syscalls; between them they need the GIL only briefly.
-    # With the default 5 ms switch interval a worker ready to run can wait that long.
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.0001)
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
-    return failures
-
-
-def _tree_root_available(item: MountItem, missing_root: str, warn: Warn) -> bool:
-    """A localised source is missing: was the release deleted, or is the tree not there?
-
-    Only reached on that failure path, so a normal launch pays nothing for it.  A missing
-    or empty root (an unmounted NFS mount point) is an error even without --strict: every
-    path of the tree would be missing and the job could only fail later, less clearly.
-    A profile with ``missing_root = "unlocalised"`` runs the job without that tree's
-    overlays instead (returns False after a warning).
-    """
-    if not item.root:
-        return True
-    try:
-        problem = "is empty (not mounted?)" if not os.listdir(item.root) else ""
-    except OSError as e:
-        problem = f"is not available ({e.strerror}; not mounted?)"
-    if not problem:
-        return True
-    if missing_root == "unlocalised":
-        warn(f"shared tree root {item.root} {problem}; running without localising it")
-        return False
-    raise OvlrunError(f"shared tree root {item.root} {problem}; refusing to run the job there "
-                      "(profiles may allow it with missing_root = \"unlocalised\")")
 
 
 def find_executable(name: str, path_var: str) -> str | None:
@@ -199,22 +58,53 @@ def exec_command(argv: list[str], environ: dict[str, str], identity: Identity | 
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def shell_argv(identity: Identity | None) -> list[str]:
-    """The user's login shell, from the password database, started as a login shell."""
-    shell = identity.shell if identity else Identity.of_uid(0).shell
-    return [shell, "-l"]
+def shell_argv(identity: Identity | None, env: dict[str, str], *, login: bool, env_shell: bool) -> list[str]:
+    """The shell a job without a command gets, as ``sudo -s`` does it: ``$SHELL`` from the
+    job's environment when that is the user's own (``env_shell``), else the user's shell
+    from the password database; not a login shell (a login shell re-reads /etc/profile
+    and resets PATH, losing the environment the job is promised) unless ``login``."""
+    shell = env.get("SHELL", "") if env_shell else ""
+    if not shell.startswith("/"):
+        shell = identity.shell if identity else Identity.of_uid(0).shell
+    return [shell, "-l"] if login else [shell]
+
+
+def current_directory() -> str | None:
+    """The working directory to re-enter in the job's namespace (None if it is gone)."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
+
+
+def exec_job(command: list[str], env: dict[str, str], identity: Identity | None, cwd: str | None, *,
+             login: bool = False, env_shell: bool = True) -> int:
+    """In the job's namespace: re-enter ``cwd``, drop to ``identity`` and exec ``command``
+    (a shell if empty, see :func:`shell_argv`) with ``env``.  Returns only if that failed."""
+    # Re-enter the working directory by path: if it lies in a localised subtree the job's
+    # cwd is now the overlay's view of it, not the shared tree's inode below the mount.
+    # If it is gone, fall back as a login would: home, then /.
+    for directory in (cwd, identity.home if identity else None, "/"):
+        if not directory:
+            continue
+        try:
+            os.chdir(directory)
+            break
+        except OSError:
+            continue
+    if identity is not None:
+        env.setdefault("HOME", identity.home)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    argv = command or shell_argv(identity, env, login=login, env_shell=env_shell)
+    return exec_command(argv, env, identity)
 
 
 def run(plan: JobPlan, command: list[str], *, store: str, identity: Identity | None, strict: bool,
-        environ: dict[str, str] | None = None) -> int:
-    """Set up the job's namespace from ``plan`` and exec ``command`` in it."""
-    if os.geteuid() != 0:
-        raise OvlrunError("ovlrun must run as root: use 'sudo ovlrun ...', a scheduler prolog, or a root shell")
-    env = dict(os.environ if environ is None else environ)
-    try:
-        cwd: str | None = os.getcwd()
-    except OSError:
-        cwd = None
+        environ: dict[str, str], login: bool = False, env_shell: bool = True) -> int:
+    """Set up the job's namespace from ``plan`` and exec ``command`` in it (as root)."""
+    env = dict(environ)
+    cwd = current_directory()
     report_missing(plan, strict=strict, warn=warn_stderr)
     enter_private_namespace()
     mount_items(plan.items, store, strict=strict, warn=warn_stderr, missing_root=plan.missing_root)
@@ -222,16 +112,5 @@ def run(plan: JobPlan, command: list[str], *, store: str, identity: Identity | N
         from ovlrun.linux.network import isolate_network  # pyroute2 is slow to import: only here
 
         isolate_network()
-    # Re-enter the working directory by path: if it lies in a localised subtree the job's
-    # cwd is now the overlay's view of it, not the shared tree's inode below the mount.
-    try:
-        os.chdir(cwd or "/")
-    except OSError:
-        os.chdir("/")
     env["OVLRUN_PROFILE"] = plan.name
-    argv = command or shell_argv(identity)
-    if identity is not None and not command:
-        env.setdefault("HOME", identity.home)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    return exec_command(argv, env, identity)
+    return exec_job(command, env, identity, cwd, login=login, env_shell=env_shell)

@@ -1,27 +1,13 @@
-"""A job's mount plan as plain data, and its cache.
+"""A job's mount plan as plain data: what a launch mounts, made by the planner or
+taken from the plan cache.
 
-Planning a launch means parsing the profile (tomllib), reading the store index and the
-manifests it names (json), and matching patterns (re): with the interpreter imports they
-pull in (typing, pathlib, ...) that is ~30 ms, more than everything else a launch does.
-The result depends only on the profile file and the index, so it is cached per profile
-in ``STORE/plans/`` (marshal: a builtin module, nothing to import) and reused while
-both files are unchanged: same device, inode, size, mtime and ctime.  ``index.json`` is
-replaced by rename on every publish and gc, so any store change is a new inode.
-
-What the cache does *not* skip: the profile's trust check for sudo callers, every
-snapshot directory's trust check, and everything about the mount itself.  The cache
-file must be a root-owned regular file closed to other users, like the snapshots.
+Plain classes with ``__slots__``, not NamedTuple/dataclass: this module is on every
+launch's path, and ``typing`` alone costs ~10 ms to import on a -I -S interpreter.
 """
 
 from __future__ import annotations
 
-import marshal
-import os
-import stat
-
-from ovlrun.store.layout import INDEX
-
-FORMAT = 1
+from ovlrun.store.layout import snapshot_tree
 
 
 class MountItem:
@@ -37,7 +23,7 @@ class MountItem:
 
     @property
     def tree(self) -> str:
-        return os.path.join(self.snapshot_dir, "tree")
+        return snapshot_tree(self.snapshot_dir)
 
 
 class JobPlan:
@@ -52,88 +38,3 @@ class JobPlan:
         self.missing_root = missing_root
         self.items = items
         self.missing = missing  # localised paths (or patterns) with no snapshot
-
-
-def _stat_key(path: str) -> tuple[int, int, int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-class CacheKeys:
-    """What a cached plan is valid for: the profile file and the index as they are now."""
-
-    __slots__ = ("index", "profile", "profile_file", "store")
-
-    def __init__(self, profile_file: str, store: str) -> None:
-        self.profile_file = os.path.abspath(profile_file)
-        self.store = store
-        self.profile = _stat_key(profile_file)
-        self.index = _stat_key(os.path.join(store, INDEX))
-
-    def as_tuple(self) -> tuple[object, ...]:
-        return (FORMAT, self.profile_file, self.profile, self.store, self.index)
-
-    def cache_file(self) -> str | None:
-        if self.profile is None:
-            return None
-        return os.path.join(self.store, "plans", f"{self.profile[0]}-{self.profile[1]}.plan")
-
-
-def load_cached(profile_file: str, store: str) -> JobPlan | None:
-    """The cached plan for this profile file and store, if still valid and trustworthy."""
-    keys = CacheKeys(profile_file, store)
-    path = keys.cache_file()
-    if path is None:
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
-            return None  # not written by us: ignore it (it is replaced on the next save)
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = marshal.loads(f.read())
-    except (OSError, ValueError, EOFError, TypeError):
-        return None
-    finally:
-        os.close(fd)
-    try:
-        if not isinstance(data, dict) or data.get("keys") != keys.as_tuple():
-            return None
-        items = [MountItem(*item) for item in data["items"]]
-        return JobPlan(data["name"], data["network"], data["missing_root"], items, list(data["missing"]))
-    except (KeyError, TypeError):
-        return None
-
-
-def save_cached(plan: JobPlan, keys: CacheKeys) -> None:
-    """Cache ``plan`` under ``keys``, taken *before* planning: if the profile or the index
-    changed while we planned, the keys are already stale and the next launch replans
-    (keys taken afterwards would bless a plan made from the old files).
-
-    Best effort: a store we cannot write to (read-only, full) just means no cache.
-    """
-    target = keys.cache_file()
-    if target is None or keys.index is None:
-        return  # no index yet: nothing worth caching
-    data = {"keys": keys.as_tuple(), "name": plan.name, "network": plan.network, "missing_root": plan.missing_root,
-            "items": [(i.path, i.source, i.snapshot_dir, i.root) for i in plan.items], "missing": plan.missing}
-    tmp = f"{target}.{os.getpid()}.tmp"
-    try:
-        os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, marshal.dumps(data))
-        finally:
-            os.close(fd)
-        os.rename(tmp, target)
-    except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass

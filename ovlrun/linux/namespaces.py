@@ -1,130 +1,59 @@
-"""Per-job mount namespaces that outlive the process that made them.
+"""Mount namespaces: the job's private one, and per-job ones that outlive their creator.
 
-A batch system hook (Slurm's Prolog, CloneNSScript, ...) runs briefly as root, long
-before and apart from the job's processes.  To give the job a localised view, the hook
-creates (or joins) a mount namespace, mounts the overlays in it, and *pins* it by
-bind-mounting ``/proc/<pid>/ns/mnt`` on a file (the "holder"); the job's processes are
-later put into it with setns(2) (by Slurm's job_container/tmpfs, or ``ovlrun enter``).
+A launch makes its own process the only member of a new mount namespace
+(:func:`enter_private_namespace`).  A batch system hook (Slurm's Prolog,
+CloneNSScript, ...) instead runs briefly as root, long before and apart from the job's
+processes: it creates (or joins) a mount namespace, mounts the overlays in it, and
+*pins* it by bind-mounting ``/proc/<pid>/ns/mnt`` on a file (the "holder"); the job's
+processes are later put into it with setns(2) (by Slurm's job_container/tmpfs, or
+``ovlrun enter``).
 
-Each step runs in a forked child, so the hook process itself never changes namespace
-and a failure inside the namespace cannot leave the caller half-switched.
-
-The job record (a small JSON file per job, root-owned, under ``/run/ovlrun/jobs``) says
-which profile a job asked for, whose job it is, where its namespace is pinned and what
-went wrong: ``ovlrun enter`` and the epilog rely on it instead of trusting anything the
-user can influence.
+Each hook step runs in a forked child, so the hook process itself never changes
+namespace and a failure inside the namespace cannot leave the caller half-switched.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
-import shutil
-import stat
-import traceback
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from ovlrun.errors import OvlrunError
 from ovlrun.linux import syscalls
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: this module is on the launch path
+    from collections.abc import Callable
+    from pathlib import Path
+
+    # What a step run inside a namespace reports back (crosses a pipe as JSON).
+    Notes = dict[str, list[str]]
+
 NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3), <linux/nsfs.h>
-DEFAULT_RUNDIR = "/run/ovlrun/jobs"
 
 
-def rundir() -> Path:
-    """Directory of job records; tests point it elsewhere with OVLRUN_JOB_RUNDIR."""
-    return Path(os.environ.get("OVLRUN_JOB_RUNDIR", DEFAULT_RUNDIR))
+def enter_private_namespace() -> None:
+    """Become the only member of a new mount namespace that cannot affect the host.
 
-
-@dataclass
-class JobRecord:
-    """What a hook decided for one job; written by root, read by epilog and enter."""
-
-    job_id: str
-    uid: int
-    gid: int
-    user: str
-    profile: str | None = None  # profile name the job asked for (None: no request)
-    # "requested": waiting for a later hook (CloneNSScript) to mount; "localised";
-    # "unlocalised": the job runs on the plain shared tree, messages say why.
-    state: str = "requested"
-    ns_path: str | None = None  # pinned namespace file, once one exists
-    ns_owned: bool = False  # True if ovlrun created the namespace (so it must remove it)
-    localised: list[str] = field(default_factory=list)  # mounted paths
-    messages: list[str] = field(default_factory=list)  # warnings for the user/admin
-
-    @staticmethod
-    def path_for(job_id: str) -> Path:
-        if not job_id.isdigit():
-            # Job ids come from the environment of a root hook or the command line of
-            # `ovlrun enter`; never let them name a path outside the run directory.
-            raise OvlrunError(f"invalid job id {job_id!r}: expected digits")
-        return rundir() / f"{job_id}.json"
-
-    @classmethod
-    def messages_path(cls, job_id: str) -> Path:
-        return cls.path_for(job_id).with_suffix(".messages")
-
-    def save(self) -> None:
-        directory = rundir()
-        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-        target = self.path_for(self.job_id)
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)  # readers never see a half-written record
-        # The same messages as plain lines, for readers without Python: the optional
-        # Slurm TaskProlog is a shell script running as the user, possibly unable to
-        # reach the interpreter that runs ovlrun (e.g. a pyenv under /root).
-        notes = self.messages_path(self.job_id)
-        tmp = notes.with_suffix(".tmp")
-        tmp.write_text("".join(m.replace("\n", " ") + "\n" for m in self.messages))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, notes)
-
-    @classmethod
-    def load(cls, job_id: str) -> JobRecord | None:
-        path = cls.path_for(job_id)
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            return None
-        # Only trust a record root wrote: the run directory could be misconfigured.
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
-            raise OvlrunError(f"{path}: not a root-owned regular file; refusing to use it")
-        data = json.loads(path.read_text())
-        return cls(**data)
-
-    @classmethod
-    def remove(cls, job_id: str) -> None:
-        cls.path_for(job_id).unlink(missing_ok=True)
-        cls.messages_path(job_id).unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------- mounts
+    MS_SLAVE (not private) so mounts the host makes later (e.g. automounted NFS
+    releases) still appear in the job, while nothing the job mounts propagates out.
+    """
+    try:
+        syscalls.unshare(syscalls.CLONE_NEWNS)
+        make_rslave_root()
+    except OSError as e:
+        raise OvlrunError(f"cannot create a private mount namespace: {e}") from None
 
 
 def mount_points() -> list[str]:
     """Mount points of the caller's namespace, in /proc/self/mountinfo order."""
-    points = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            # Field 5 is the mount point, with space, tab, newline and backslash
-            # octal-escaped by the kernel.
-            points.append(_unescape(line.split()[4]))
-    return points
+    from ovlrun.linux import mountinfo  # hooks only: a launch never reads its mount table
 
-
-def _unescape(field_text: str) -> str:
-    return (field_text.replace("\\040", " ").replace("\\011", "\t")
-            .replace("\\012", "\n").replace("\\134", "\\"))
+    return [m.point for m in mountinfo.read()]
 
 
 def is_ns_holder(path: str | Path) -> bool:
     """True if ``path`` is a pinned mount namespace (a bind mount of an nsfs file)."""
+    import fcntl  # hooks only
+
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
@@ -174,39 +103,32 @@ def make_rslave_root() -> None:
 # ------------------------------------------------------------------ child processes
 
 
-def _run_child(switch: Callable[[], None], rest: Callable[[], list[str]],
-               before: Callable[[int], None] | None = None) -> list[str]:
-    """Fork; run ``switch`` then ``rest`` in the child; return what ``rest`` returned.
+def _child_side(switch: Callable[[], None], rest: Callable[[], Notes], ready_w: int, go_r: int) -> int:
+    """The forked child: switch namespace, report, wait for the go, run ``rest``, report.
 
-    Failures in the child are re-raised here as OvlrunError with the child's message.
-
-    ``before(pid)`` runs in the parent after the child reports (over a pipe) that
-    ``switch`` (its namespace change) is done, while the child waits; that is how the
-    parent pins the child's namespace.  No sleeps: every hand-over is a pipe read.
+    Messages to the parent: b"u" (switched), then b"E<error>" or b"R<json notes>".
+    Returns the exit status; never returns into the caller's code (see _run_child).
     """
-    # child -> parent: b"u" (switched), then b"E<error>" or b"R<json list of notes>"
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()  # parent -> child: b"g" (continue) or EOF (abort)
-    pid = os.fork()
-    if pid == 0:  # child: never returns into the caller's code
-        status = 1
-        try:
-            os.close(ready_r)
-            os.close(go_w)
-            switch()
-            os.write(ready_w, b"u")
-            if os.read(go_r, 1) == b"g":
-                notes = rest()
-                os.write(ready_w, b"R" + json.dumps(notes).encode())
-                status = 0
-        except (OvlrunError, OSError) as e:
-            os.write(ready_w, b"E" + str(e).encode(errors="replace"))
-        except BaseException:  # a bug: report it with its traceback, never unwind
-            os.write(ready_w, b"E" + traceback.format_exc().encode(errors="replace"))
-        finally:
-            os._exit(status)
-    os.close(ready_w)
-    os.close(go_r)
+    import json
+
+    try:
+        switch()
+        os.write(ready_w, b"u")
+        if os.read(go_r, 1) != b"g":
+            return 1  # the parent gave up (EOF): abort before doing anything
+        os.write(ready_w, b"R" + json.dumps(rest()).encode())
+        return 0
+    except (OvlrunError, OSError) as e:
+        os.write(ready_w, b"E" + str(e).encode(errors="replace"))
+    except BaseException:  # a bug: report it with its traceback, never unwind
+        import traceback
+
+        os.write(ready_w, b"E" + traceback.format_exc().encode(errors="replace"))
+    return 1
+
+
+def _parent_side(pid: int, ready_r: int, go_w: int, before: Callable[[int], None] | None) -> bytes:
+    """Wait for the child to switch, run ``before(pid)``, let it go on; return its report."""
     output = b""
     try:
         output = os.read(ready_r, 1)
@@ -224,30 +146,59 @@ def _run_child(switch: Callable[[], None], rest: Callable[[], list[str]],
         os.close(ready_r)
         if go_w != -1:
             os.close(go_w)
+    return output.removeprefix(b"u")
+
+
+def _run_child(switch: Callable[[], None], rest: Callable[[], Notes],
+               before: Callable[[int], None] | None = None) -> Notes:
+    """Fork; run ``switch`` then ``rest`` in the child; return what ``rest`` returned.
+
+    Failures in the child are re-raised here as OvlrunError with the child's message.
+    ``before(pid)`` runs in the parent after the child reports that ``switch`` (its
+    namespace change) is done, while the child waits; that is how the parent pins the
+    child's namespace.  No sleeps: every hand-over is a pipe read.
+    """
+    import json
+
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()  # parent -> child: b"g" (continue) or EOF (abort)
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.close(ready_r)
+            os.close(go_w)
+            status = _child_side(switch, rest, ready_w, go_r)
+        finally:
+            os._exit(status)
+    os.close(ready_w)
+    os.close(go_r)
+    try:
+        output = _parent_side(pid, ready_r, go_w, before)
+    finally:
         _, wstatus = os.waitpid(pid, 0)
-    output = output.removeprefix(b"u")
     if output.startswith(b"E"):
         raise OvlrunError(output[1:].decode(errors="replace").strip())
     code = os.waitstatus_to_exitcode(wstatus)
     if code != 0 or not output.startswith(b"R"):
         raise OvlrunError(f"namespace helper exited with status {code}")
-    result: list[str] = json.loads(output[1:])
+    result: Notes = json.loads(output[1:])
     return result
 
 
-def create_pinned_namespace(holder: Path, setup: Callable[[], list[str]]) -> list[str]:
+def create_pinned_namespace(holder: Path, setup: Callable[[], Notes]) -> Notes:
     """Create a new mount namespace, pin it on ``holder``, run ``setup`` inside it.
 
     ``holder`` must be an existing regular file on a private mount (see
     :func:`make_private_bind`).  ``/`` is made rslave inside before ``setup`` runs, so
     nothing ``setup`` mounts reaches the host.  On failure the holder is unpinned again
-    and OvlrunError is raised.  Returns what ``setup`` returned (notes for the log).
+    and OvlrunError is raised.  Returns what ``setup`` returned.
     """
 
     def switch() -> None:
         syscalls.unshare(syscalls.CLONE_NEWNS)
 
-    def rest() -> list[str]:
+    def rest() -> Notes:
         make_rslave_root()
         return setup()
 
@@ -262,7 +213,7 @@ def create_pinned_namespace(holder: Path, setup: Callable[[], list[str]]) -> lis
         raise
 
 
-def run_in_namespace(ns_file: str | Path, body: Callable[[], list[str]]) -> list[str]:
+def run_in_namespace(ns_file: str | Path, body: Callable[[], Notes]) -> Notes:
     """Run ``body`` in a child that has joined the namespace pinned at ``ns_file``."""
 
     def switch() -> None:
@@ -272,7 +223,7 @@ def run_in_namespace(ns_file: str | Path, body: Callable[[], list[str]]) -> list
         finally:
             os.close(fd)
 
-    def rest() -> list[str]:
+    def rest() -> Notes:
         make_rslave_root()
         return body()
 
@@ -298,4 +249,6 @@ def remove_tree(root: Path) -> None:
     if left:
         # Deleting now could descend into a mounted filesystem: refuse.
         raise OSError(f"still mounted below {root}: {', '.join(left)}")
+    import shutil
+
     shutil.rmtree(root, ignore_errors=True)

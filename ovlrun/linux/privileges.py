@@ -1,10 +1,12 @@
-"""Who the job runs as, and dropping root to that user in a fixed, verified order.
+"""Users the job can run as, and dropping root to one in a fixed, verified order.
 
-Order (as bubblewrap does it): keepcaps off -> empty the capability bounding set (needs
-CAP_SETPCAP, so while still root) -> supplementary groups -> gid -> uid (a uid change
-from 0 with keepcaps off clears the permitted, effective and ambient sets) ->
-no_new_privs (set-uid binaries in the job cannot regain anything) -> verify every id and
-capability set, and refuse to exec if anything is off.
+The order, each step relying on the one before: keepcaps off -> empty the capability
+bounding set (needs CAP_SETPCAP, so while still root) -> supplementary groups -> gid ->
+uid (a uid change from 0 with keepcaps off clears the permitted, effective and ambient
+sets) -> no_new_privs (set-uid binaries in the job cannot regain anything).  Then every
+id and capability set is verified and ``setuid(0)`` must fail; if anything is off,
+nothing is exec'd: trust the resulting state, not the calls that should have made it.
+Which user that is (sudo caller, ``--user``) is policy: :mod:`ovlrun.launch.caller`.
 """
 
 from __future__ import annotations
@@ -56,38 +58,6 @@ class Identity:
         primary = pw.pw_gid if gid is None else gid
         groups = tuple(sorted(set(os.getgrouplist(pw.pw_name, primary))))
         return cls(pw.pw_name, pw.pw_uid, primary, groups, pw.pw_dir, pw.pw_shell or "/bin/sh")
-
-
-def sudo_caller(environ: dict[str, str]) -> int | None:
-    """The uid that invoked us through sudo, if not root."""
-    raw = environ.get("SUDO_UID", "")
-    if not raw:
-        return None
-    try:
-        uid = int(raw)
-    except ValueError:
-        raise OvlrunError(f"SUDO_UID={raw!r} is not a number") from None
-    return uid or None
-
-
-def target_identity(user: str | None, environ: dict[str, str]) -> Identity | None:
-    """Whom to run the command as; ``None`` means stay root.
-
-    ``--user`` is for root callers (scheduler prologs); a sudo caller always runs as
-    themselves, with their supplementary groups.
-    """
-    caller = sudo_caller(environ)
-    if user is not None:
-        if caller is not None:
-            raise OvlrunError("--user is only for root; under sudo the job runs as the calling user")
-        ident = Identity.of_name(user)
-        return ident if ident.uid != 0 else None
-    if caller is not None:
-        gid = None
-        if environ.get("SUDO_GID", "").isdigit():
-            gid = int(environ["SUDO_GID"])
-        return Identity.of_uid(caller, gid)
-    return None
 
 
 def _last_cap() -> int:

@@ -2,8 +2,9 @@
 
 This is the only module that talks to libc through ctypes (cf. mkosi's ``sandbox.py``).
 Python 3.11 has no ``os.unshare``/``os.setns``/``mount``; glibc >= 2.36 exports the new
-mount API (fsopen/fsconfig/fsmount/move_mount/open_tree), older ones do not, so each call
-falls back to ``syscall(2)`` with the x86_64 number.  Every failure becomes a
+mount API (fsopen/fsconfig/fsmount/move_mount), older ones do not, so those calls fall
+back to ``syscall(2)``: their numbers (428-432) are the same on every architecture,
+being allocated after the syscall tables were unified (alpha aside).  Every failure becomes a
 :class:`SyscallError` (an ``OSError``) whose text names the call and the path, e.g.
 ``mount(/sw/a): Permission denied``; callers turn those into :class:`OvlrunError` with
 the user-level context.
@@ -45,18 +46,11 @@ MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
-OPEN_TREE_CLONE = 0x1
-OPEN_TREE_CLOEXEC = os.O_CLOEXEC
-AT_RECURSIVE = 0x8000
 AT_FDCWD = -100
 
-# Fallback syscall numbers; only used when libc lacks the wrapper.
-_X86_64 = {
-    "unshare": 272,
-    "setns": 308,
-    "mount": 165,
-    "umount2": 166,
-    "open_tree": 428,
+# Fallback syscall numbers, used only when libc lacks the wrapper (glibc < 2.36).  Since
+# Linux 5.1 new syscalls get one number on every architecture but alpha (asm-generic/unistd.h).
+_GENERIC_NUMBERS = {
     "move_mount": 429,
     "fsopen": 430,
     "fsconfig": 431,
@@ -87,9 +81,7 @@ def _function(name: str, argtypes: list[Any]) -> Callable[..., int]:
         return fn  # type: ignore[no-any-return]
     except AttributeError:
         pass
-    if os.uname().machine != "x86_64":
-        raise OSError(f"libc has no {name}() and no syscall number is known for this CPU")
-    number = _X86_64[name]
+    number = _GENERIC_NUMBERS[name]  # KeyError: a call every libc has (unshare, mount, ...)
     raw = _libc.syscall
     raw.restype = ctypes.c_long
 
@@ -113,7 +105,6 @@ _fsopen = _function("fsopen", [_c_str, _c_uint])
 _fsconfig = _function("fsconfig", [_c_int, _c_uint, _c_str, _c_str, _c_int])
 _fsmount = _function("fsmount", [_c_int, _c_uint, _c_uint])
 _move_mount = _function("move_mount", [_c_int, _c_str, _c_int, _c_str, _c_uint])
-_open_tree = _function("open_tree", [_c_int, _c_str, _c_uint])
 
 
 def _bytes(path: str | bytes | None) -> bytes | None:
@@ -176,10 +167,6 @@ def move_mount(from_fd: int, to_path: str | bytes) -> None:
 def move_mount_onto_fd(from_fd: int, to_fd: int, what: str | bytes | None = None) -> None:
     """Attach the detached mount ``from_fd`` on the directory ``to_fd`` refers to (no path walk)."""
     _check(_move_mount(from_fd, b"", to_fd, b"", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH), "move_mount", what)
-
-
-def open_tree(path: str | bytes, flags: int) -> int:
-    return _check(_open_tree(AT_FDCWD, _bytes(path), flags), "open_tree", path)
 
 
 def read_fs_log(fd: int) -> list[str]:

@@ -10,11 +10,9 @@ from __future__ import annotations
 import os
 
 from ovlrun.errors import OvlrunError
+from ovlrun.linux.files import NOT_WRITABLE, trust_problem
 
 DEFAULT_PROFILE_DIRS = ("/etc/ovlrun/profiles",)
-# ovlrun/profile/locate.py -> the checkout (or site-packages) holding ovlrun/ and profiles/
-BUNDLED_PROFILE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                   "profiles")
 _NAME_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
 _NAME_REST = _NAME_FIRST | frozenset(".+-")
 
@@ -28,7 +26,9 @@ def profile_dirs(environ: dict[str, str] | None = None) -> list[str]:
     env = os.environ if environ is None else environ
     if env.get("OVLRUN_PROFILE_PATH"):
         return [p for p in env["OVLRUN_PROFILE_PATH"].split(":") if p]
-    return [*DEFAULT_PROFILE_DIRS, BUNDLED_PROFILE_DIR]
+    # Never the source checkout's profiles/: a checkout's example profile must not be
+    # live for sudo callers on a production node.
+    return list(DEFAULT_PROFILE_DIRS)
 
 
 def is_path_spec(spec: str) -> bool:
@@ -38,9 +38,10 @@ def is_path_spec(spec: str) -> bool:
 def check_trusted_profile(path: str) -> None:
     """A profile a sudo caller gets must be one only root could have written."""
     for p in (os.path.dirname(path) or ".", path):
-        st = os.stat(p)
-        if st.st_uid != 0 or st.st_mode & 0o022:
-            raise OvlrunError(f"refusing profile {path}: {p} must be owned by root and not group/other-writable")
+        problem = trust_problem(os.stat(p), NOT_WRITABLE)
+        if problem:
+            raise OvlrunError(f"refusing profile {path}: {p} must be owned by root and not group/other-writable "
+                              f"({problem})")
 
 
 def locate_profile(spec: str, dirs: list[str] | None = None, *, trusted_only: bool = False) -> str:

@@ -55,15 +55,16 @@ class Profile(NamedTuple):
     network: str = "host"
     missing_root: str = "fail"  # a tree root that is absent/empty at launch: fail, or run unlocalised
 
-
-def find_profile(spec: str, dirs: list[Path] | None = None, *, trusted_only: bool = False) -> Path:
-    """Map ``--profile`` to a file (see :func:`ovlrun.locate.locate_profile`)."""
-    search = None if dirs is None else [str(d) for d in dirs]
-    return Path(locate.locate_profile(spec, search, trusted_only=trusted_only))
+    def select(self, paths: Collection[str]) -> list[tuple[Tree, Pattern, list[str]]]:
+        """For each pattern, the localised paths among ``paths`` (e.g. the store index's
+        keys) it names: what a launch plans, verify checks and ``profile check`` counts."""
+        return [(tree, pattern, tree.matches_in(pattern, paths)) for tree in self.trees for pattern in tree.patterns]
 
 
 def load_profile(spec: str, dirs: list[Path] | None = None, *, trusted_only: bool = False) -> Profile:
-    path = find_profile(spec, dirs, trusted_only=trusted_only)
+    """Locate (:func:`ovlrun.profile.locate.locate_profile`) and parse a profile."""
+    search = None if dirs is None else [str(d) for d in dirs]
+    path = Path(locate.locate_profile(spec, search, trusted_only=trusted_only))
     return parse_profile(path, path.stem)
 
 

@@ -67,7 +67,7 @@ def _child(fn: Callable[[], T], w: int, close_fds: tuple[int, ...], parent: int)
     try:
         result = ("ok", fn())
     except OvlrunError as e:
-        result = ("error", (type(e).__name__, e.message))
+        result = ("error", e)  # pickled with its class and status (OvlrunError.__reduce__)
     except OSError as e:
         result = ("oserror", (e.errno, e.strerror, e.filename))
     except BaseException:
@@ -123,8 +123,7 @@ def run_bounded(fn: Callable[[], T], *, timeout: float, what: str, close_fds: tu
     if kind == "ok":
         return payload  # type: ignore[no-any-return]
     if kind == "error":
-        name, message = payload
-        raise (StallError if name == "StallError" else OvlrunError)(message)
+        raise payload
     if kind == "oserror":
         code, strerror, filename = payload
         raise OSError(code, strerror, filename) if filename is not None else OSError(code, strerror)

@@ -169,67 +169,82 @@ def _write_file(name: str, rel: bytes, st: os.stat_result, dst_fd: int, state: _
         os.close(fd)
 
 
+# One directory being mirrored: (src_fd, dst_fd, relpath bytes, remaining names, its stat).
+_Frame = tuple[int, int | None, bytes, list[str], os.stat_result]
+
+
 def _walk(src_root_fd: int, dst_root_fd: int | None, state: _WalkState, limit: int) -> None:
     """Mirror the directory ``src_root_fd`` into ``dst_root_fd`` iteratively (deep trees are fine).
 
     With ``dst_root_fd`` None nothing is written: the walk only fingerprints and records
     (``snapshot verify``), at the same cost on the source as a build.
     """
-    # Each frame: (src_fd, dst_fd, relpath bytes, remaining entries, stat of the dir).
     root_st = os.fstat(src_root_fd)
     _fingerprint(state, b"", root_st)
-    stack: list[tuple[int, int | None, bytes, list[str], os.stat_result]] = [
-        (src_root_fd, dst_root_fd, b"", _list(src_root_fd, b"/"), root_st)
-    ]
+    stack: list[_Frame] = [(src_root_fd, dst_root_fd, b"", _list(src_root_fd, b"/"), root_st)]
     while stack:
-        src_fd, dst_fd, rel, entries, dir_st = stack[-1]
+        src_fd, dst_fd, rel, entries, _ = stack[-1]
         if not entries:
-            if dst_fd is not None:
-                os.setxattr(dst_fd, XATTR_OPAQUE, b"y")
-                _set_metadata(dst_fd, dir_st)
-            stack.pop()
-            if stack:  # the root fds belong to the caller
-                os.close(src_fd)
-                if dst_fd is not None:
-                    os.close(dst_fd)
+            _finish_dir(stack, state)
             continue
         name = entries.pop()
         child = (rel + b"/" if rel else b"") + os.fsencode(name)
         st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
-        mode = st.st_mode
-        if stat.S_ISDIR(mode):
-            _fingerprint(state, child, st)
-            state.counts["dirs"] += 1
-            sub_dst = None
-            if dst_fd is not None:
-                os.mkdir(name, 0o700, dir_fd=dst_fd)
-                sub_dst = _open_dir(name, dst_fd)
-            try:
-                sub_src = _open_dir(name, src_fd)
-            except PermissionError:  # refused at open (FUSE/NFS opendir), not at readdir
-                raise BuildError(f"cannot list '/{os.fsdecode(child)}' in the source: permission denied") from None
-            stack.append((sub_src, sub_dst, child, _list(sub_src, b"/" + child), st))
-        elif stat.S_ISREG(mode):
+        if stat.S_ISDIR(st.st_mode):
+            stack.append(_enter_dir(name, child, st, src_fd, dst_fd, state))
+        elif stat.S_ISREG(st.st_mode):
             _fingerprint(state, child, st)
             state.counts["files"] += 1
             if st.st_nlink > 1:
                 state.counts["hardlinked"] += 1
             if dst_fd is not None:
                 _write_file(name, child, st, dst_fd, state, limit)
-        elif stat.S_ISLNK(mode):
-            target = _link_target(name, src_fd, child, st, state)
-            _fingerprint(state, child, st, os.fsencode(target))
-            state.counts["symlinks"] += 1
-            if dst_fd is None:
-                continue
-            os.symlink(target, name, dir_fd=dst_fd)
-            os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
-            os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
+        elif stat.S_ISLNK(st.st_mode):
+            _copy_symlink(name, child, st, src_fd, dst_fd, state)
         else:
             state.counts["skipped"] += 1
             kind = {stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
-                    stat.S_IFBLK: "block device"}.get(stat.S_IFMT(mode), "special file")
+                    stat.S_IFBLK: "block device"}.get(stat.S_IFMT(st.st_mode), "special file")
             state.warn(f"skipped {kind} /{os.fsdecode(child)} (not represented in snapshots)")
+
+
+def _finish_dir(stack: list[_Frame], state: _WalkState) -> None:
+    """All entries of the top directory are done: seal its copy and leave it."""
+    src_fd, dst_fd, _, _, dir_st = stack.pop()
+    if dst_fd is not None:
+        os.setxattr(dst_fd, XATTR_OPAQUE, b"y")
+        _set_metadata(dst_fd, dir_st)
+    if stack:  # the root fds belong to the caller
+        os.close(src_fd)
+        if dst_fd is not None:
+            os.close(dst_fd)
+
+
+def _enter_dir(name: str, child: bytes, st: os.stat_result, src_fd: int, dst_fd: int | None,
+               state: _WalkState) -> _Frame:
+    _fingerprint(state, child, st)
+    state.counts["dirs"] += 1
+    sub_dst = None
+    if dst_fd is not None:
+        os.mkdir(name, 0o700, dir_fd=dst_fd)
+        sub_dst = _open_dir(name, dst_fd)
+    try:
+        sub_src = _open_dir(name, src_fd)
+    except PermissionError:  # refused at open (FUSE/NFS opendir), not at readdir
+        raise BuildError(f"cannot list '/{os.fsdecode(child)}' in the source: permission denied") from None
+    return (sub_src, sub_dst, child, _list(sub_src, b"/" + child), st)
+
+
+def _copy_symlink(name: str, child: bytes, st: os.stat_result, src_fd: int, dst_fd: int | None,
+                  state: _WalkState) -> None:
+    target = _link_target(name, src_fd, child, st, state)
+    _fingerprint(state, child, st, os.fsencode(target))
+    state.counts["symlinks"] += 1
+    if dst_fd is None:
+        return
+    os.symlink(target, name, dir_fd=dst_fd)
+    os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
+    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
 
 
 def _list(fd: int, where: bytes) -> list[str]:

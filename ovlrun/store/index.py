@@ -1,20 +1,10 @@
-"""The local snapshot store.
+"""The local snapshot store: index, manifests, locks, publishing.
 
-Layout (all root-owned; directories 0755 except where noted)::
-
-    STORE/index.json                    which snapshot serves each source (atomic rename)
-    STORE/index.lock                    flock serialising index updates
-    STORE/locks/KEY.lock                flock held while building one source
-    STORE/tmp/KEY.RANDOM/               builds in progress (never listed or mounted)
-    STORE/snapshots/KEY/ID/             one snapshot, 0700 (its tree mirrors source modes)
-    STORE/snapshots/KEY/ID/manifest.json
-    STORE/snapshots/KEY/ID/tree/        the opaque metacopy tree (a lower layer)
-    STORE/plans/DEV-INO.plan            cached launch plans, 0600 (ovlrun/jobplan.py)
-
-A build happens in ``tmp/`` and is published by ``rename(2)`` into ``snapshots/`` and then
-by an atomic rewrite of ``index.json``; a launch reads only ``index.json`` and the manifests
-it names (or its cached plan), never the shared tree.  A snapshot that is not in the
-index is never mounted.
+The paths are :mod:`ovlrun.store.layout`'s.  A build happens in ``tmp/`` and is
+published by ``rename(2)`` into ``snapshots/`` and then by an atomic rewrite of
+``index.json``; a launch reads only ``index.json`` and the manifests it names (or its
+cached plan), never the shared tree.  A snapshot that is not in the index is never
+mounted.
 """
 
 from __future__ import annotations
@@ -29,25 +19,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ovlrun.errors import OvlrunError
-from ovlrun.store.layout import store_dir
+from ovlrun.linux.files import is_temporary_of, write_atomic
+from ovlrun.store import layout
+from ovlrun.store.layout import source_key, store_dir
 
 FORMAT = 1
-
-
-def store_path(environ: dict[str, str] | None = None) -> Path:
-    return Path(store_dir(environ))
-
-
-def source_key(source: str) -> str:
-    """A directory name for a source path: readable slug + hash (names may be any bytes)."""
-    # Imported here, not at module level: only builders need them, and every import on
-    # the launch path is paid by every job.
-    import hashlib
-    import re
-
-    raw = os.fsencode(source)
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", source.strip("/"))[-48:].strip("_") or "root"
-    return f"{slug}-{hashlib.sha256(raw).hexdigest()[:12]}"
 
 
 def _token(nbytes: int) -> str:
@@ -86,22 +62,11 @@ class Snapshot(NamedTuple):
 
     @property
     def tree(self) -> Path:
-        return self.directory / "tree"
+        return Path(layout.snapshot_tree(str(self.directory)))
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{_token(4)}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        # A full disk fails the write half-way: leave no stray temporary file behind.
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(str(path), json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 @contextlib.contextmanager
@@ -126,14 +91,14 @@ class Store:
 
     @classmethod
     def open(cls, path: Path | str | None = None) -> Store:
-        return cls(Path(path) if path is not None else store_path())
+        return cls(Path(path if path is not None else store_dir()))
 
     # -- creation and locking ------------------------------------------------------
 
     def ensure(self) -> None:
         """Create the store layout (for builders)."""
         try:
-            for d in (self.path, self.path / "tmp", self.path / "locks", self.path / "snapshots"):
+            for d in (self.path, self.path / layout.TMP, self.path / layout.LOCKS, self.path / layout.SNAPSHOTS):
                 d.mkdir(mode=0o755, exist_ok=True)
         except OSError as e:
             raise OvlrunError(f"cannot create snapshot store {self.path}: {e.strerror}") from None
@@ -141,20 +106,20 @@ class Store:
     @contextlib.contextmanager
     def source_lock(self, source: str) -> Iterator[int]:
         """Serialise builds of one source across processes (flock dies with the holder)."""
-        with _flock(self.path / "locks" / f"{source_key(source)}.lock") as fd:
+        with _flock(self.path / layout.LOCKS / f"{source_key(source)}.lock") as fd:
             yield fd
 
     @contextlib.contextmanager
     def index_lock(self) -> Iterator[int]:
         """Serialise changes of ``index.json`` and of ``snapshots/`` (publish, gc)."""
-        with _flock(self.path / "index.lock") as fd:
+        with _flock(self.path / layout.INDEX_LOCK) as fd:
             yield fd
 
     def build_running(self, key: str) -> bool:
         """Is a build holding the lock of source key ``key`` now?  (For gc: a tmp/ entry
         whose lock nobody holds is the leftover of a killed build.)"""
         try:
-            fd = os.open(self.path / "locks" / f"{key}.lock", os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(self.path / layout.LOCKS / f"{key}.lock", os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
         try:
@@ -166,7 +131,7 @@ class Store:
         return False
 
     def new_build_dir(self, source: str) -> Path:
-        path = self.path / "tmp" / f"{source_key(source)}.{_token(6)}"
+        path = self.path / layout.TMP / f"{source_key(source)}.{_token(6)}"
         path.mkdir(mode=0o700)
         return path
 
@@ -174,7 +139,7 @@ class Store:
         """Remove leftovers of killed builds of ``source``; caller holds its source lock."""
         removed = 0
         prefix = source_key(source) + "."
-        for entry in (self.path / "tmp").iterdir():
+        for entry in (self.path / layout.TMP).iterdir():
             if entry.name.startswith(prefix):
                 import shutil
 
@@ -187,31 +152,32 @@ class Store:
     def read_index(self) -> dict[str, str]:
         """Map localised path (as matched by a profile) -> snapshot directory, relative to the store."""
         try:
-            with open(self.path / "index.json") as f:
+            with open(layout.index_file(str(self.path))) as f:
                 data = json.load(f)
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as e:
-            raise OvlrunError(f"snapshot index {self.path / 'index.json'} is unreadable: {e}") from None
+            raise OvlrunError(f"snapshot index {layout.index_file(str(self.path))} is unreadable: {e}") from None
         sources = data.get("sources", {}) if isinstance(data, dict) else {}
         return {k: v for k, v in sources.items() if isinstance(k, str) and isinstance(v, str)}
 
     def clean_index_leftovers(self) -> None:
-        """Remove ``.index.json.XXXX`` files of writers SIGKILLed between creating their
-        temporary file and renaming it; caller holds :meth:`index_lock`, so none is in use."""
-        for stale in self.path.glob(".index.json.*"):
-            with contextlib.suppress(OSError):
-                stale.unlink()
+        """Remove temporary index files of writers SIGKILLed between creating and renaming
+        them; caller holds :meth:`index_lock`, so none is in use."""
+        for name in os.listdir(self.path):
+            if is_temporary_of(name, layout.INDEX):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path / name)
 
     def write_index(self, index: dict[str, str]) -> None:
         """Replace ``index.json``; caller holds :meth:`index_lock`."""
         self.clean_index_leftovers()
-        _write_json_atomic(self.path / "index.json", {"format": FORMAT, "sources": index})
+        _write_json_atomic(Path(layout.index_file(str(self.path))), {"format": FORMAT, "sources": index})
 
     def publish(self, build_dir: Path, manifest: Manifest) -> Snapshot:
         """Atomically move a finished build into place and make it current for its source."""
-        key_dir = self.path / "snapshots" / source_key(manifest.source)
-        _write_json_atomic(build_dir / "manifest.json", manifest.to_json())
+        key_dir = self.path / layout.SNAPSHOTS / source_key(manifest.source)
+        _write_json_atomic(build_dir / layout.MANIFEST, manifest.to_json())
         # The snapshot directory stays 0700 (as created): the tree inside mirrors the
         # source's modes, so a world-writable release directory would otherwise be a
         # world-writable directory in a lower layer every job trusts.  Overlayfs reaches
@@ -236,7 +202,7 @@ class Store:
     def load(self, relative: str) -> Snapshot:
         directory = self.path / relative
         try:
-            with open(directory / "manifest.json") as f:
+            with open(directory / layout.MANIFEST) as f:
                 manifest = Manifest.from_json(json.load(f))
         except FileNotFoundError:
             raise SnapshotMissing(f"snapshot {directory} is gone (removed by 'ovlrun snapshot gc'?)") from None
@@ -244,13 +210,9 @@ class Store:
             raise OvlrunError(f"snapshot {directory} has no valid manifest: {e}") from None
         return Snapshot(directory, manifest)
 
-    def current(self) -> dict[str, Snapshot]:
-        """The snapshot serving each localised path, per the index."""
-        return {path: self.load(rel) for path, rel in self.read_index().items()}
-
     def all_snapshots(self) -> list[Snapshot]:
         out = []
-        root = self.path / "snapshots"
+        root = self.path / layout.SNAPSHOTS
         if not root.is_dir():
             return []
         for key_dir in sorted(root.iterdir()):
@@ -259,7 +221,7 @@ class Store:
             except FileNotFoundError:  # removed by a concurrent gc
                 continue
             for snap_dir in snap_dirs:
-                if (snap_dir / "manifest.json").is_file():
+                if (snap_dir / layout.MANIFEST).is_file():
                     try:
                         out.append(self.load(str(snap_dir.relative_to(self.path))))
                     except SnapshotMissing:

@@ -1,7 +1,19 @@
-"""Where the snapshot store is and whether a snapshot in it may be trusted.
+"""Every path of the snapshot store, and whether a snapshot in it may be trusted.
 
-Light on imports (os and stat only): a launch with a cached mount plan checks every
-snapshot it mounts through here without loading :mod:`ovlrun.store.index`.
+Layout (all root-owned; directories 0755 except where noted)::
+
+    STORE/index.json                    which snapshot serves each path (atomic rename)
+    STORE/index.lock                    flock serialising index updates and gc
+    STORE/locks/KEY.lock                flock held while building one source
+    STORE/tmp/KEY.RANDOM/               builds in progress (never listed or mounted)
+    STORE/tmp/gc.RANDOM/                snapshots gc took out, being deleted
+    STORE/snapshots/KEY/ID/             one snapshot, 0700 (its tree mirrors source modes)
+    STORE/snapshots/KEY/ID/manifest.json
+    STORE/snapshots/KEY/ID/tree/        the opaque metacopy tree (a lower layer)
+    STORE/plans/DEV-INO.plan            cached launch plans, 0600 (ovlrun/launch/plancache.py)
+
+KEY names a localised path (:func:`source_key`), ID one build of it.  Light on imports
+(os and stat): a launch with a cached plan checks every snapshot it mounts through here.
 """
 
 from __future__ import annotations
@@ -10,14 +22,60 @@ import os
 import stat
 
 from ovlrun.errors import OvlrunError
+from ovlrun.linux.files import NOT_WRITABLE, PRIVATE, trust_problem
 
 DEFAULT_STORE = "/var/lib/ovlrun"
 INDEX = "index.json"
+INDEX_LOCK = "index.lock"
+MANIFEST = "manifest.json"
+SNAPSHOTS = "snapshots"
+TREE = "tree"
+TMP = "tmp"
+LOCKS = "locks"
+PLANS = "plans"
+GC_TRASH_PREFIX = "gc."
 
 
 def store_dir(environ: dict[str, str] | None = None) -> str:
+    """The store: ``OVLRUN_STORE`` (refused for sudo callers), else the default."""
     env = os.environ if environ is None else environ
     return env.get("OVLRUN_STORE") or DEFAULT_STORE
+
+
+def source_key(path: str) -> str:
+    """A directory name for a localised path: readable slug + hash (names may be any bytes)."""
+    # Imported here, not at module level: only builders need them, and every import on
+    # the launch path is paid by every job.
+    import hashlib
+    import re
+
+    raw = os.fsencode(path)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", path.strip("/"))[-48:].strip("_") or "root"
+    return f"{slug}-{hashlib.sha256(raw).hexdigest()[:12]}"
+
+
+def index_file(store: str) -> str:
+    return os.path.join(store, INDEX)
+
+
+def snapshot_tree(snapshot_dir: str) -> str:
+    return os.path.join(snapshot_dir, TREE)
+
+
+def plan_file(store: str, dev: int, ino: int) -> str:
+    """The cached plan of the profile file with this device and inode."""
+    return os.path.join(store, PLANS, f"{dev}-{ino}.plan")
+
+
+def snapshot_of_layer(layer: str) -> tuple[str, str] | None:
+    """(KEY, ID) if ``layer`` is a snapshot's tree, by the layout's tail
+    ``snapshots/KEY/ID/tree``: the store may be reached through a symlink or a path
+    given differently to the mount.  IDs carry a timestamp and random bits, so a false
+    match (which only keeps a snapshot longer) is as unlikely as it is harmless."""
+    parts = layer.rstrip("/").split("/")
+    if len(parts) >= 4 and parts[-1] == TREE and parts[-4] == SNAPSHOTS:
+        return parts[-3], parts[-2]
+    return None
 
 
 def check_snapshot_trusted(store: str, snapshot_dir: str, trusted: set[str] | None = None) -> None:
@@ -32,7 +90,7 @@ def check_snapshot_trusted(store: str, snapshot_dir: str, trusted: set[str] | No
     ``snapshots/`` are shared by all snapshots).
     """
     key_dir = os.path.dirname(snapshot_dir)
-    for d in (store, os.path.join(store, "snapshots"), key_dir, snapshot_dir):
+    for d in (store, os.path.join(store, SNAPSHOTS), key_dir, snapshot_dir):
         if trusted is not None and d in trusted:
             continue
         try:
@@ -41,12 +99,11 @@ def check_snapshot_trusted(store: str, snapshot_dir: str, trusted: set[str] | No
             raise OvlrunError(f"snapshot store path {d}: {e.strerror}") from None
         if not stat.S_ISDIR(st.st_mode):
             raise OvlrunError(f"snapshot store path {d} is not a directory (symlink or tampering?)")
-        if st.st_uid != 0 or st.st_mode & 0o022:
-            raise OvlrunError(
-                f"refusing snapshot store path {d}: it must be owned by root and not group/other-writable "
-                f"(owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)})"
-            )
-        if d == snapshot_dir and st.st_mode & 0o077:
+        problem = trust_problem(st, NOT_WRITABLE)
+        if problem:
+            raise OvlrunError(f"refusing snapshot store path {d}: it must be owned by root and not "
+                              f"group/other-writable ({problem})")
+        if d == snapshot_dir and trust_problem(st, PRIVATE):
             raise OvlrunError(f"refusing snapshot {d}: mode {stat.filemode(st.st_mode)} lets other users reach "
                               "its tree; it must be 0700 (ovlrun snapshot build tightens it)")
         if trusted is not None:

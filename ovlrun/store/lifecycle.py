@@ -29,6 +29,7 @@ from typing import Any
 
 from ovlrun.errors import OvlrunError
 from ovlrun.profile.parse import Profile
+from ovlrun.store import layout
 from ovlrun.store.bounded import DEFAULT_TIMEOUT, run_bounded
 from ovlrun.store.build import Record, build_one, walk_records
 from ovlrun.store.index import Snapshot, SnapshotMissing, Store
@@ -46,9 +47,8 @@ def current_snapshots(store: Store, profile: Profile | None) -> dict[str, Snapsh
     if profile is None:
         chosen = dict(index)
     else:
-        for tree in profile.trees:
-            for pattern in tree.patterns:
-                chosen.update((p, index[p]) for p in tree.matches_in(pattern, index))
+        for _tree, _pattern, hits in profile.select(index):
+            chosen.update((p, index[p]) for p in hits)
     out = {}
     for path, rel in sorted(chosen.items()):
         with contextlib.suppress(SnapshotMissing):
@@ -209,6 +209,67 @@ def _rmtree_dir(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _sources_gone(store: Store, timeout: float) -> dict[str, bool]:
+    """Probe: which current snapshots' sources are really deleted (see :func:`source_gone`).
+
+    Asks the shared tree, so it runs bounded and before the index lock is taken: a
+    stalled server must neither hang gc nor block builds from publishing.
+    """
+    sources = {path: (snap.manifest.source, path, snap.manifest.root)
+               for path, snap in current_snapshots(store, None).items()}
+    return run_bounded(lambda: {p: source_gone(*a) for p, a in sources.items()},
+                       timeout=timeout, what="checking which snapshot sources are gone")
+
+
+def _decide(store: Store, index: dict[str, str], gone: dict[str, bool], in_use: set[tuple[str, str]],
+            *, grace: float, dry_run: bool, now: float) -> list[Collected]:
+    """Decision, no action: what happens to every snapshot that is not plainly current."""
+    current = {rel: path for path, rel in index.items()}
+    built_current: dict[str, float] = {}
+    for path, rel in index.items():
+        with contextlib.suppress(OvlrunError):
+            built_current[path] = store.load(rel).manifest.built
+    report = []
+    for snap in store.all_snapshots():
+        rel = str(snap.directory.relative_to(store.path))
+        m = snap.manifest
+        if rel in current:
+            if not gone.get(m.path, False):
+                continue
+            reason = "source-gone"
+        else:
+            reason = "replaced" if m.path in index else "orphaned"
+        if (snap.directory.parent.name, snap.directory.name) in in_use:
+            action = "kept: in use"
+        elif reason == "replaced" and now - built_current.get(m.path, 0.0) < grace:
+            action = "kept: grace"
+        else:
+            action = "would remove" if dry_run else "removed"
+        report.append(Collected(m.path, str(snap.directory), reason, action))
+    return report
+
+
+def _collect(store: Store, index: dict[str, str], report: list[Collected]) -> None:
+    """Action: take every snapshot marked "removed" out of the index and out of
+    ``snapshots/``; caller holds the index lock."""
+    doomed = [c for c in report if c.action == "removed"]
+    new_index = dict(index)
+    for c in doomed:
+        if c.reason == "source-gone":
+            new_index.pop(c.path, None)
+    if new_index != index:
+        store.write_index(new_index)
+    trash = store.path / layout.TMP
+    for c in doomed:
+        # Out of snapshots/ in one rename, so a gc killed while deleting leaves no
+        # partial snapshot there, only a tmp/gc.* leftover for the next gc.
+        os.rename(c.directory, trash / f"{layout.GC_TRASH_PREFIX}{secrets.token_hex(6)}")
+    store.clean_index_leftovers()
+    for key_dir in (store.path / layout.SNAPSHOTS).iterdir():
+        with contextlib.suppress(OSError):
+            key_dir.rmdir()  # only if empty; publish creates key dirs under this lock
+
+
 def gc(store: Store, *, dry_run: bool = False, grace: float = DEFAULT_GRACE,
        timeout: float = DEFAULT_TIMEOUT) -> tuple[list[Collected], int]:
     """Collect unused snapshots; returns what was (or would be) done and how many build or
@@ -218,63 +279,17 @@ def gc(store: Store, *, dry_run: bool = False, grace: float = DEFAULT_GRACE,
     A launch reads the index and mounts a few milliseconds later; the grace covers a launch
     that read the old index just before the refresh, which mountinfo cannot show yet.
     """
-    if not (store.path / "snapshots").is_dir():
+    if not (store.path / layout.SNAPSHOTS).is_dir():
         return [], 0
-    trash = store.path / "tmp"
-    report: list[Collected] = []
-    doomed: list[str] = []
-    now = time.time()
-    # Asking the shared tree which sources are gone happens first, bounded and without the
-    # index lock: a stalled server must neither hang gc nor block builds from publishing.
-    sources = {path: (snap.manifest.source, path, snap.manifest.root)
-               for path, snap in current_snapshots(store, None).items()}
-    gone: dict[str, bool] = run_bounded(lambda: {p: source_gone(*a) for p, a in sources.items()},
-                                        timeout=timeout, what="checking which snapshot sources are gone")
+    gone = _sources_gone(store, timeout)
     with store.index_lock():
         # Scanned under the lock: no snapshot becomes current meanwhile.  Launches do not
         # take the lock; the grace period covers them.
         in_use = snapshot_ids_in_use()
         index = store.read_index()
-        current = {rel: path for path, rel in index.items()}
-        built_current: dict[str, float] = {}
-        for path, rel in index.items():
-            with contextlib.suppress(OvlrunError):
-                built_current[path] = store.load(rel).manifest.built
-        new_index = dict(index)
-        for snap in store.all_snapshots():
-            rel = str(snap.directory.relative_to(store.path))
-            m = snap.manifest
-            if rel in current:
-                if not gone.get(m.path, False):
-                    continue
-                reason = "source-gone"
-            else:
-                reason = "replaced" if m.path in index else "orphaned"
-            key_id = (snap.directory.parent.name, snap.directory.name)
-            if key_id in in_use:
-                action = "kept: in use"
-            elif reason == "replaced" and now - built_current.get(m.path, 0.0) < grace:
-                action = "kept: grace"
-            else:
-                action = "would remove" if dry_run else "removed"
-            report.append(Collected(m.path, str(snap.directory), reason, action))
-            if action != "removed":
-                continue
-            if reason == "source-gone":
-                new_index.pop(m.path, None)
-            doomed.append(rel)
-        if not dry_run and doomed:
-            if new_index != index:
-                store.write_index(new_index)
-            for rel in doomed:
-                # Out of snapshots/ in one rename, so a gc killed while deleting leaves no
-                # partial snapshot there, only a tmp/gc.* leftover for the next gc.
-                os.rename(store.path / rel, trash / f"gc.{secrets.token_hex(6)}")
+        report = _decide(store, index, gone, in_use, grace=grace, dry_run=dry_run, now=time.time())
         if not dry_run:
-            store.clean_index_leftovers()
-            for key_dir in (store.path / "snapshots").iterdir():
-                with contextlib.suppress(OSError):
-                    key_dir.rmdir()  # only if empty; publish creates key dirs under this lock
+            _collect(store, index, report)
     leftovers = 0 if dry_run else clean_tmp(store)
     return report, leftovers
 
@@ -282,12 +297,12 @@ def gc(store: Store, *, dry_run: bool = False, grace: float = DEFAULT_GRACE,
 def clean_tmp(store: Store) -> int:
     """Remove tmp/ leftovers: gc trash, and builds whose source lock nobody holds (counted)."""
     removed = 0
-    tmp = store.path / "tmp"
+    tmp = store.path / layout.TMP
     if not tmp.is_dir():
         return 0
     for entry in tmp.iterdir():
         name = entry.name
-        if name.startswith("gc."):  # our own trash (or a killed gc's): not counted
+        if name.startswith(layout.GC_TRASH_PREFIX):  # our own trash (or a killed gc's): not counted
             _rmtree_dir(str(entry))
             continue
         key, dot, _ = name.rpartition(".")

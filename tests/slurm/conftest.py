@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import REPO, STATE, USER, World, make_world, parse, poll
+from .harness import REPO, STATE, USER, SlurmWorld, make_world, parse, poll
 
 SETUP_TIMEOUT = 600  # includes apt-get install on a fresh machine
 JOB_TIMEOUT = 90
@@ -31,7 +31,7 @@ def _require_root() -> None:
 
 
 @pytest.fixture(scope="session")
-def slurm_world() -> World:
+def slurm_world() -> SlurmWorld:
     _require_root()
     return make_world()
 
@@ -45,7 +45,7 @@ class Job:
 
 
 class Slurm:
-    def __init__(self, world: World, node: str) -> None:
+    def __init__(self, world: SlurmWorld, node: str) -> None:
         self.world = world
         self.node = node
 
@@ -83,7 +83,7 @@ class Slurm:
 
     def wait_job_gone(self, job_id: str) -> None:
         """Wait until the Epilog is done with ``job_id`` (its record is removed last)."""
-        from ovlrun.linux.namespaces import JobRecord
+        from ovlrun.hooks.records import JobRecord
 
         poll(f"epilog of job {job_id}", lambda: not JobRecord.path_for(job_id).exists()
              and "JobState=COMPLETING" not in _scontrol_job(job_id), timeout=30)
@@ -99,7 +99,7 @@ def _scontrol_job(job_id: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def slurm(slurm_world: World) -> Iterator[Slurm]:
+def slurm(slurm_world: SlurmWorld) -> Iterator[Slurm]:
     _require_root()
     STATE.mkdir(parents=True, exist_ok=True)
     # The generated hooks source this: it points them at the test profiles and store.

@@ -64,7 +64,7 @@ echo "done=1"
 
 
 @dataclass(frozen=True)
-class World:
+class SlurmWorld:
     base: Path
     sw: Path
     profiles: Path
@@ -95,7 +95,7 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
-def make_world() -> World:
+def make_world() -> SlurmWorld:
     """Fresh tree, profiles and snapshots; then files added to the shared tree that
     the snapshots must hide."""
     from ovlrun.profile.parse import load_profile
@@ -107,7 +107,7 @@ def make_world() -> World:
         shutil.rmtree(BASE)
     BASE.mkdir(mode=0o755, parents=True)
     BASE.chmod(0o755)
-    world = World(BASE, BASE / "sw", BASE / "profiles", BASE / "store", BASE / "out")
+    world = SlurmWorld(BASE, BASE / "sw", BASE / "profiles", BASE / "store", BASE / "out")
     for rel in PROFILES.values():
         d = world.sw / rel
         _write(d / "share" / "data.txt", f"data of {rel}\n")

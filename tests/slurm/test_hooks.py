@@ -21,21 +21,21 @@ from pathlib import Path
 
 import pytest
 
+from ovlrun.hooks.records import JobRecord, rundir
 from ovlrun.hooks.slurm import requested_profile
 from ovlrun.linux import namespaces
-from ovlrun.linux.namespaces import JobRecord
 
-from .harness import BASE, REPO, UID, USER, World, mounts_under, parse
+from .harness import BASE, REPO, UID, USER, SlurmWorld, mounts_under, parse
 
 NODE = "testnode"
 
 
 def hook(name: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ovlrun.hooks.slurm", name], env=env, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "ovlrun", "slurm", name], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=60)
 
 
-def probe_in(ns: Path, world: World) -> dict[str, str]:
+def probe_in(ns: Path, world: SlurmWorld) -> dict[str, str]:
     """What the test user sees inside the namespace pinned at ``ns``."""
     r = subprocess.run(["nsenter", f"--mount={ns}", "runuser", "-u", USER, "--",
                         "bash", str(world.base / "probe.sh"), "x"],
@@ -59,7 +59,7 @@ def job_id() -> Iterator[str]:
 
 
 @pytest.fixture
-def jc(slurm_world: World, tmp_path: Path) -> tuple[Path, Path]:
+def jc(slurm_world: SlurmWorld, tmp_path: Path) -> tuple[Path, Path]:
     """A job_container.conf (BasePath under BASE, Debian's per-node layout)."""
     base = BASE / "hooks-jc"
     (base / NODE).mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ def jc(slurm_world: World, tmp_path: Path) -> tuple[Path, Path]:
     return conf, base
 
 
-def slurm_env(world: World, job_id: str, comment: str, **extra: str) -> dict[str, str]:
+def slurm_env(world: SlurmWorld, job_id: str, comment: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
     env.update(world.env(), SLURM_JOB_ID=job_id, SLURM_JOB_UID=str(UID), SLURM_JOB_GID=str(UID),
                SLURM_JOB_USER=USER, SLURM_JOB_COMMENT=comment, SLURMD_NODENAME=NODE, **extra)
@@ -102,7 +102,7 @@ def test_comment_parsing() -> None:
     assert requested_profile("ovl:")[1] == "empty profile name in job comment 'ovl:'"
 
 
-def test_run_in_job_prolog_joins_the_plugins_namespace(slurm_world: World, jc: tuple[Path, Path],
+def test_run_in_job_prolog_joins_the_plugins_namespace(slurm_world: SlurmWorld, jc: tuple[Path, Path],
                                                         job_id: str) -> None:
     conf, base = jc
     job_dir = base / NODE / job_id
@@ -123,7 +123,7 @@ def test_run_in_job_prolog_joins_the_plugins_namespace(slurm_world: World, jc: t
     assert mounts_under(base) == [] and mounts_under(slurm_world.sw) == []
 
 
-def test_clone_ns_script_mounts_into_slurm_ns(slurm_world: World, jc: tuple[Path, Path], job_id: str,
+def test_clone_ns_script_mounts_into_slurm_ns(slurm_world: SlurmWorld, jc: tuple[Path, Path], job_id: str,
                                               tmp_path: Path) -> None:
     conf, base = jc
     conf.write_text(conf.read_text() + "CloneNSScript=/usr/sbin/ovlrun-clone-ns\n")
@@ -148,7 +148,7 @@ def test_clone_ns_script_mounts_into_slurm_ns(slurm_world: World, jc: tuple[Path
     assert JobRecord.load(job_id) is None
 
 
-def _enter(job_id: str, sudo_uid: int, world: World) -> subprocess.CompletedProcess[str]:
+def _enter(job_id: str, sudo_uid: int, world: SlurmWorld) -> subprocess.CompletedProcess[str]:
     # As sudo would run it: no PYTHON*/LD_* variables (ovlrun refuses those under sudo).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "LD_", "OVLRUN_", "SLURM"))}
     env.update(world.job_env(), SUDO_UID=str(sudo_uid), SUDO_GID=str(sudo_uid), SUDO_USER=USER)
@@ -157,7 +157,7 @@ def _enter(job_id: str, sudo_uid: int, world: World) -> subprocess.CompletedProc
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
-def test_enter_without_job_container(slurm_world: World, job_id: str) -> None:
+def test_enter_without_job_container(slurm_world: SlurmWorld, job_id: str) -> None:
     env = slurm_env(slurm_world, job_id, "ovl:slurmtest-a", OVLRUN_SLURM_JC_CONF="/nonexistent")
     r = hook("prolog", env)
     assert r.returncode == 0, r.stderr
@@ -179,12 +179,12 @@ def test_enter_without_job_container(slurm_world: World, job_id: str) -> None:
         assert hook("epilog", env).returncode == 0
     assert not holder.exists() and not holder.parent.exists()
     assert JobRecord.load(job_id) is None
-    assert mounts_under(namespaces.rundir()) == []
+    assert mounts_under(rundir()) == []
     r = _enter(job_id, UID, slurm_world)
     assert r.returncode == 125 and "no ovlrun namespace" in r.stderr
 
 
-def test_prolog_failure_modes_exit_zero(slurm_world: World, jc: tuple[Path, Path], job_id: str) -> None:
+def test_prolog_failure_modes_exit_zero(slurm_world: SlurmWorld, jc: tuple[Path, Path], job_id: str) -> None:
     conf, base = jc
     for comment, reason in (("ovl:nope", "no profile named 'nope'"),
                             ("ovl:../../etc/x", "not a path")):
@@ -202,7 +202,7 @@ def test_prolog_failure_modes_exit_zero(slurm_world: World, jc: tuple[Path, Path
     assert r.returncode == 0 and "SLURM_JOB_ID" in r.stderr
 
 
-def test_first_job_on_a_fresh_node_creates_the_run_directory(slurm_world: World, job_id: str) -> None:
+def test_first_job_on_a_fresh_node_creates_the_run_directory(slurm_world: SlurmWorld, job_id: str) -> None:
     rundir = BASE / "fresh-run" / "jobs"
     if rundir.exists():
         namespaces.remove_tree(rundir.parent)

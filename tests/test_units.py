@@ -1,0 +1,111 @@
+"""Unit tests of pure parsers: the mountinfo reader, the launch command line, file trust."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ovlrun.cli.launch import LaunchArgs, parse_launch
+from ovlrun.errors import OvlrunError
+from ovlrun.linux import mountinfo
+from ovlrun.linux.files import NOT_WRITABLE, PRIVATE, is_temporary_of, temporary_name, trust_problem
+from ovlrun.store.layout import snapshot_of_layer
+
+# Real lines (6.18), one per kind: a plain ext4 root, an overlay made by ovlrun with
+# escaped layer paths, a mount point with a space and a tab.
+MOUNTINFO = (
+    "23 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+    "402 23 0:60 / /sw/app/1.0 ro,nosuid,nodev,relatime master:1 - overlay ovlrun "
+    "ro,lowerdir+=/var/lib/ovlrun/snapshots/K/I/tree,datadir+=/sw/a\\054b,redirect_dir=follow,metacopy=on\n"
+    "403 23 0:61 / /mnt/with\\040space\\011tab rw shared:5 - tmpfs tmp\\134fs rw\n"
+)
+
+
+def test_mountinfo_parses_points_types_sources_and_unescapes(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "mountinfo")
+    with open(path, "w") as f:
+        f.write(MOUNTINFO)
+    mounts = mountinfo.read(path)
+    assert [(m.point, m.fstype, m.source) for m in mounts] == [
+        ("/", "ext4", "/dev/vda"), ("/sw/app/1.0", "overlay", "ovlrun"), ("/mnt/with space\ttab", "tmpfs", "tmp\\fs")]
+    assert mountinfo.overlay_layers(mounts[1].super_options) == ["/var/lib/ovlrun/snapshots/K/I/tree", "/sw/a,b"]
+
+
+def test_mountinfo_reads_this_process_table() -> None:
+    assert any(m.point == "/" for m in mountinfo.read())
+
+
+@pytest.mark.parametrize(("options", "layers"), [
+    ("ro,lowerdir+=/s/snapshots/K/I/tree,datadir+=/sw/a\\054b,metacopy=on", ["/s/snapshots/K/I/tree", "/sw/a,b"]),
+    ("lowerdir=/s\\:x/snapshots/K/I/tree::/sw/app,redirect_dir=follow", ["/s:x/snapshots/K/I/tree", "/sw/app"]),
+    ("lowerdir=/a:/b,upperdir=/u,workdir=/w", ["/a", "/b"]),
+    ("rw,relatime", []),
+])
+def test_overlay_layers(options: str, layers: list[str]) -> None:
+    assert mountinfo.overlay_layers(options) == layers
+
+
+def test_unescape_is_byte_exact() -> None:
+    assert mountinfo.unescape("a\\040b\\134c\\012") == "a b\\c\n"
+    assert mountinfo.unescape("\\377x") == os.fsdecode(b"\xffx")
+    assert mountinfo.unescape("no\\escape\\9") == "no\\escape\\9"
+
+
+def test_snapshot_of_layer() -> None:
+    assert snapshot_of_layer("/x/snapshots/K/I/tree/") == ("K", "I")
+    assert snapshot_of_layer("/sw/app/tree") is None
+
+
+@pytest.mark.parametrize(("argv", "parsed"), [
+    (["--profile", "p", "--", "ls", "-l"], LaunchArgs("p", None, False, False, ["ls", "-l"])),
+    (["-p", "p", "ls", "--profile", "x"], LaunchArgs("p", None, False, False, ["ls", "--profile", "x"])),
+    (["--profile=p", "--strict", "-u", "bob"], LaunchArgs("p", "bob", True, False, [])),
+    (["--user=bob", "-p", "p", "--login", "-", "x"], LaunchArgs("p", "bob", False, True, ["-", "x"])),
+])
+def test_parse_launch(argv: list[str], parsed: LaunchArgs) -> None:
+    assert parse_launch(argv) == parsed
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    ([], "missing --profile"),
+    (["--profile"], "option --profile needs a value"),
+    (["--bogus", "p"], "unknown option '--bogus'"),
+    (["ls"], "missing --profile"),
+])
+def test_parse_launch_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(OvlrunError, match=message) as info:
+        parse_launch(argv)
+    assert info.value.status == 125  # env(1)'s status for its own usage errors
+
+
+def test_trust_problem_masks(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "f")
+    open(path, "w").close()
+    for mode, writable, private in ((0o644, None, "open"), (0o664, "writable", "open"), (0o600, None, None)):
+        os.chmod(path, mode)
+        st = os.stat(path)
+        if os.geteuid() != 0:
+            assert trust_problem(st) == f"owned by uid {os.geteuid()}, not root"
+            continue
+        for mask, expect in ((NOT_WRITABLE, writable), (PRIVATE, private)):
+            problem = trust_problem(st, mask)
+            assert (problem is None) if expect is None else (expect in str(problem))
+
+
+def test_temporary_names() -> None:
+    tmp = temporary_name("/s/index.json")
+    assert os.path.dirname(tmp) == "/s" and is_temporary_of(os.path.basename(tmp), "index.json")
+    assert not is_temporary_of("index.json", "index.json")
+
+
+def test_bounded_worker_keeps_error_class_and_status() -> None:
+    from ovlrun.store.bounded import run_bounded
+    from ovlrun.store.build import BuildError
+
+    def fail() -> None:
+        raise BuildError("the walk failed", status=3)
+
+    with pytest.raises(BuildError, match="the walk failed") as info:
+        run_bounded(fail, timeout=60, what="a test walk")
+    assert info.value.status == 3
