@@ -10,8 +10,8 @@ on this machine's root filesystem (9p) with the store on a guest tmpfs:
 3. pytest on tests/test_mount.py (every method the kernel has, odd and long layer paths)
    and the launch tests of tests/test_launch.py that need no extra user.
 
-Opt-in (they download two kernel packages once, then boot both at once under TCG: ~3-5 min
-each): ``OVLRUN_VM_TESTS=1`` or ``make vm-test``.  Needs root, qemu-system-x86,
+Opt-in (they download two kernel packages once, then boot both at once under TCG, ~3-5
+minutes in all): ``OVLRUN_VM_TESTS=1`` or ``make vm-test``.  Needs root, qemu-system-x86,
 busybox-static, cpio and kmod (depmod, modprobe).
 """
 
