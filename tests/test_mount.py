@@ -131,20 +131,23 @@ def test_long_layer_paths(world: World, method: str, length: int) -> None:
 @requires_root
 @requires_overlay
 def test_launch_with_store_path_over_the_string_limit(world: World) -> None:
-    """A whole launch from a ~650-byte store: data reads, and ``ovlrun status`` inside the
-    job names the snapshot, whichever way the kernel was given the layer."""
+    """A whole launch of two localised paths (mounted from two threads, so the shortened
+    layers' chdir is contended) from a ~650-byte store: data reads, and ``ovlrun status``
+    inside the job names both snapshots, whichever way the kernel was given the layers."""
     (world.base / "st").mkdir(mode=0o755)
     store = long_dir(world.base / "st", 600) / "store"
-    world.simple_profile()
+    world.simple_profile(patterns=("app/1.0", "app/1.1"))
     env = {"OVLRUN_STORE": str(store)}
     assert world.ovlrun("snapshot", "build", "--profile", "p", env=env).returncode == 0
-    rel = world.sw / "app" / "1.0"
-    result = world.job(f"cat {rel}/lib/python/mod.py; {sys.executable} -m ovlrun status --json", env=env)
+    apps = world.sw / "app"
+    result = world.job(f"cat {apps}/1.0/lib/python/mod.py {apps}/1.1/lib/python/mod.py; "
+                       f"{sys.executable} -m ovlrun status --json", env=env)
     assert result.returncode == 0, result.stderr
-    first, _, status = result.stdout.partition("\n")
-    assert first == "VERSION = '1.0'"
-    (item,) = json.loads(status)["localised"]
-    assert item["path"] == str(rel) and item["snapshot"].startswith(f"{store}/snapshots/")
+    one, other, status = result.stdout.split("\n", 2)
+    assert [one, other] == ["VERSION = '1.0'", "VERSION = '1.1'"]
+    items = sorted(json.loads(status)["localised"], key=lambda m: m["path"])
+    assert [m["path"] for m in items] == [str(apps / "1.0"), str(apps / "1.1")]
+    assert all(m["snapshot"].startswith(f"{store}/snapshots/") for m in items)
 
 
 def test_escape_layer() -> None:

@@ -16,7 +16,8 @@ The snapshot layer uses the first: chdir to the store root and name the layer
 never looked at by gc) uses the second, which needs no chdir.
 
 The cwd is per process and mounts run from several threads, so the chdir, the call and
-the way back are one critical section.  Off the common path: only long layers get here.
+the way back are one critical section (the other mount threads only use absolute paths
+or fds meanwhile).  Off the common path: only long layers get here.
 """
 
 from __future__ import annotations
