@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -120,6 +121,7 @@ def main() -> int:
     checks["doctor --json"] = doctor
     check("doctor", r.returncode == 0, r.stderr.strip())
     check("nothing left mounted", not overlay_mounts(), overlay_mounts())
+    shutil.rmtree(base, ignore_errors=True)
     print("SMOKE " + json.dumps({"failed": failed, **checks}))
     return 1 if failed else 0
 
