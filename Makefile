@@ -86,6 +86,14 @@ lint: $(DEV_STAMP)
 	$(DEV_PYTHON) -m ruff check ovlrun tests
 	$(DEV_PYTHON) -m mypy
 
+# Debian 12 (6.1) and 13 (6.12) kernels booted under qemu (TCG), the launch subset in
+# each (tests/test_vm_kernels.py).  Kernel packages are fetched once into
+# /var/cache/ovlrun-vm (apt under a private configuration; the host's sources untouched).
+VM_PACKAGES = qemu-system-x86 busybox-static cpio kmod xz-utils zstd
+vm-test: $(DEV_STAMP)
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(VM_PACKAGES) >/dev/null
+	OVLRUN_VM_TESTS=1 $(DEV_PYTHON) -m pytest -q -p no:cacheprovider tests/test_vm_kernels.py
+
 bench: $(DEV_STAMP)
 	$(DEV_PYTHON) bench/run.py
 

@@ -1,9 +1,12 @@
-"""The mount paths: new API with long (fd-passed) layers, legacy mount(2) with escaping,
-and the non-data-only fallback, each exercised in a child process's own namespace."""
+"""The mount methods (O_PATH fd layers, string layers, mount(2) with ``::``, the
+non-data-only fallback), each exercised in a child process's own namespace on every
+method the running kernel supports, with odd and with long layer paths.  The same file
+runs in the VM tests (tests/vm) on Debian's 6.1 and 6.12 kernels."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ovlrun.errors import OvlrunError
+from ovlrun.linux.kernel import METHODS, MOUNT_FALLBACK, probe
 from ovlrun.linux.overlay import OverlaySpec, escape_layer, legacy_options
 from tests.conftest import REPO, World, requires_overlay, requires_root
 
@@ -18,17 +22,16 @@ CHILD = r"""
 import json, os, sys
 from ovlrun.launch.mount import mount_localised, open_image
 from ovlrun.launch.plan import MountItem
-from ovlrun.linux.kernel import Features
+from ovlrun.linux.kernel import forced
 from ovlrun.linux.namespaces import enter_private_namespace
 from ovlrun.linux.overlay import OverlaySpec
 spec = OverlaySpec(**json.loads(sys.argv[1]))
-features = Features(overlay=True, new_mount_api=sys.argv[2] == "new", layer_append=sys.argv[2] == "new",
-                    data_only_layers=sys.argv[3] == "data-only", redirect_max=256)
+features = forced(sys.argv[2])
 enter_private_namespace()
 item = MountItem(spec.target, spec.data, os.path.dirname(spec.snapshot_tree), "")
 mount_localised(item, open_image(item.image), features)
-base = "/".join(spec.snapshot_tree.split("/")[:4])  # /var/tmp/ovlrun-test-XXXX: ours only
-options = [l.split(" - ")[1] for l in open("/proc/self/mountinfo") if " - overlay " in l and base in l]
+options = [l.split(" - ")[1] for l in open("/proc/self/mountinfo") if " - overlay " in l
+           and l.split(" ")[4].startswith("/var/tmp/ovlrun-test-")]  # ours only
 names = sorted(os.listdir(spec.target))
 data = open(os.path.join(spec.target, "lib", "mod.py")).read()
 try:
@@ -36,12 +39,14 @@ try:
     absent = "exists"
 except FileNotFoundError:
     absent = "ENOENT"
-print(json.dumps({"options": options, "names": names, "data": data, "absent": absent}))
+from ovlrun.store.inuse import snapshot_ids_in_use
+print(json.dumps({"options": options, "names": names, "data": data, "absent": absent,
+                  "in_use": sorted(snapshot_ids_in_use())}))
 """
 
 
-def mount_in_child(spec: OverlaySpec, api: str, layout: str) -> dict[str, object]:
-    result = subprocess.run([sys.executable, "-c", CHILD, json.dumps({"target": spec.target, "snapshot_tree": spec.snapshot_tree, "data": spec.data}), api, layout],
+def mount_in_child(spec: OverlaySpec, method: str) -> dict[str, object]:
+    result = subprocess.run([sys.executable, "-c", CHILD, json.dumps({"target": spec.target, "snapshot_tree": spec.snapshot_tree, "data": spec.data}), method],
                             capture_output=True, text=True, env={"PYTHONPATH": str(REPO)}, timeout=60)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)  # type: ignore[no-any-return]
@@ -63,36 +68,89 @@ def odd_release(world: World) -> Path:
     return odd
 
 
+def supported(method: str) -> None:
+    """Skip a method better than the best one the running kernel has (probed by behaviour)."""
+    best = probe().method
+    if METHODS.index(method) < METHODS.index(best):
+        pytest.skip(f"kernel {os.uname().release} lacks {method} (best: {best})")
+
+
+def snapshot_key_id(tree: str) -> list[str]:
+    return tree.split("/")[-3:-1]
+
+
 @requires_root
 @requires_overlay
-@pytest.mark.parametrize(("api", "layout"), [("new", "data-only"), ("legacy", "data-only"), ("legacy", "fallback"),
-                                             ("new", "fallback")])
-def test_mount_methods(world: World, odd_release: Path, api: str, layout: str) -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_mount_methods(world: World, odd_release: Path, method: str) -> None:
+    supported(method)
     spec = OverlaySpec(target=str(odd_release), snapshot_tree=snapshot_of(world, odd_release), data=str(odd_release))
     (odd_release / "lib" / "later.py").write_text("")  # hidden by the opaque snapshot in every layout
-    out = mount_in_child(spec, api, layout)
+    out = mount_in_child(spec, method)
     assert out["data"] == "odd = True\n" and out["names"] == ["lib"] and out["absent"] == "ENOENT"
     (options,) = out["options"]  # type: ignore[misc]
-    if layout == "data-only":
+    if method != MOUNT_FALLBACK:
         assert "datadir+=" in options or "::" in options
     else:
         assert "datadir+=" not in options and "::" not in options
+    assert snapshot_key_id(spec.snapshot_tree) in out["in_use"]  # type: ignore[operator]
+
+
+def long_dir(base: Path, total: int) -> Path:
+    """A directory below ``base`` whose path is at least ``total`` bytes (0755 all the way)."""
+    d = base
+    while len(str(d)) < total:
+        d = d / ("d" * 200)
+        d.mkdir()
+        d.chmod(0o755)
+    return d
 
 
 @requires_root
 @requires_overlay
-def test_layer_paths_longer_than_fsconfig_string_limit(world: World) -> None:
-    # fsconfig string values are capped at 256 bytes: the store path here is ~330 bytes, so
-    # the snapshot layer must be passed as an O_PATH fd.
-    long_store = world.base / ("s" * 200) / ("t" * 100)
-    long_store.parent.mkdir()
-    long_store.parent.chmod(0o755)
-    world.simple_profile()
-    env = {"OVLRUN_STORE": str(long_store)}
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("length", [300, 2200])
+def test_long_layer_paths(world: World, method: str, length: int) -> None:
+    """Store and release paths over fsconfig's 255-byte string cap (300), and both together
+    over mount(2)'s one page (2 x 2200): every method mounts them, data reads, and gc still
+    sees the snapshot as in use (mountinfo names snapshots/KEY/ID/tree)."""
+    supported(method)
+    (world.base / "st").mkdir(mode=0o755)
+    store = long_dir(world.base / "st", length) / "store"
+    release = long_dir(world.sw, length) / "rel"
+    (release / "lib").mkdir(parents=True)
+    (release / "lib" / "mod.py").write_text("long = True\n")
+    rel = release.relative_to(world.sw)
+    world.write_profile("long", f'[[tree]]\nroot = "{world.sw}"\nlocalise = ["{rel}"]\n')
+    built = world.ovlrun("snapshot", "build", "--profile", "long", env={"OVLRUN_STORE": str(store)})
+    assert built.returncode == 0, built.stderr
+    index = json.loads((store / "index.json").read_text())["sources"]
+    tree = str(store / index[str(release)] / "tree")
+    out = mount_in_child(OverlaySpec(target=str(release), snapshot_tree=tree, data=str(release)), method)
+    assert out["data"] == "long = True\n" and out["names"] == ["lib"] and out["absent"] == "ENOENT"
+    assert snapshot_key_id(tree) in out["in_use"]  # type: ignore[operator]
+
+
+@requires_root
+@requires_overlay
+def test_launch_with_store_path_over_the_string_limit(world: World) -> None:
+    """A whole launch of two localised paths (mounted from two threads, so the shortened
+    layers' chdir is contended) from a ~650-byte store: data reads, and ``ovlrun status``
+    inside the job names both snapshots, whichever way the kernel was given the layers."""
+    (world.base / "st").mkdir(mode=0o755)
+    store = long_dir(world.base / "st", 600) / "store"
+    world.simple_profile(patterns=("app/1.0", "app/1.1"))
+    env = {"OVLRUN_STORE": str(store)}
     assert world.ovlrun("snapshot", "build", "--profile", "p", env=env).returncode == 0
-    result = world.job(f"cat {world.sw}/app/1.0/lib/python/mod.py; grep ' overlay ' /proc/self/mountinfo | grep -c '{world.base}'", env=env)
+    apps = world.sw / "app"
+    result = world.job(f"cat {apps}/1.0/lib/python/mod.py {apps}/1.1/lib/python/mod.py; "
+                       f"{sys.executable} -m ovlrun status --json", env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["VERSION = '1.0'", "1"]
+    one, other, status = result.stdout.split("\n", 2)
+    assert [one, other] == ["VERSION = '1.0'", "VERSION = '1.1'"]
+    items = sorted(json.loads(status)["localised"], key=lambda m: m["path"])
+    assert [m["path"] for m in items] == [str(apps / "1.0"), str(apps / "1.1")]
+    assert all(m["snapshot"].startswith(f"{store}/snapshots/") for m in items)
 
 
 def test_escape_layer() -> None:

@@ -206,22 +206,34 @@ def profile_check(name: Annotated[str, typer.Argument(help="Profile name or path
 
 @app.command("doctor")
 def doctor(as_json: JsonOpt = False) -> None:
-    """Report what the running kernel supports and how ovlrun will mount."""
-    from ovlrun.linux.kernel import probe
+    """Report what the running kernel's overlayfs supports and how launches will mount."""
+    from ovlrun.linux.kernel import METHODS, probe
 
     f = probe()
-    info = {"kernel": os.uname().release, "overlay": f.overlay, "new_mount_api": f.new_mount_api,
-            "lowerdir+/datadir+": f.layer_append, "data_only_layers": f.data_only_layers,
-            "redirect_max": f.redirect_max, "mount_method": f.mount_method,
-            "layout": "lowerdir=SNAPSHOT::SHARED (data-only)" if f.data_only_layers
-            else "lowerdir=SNAPSHOT:SHARED (fallback: stat of localised files walks the shared tree)"}
+    info: dict[str, Any] = {
+        "kernel": os.uname().release, "overlay": f.overlay,
+        "probe": f.findings,  # what each probe call returned ("accepted" or the errno)
+        "method": f.method, "mount_method": f.mount_method,
+        "usable_methods": list(METHODS[METHODS.index(f.method):]) if f.overlay else [],
+        "data_only_layers": f.data_only_layers,
+        "layout": "lowerdir=SNAPSHOT::SHARED (data-only: lookups and stats stay local)" if f.data_only_layers
+        else "lowerdir=SNAPSHOT:SHARED (fallback: stat of localised files walks the shared tree)",
+        "long_layer_paths": "O_PATH fds (no limit)" if f.method == "fd" else
+        "store-relative snapshot path after chdir, /proc/self/fd/N for the shared subtree",
+        "redirect_max": f.redirect_max}
     if as_json:
         print(json.dumps(info, indent=1))
-        return
-    for k, v in info.items():
-        print(f"{k:20} {v}")
+    else:
+        for k, v in info.items():
+            if isinstance(v, dict):
+                for pk, pv in v.items():
+                    print(f"{'probe ' + pk:28} {pv}")
+            else:
+                print(f"{k:28} {v}")
+    if f.findings.get("fsopen") == "EPERM":
+        raise OvlrunError("probing overlayfs needs root (fsopen: EPERM); run doctor as root", status=1)
     if not f.overlay:
-        raise OvlrunError("overlayfs is not available (modprobe overlay)", status=1)
+        raise OvlrunError("overlayfs is not available (no overlay filesystem, even after module autoload)", status=1)
 
 
 @app.command("status")
@@ -249,7 +261,7 @@ def job_status() -> dict[str, Any]:
     of whose layers is a snapshot tree is a localised path.
     """
     from ovlrun.linux import mountinfo
-    from ovlrun.store.layout import snapshot_of_layer
+    from ovlrun.store.layout import snapshot_of_layer, store_dir
 
     localised = []
     for m in mountinfo.read():
@@ -259,7 +271,12 @@ def job_status() -> dict[str, Any]:
             if snapshot_of_layer(layer) is not None:
                 data_only = "datadir+" in m.super_options or "::" in m.super_options
                 mode = "data-only" if data_only else "fallback (shared tree as regular lower layer)"
-                localised.append({"path": m.point, "snapshot": os.path.dirname(layer.rstrip("/")), "mode": mode})
+                # A store path too long for the kernel's string interfaces was given
+                # relative to the store root, snapshots/KEY/ID/tree (linux/layerpaths.py).
+                snapshot = os.path.dirname(layer.rstrip("/"))
+                if not snapshot.startswith("/"):
+                    snapshot = os.path.join(store_dir(), snapshot)
+                localised.append({"path": m.point, "snapshot": snapshot, "mode": mode})
                 break
     return {"profile": os.environ.get("OVLRUN_PROFILE", "") or _slurm_job_profile(), "localised": localised}
 

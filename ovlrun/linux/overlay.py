@@ -16,11 +16,12 @@ from __future__ import annotations
 import os
 
 from ovlrun.errors import OvlrunError
-from ovlrun.linux import syscalls
-from ovlrun.linux.kernel import Features
+from ovlrun.linux import layerpaths, syscalls
+from ovlrun.linux.kernel import FD, MOUNT_DATA_ONLY, STRING, Features
 
-# fsconfig(2) string values are capped at 256 bytes (incl. NUL) by the overlay parameter
-# parser; longer layer paths are passed as O_PATH fds (FSCONFIG_SET_FD) instead.
+# fsconfig(2) string values are capped at 256 bytes (incl. NUL); longer layer paths are
+# passed as O_PATH fds (FSCONFIG_SET_FD) where the kernel takes them, else shortened
+# (ovlrun.linux.layerpaths).
 FSCONFIG_STRING_MAX = 255
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -62,33 +63,56 @@ def open_source(path: str) -> int:
         raise SourceMissing(f"{path} is missing on the shared tree") from None
 
 
-def _add_layer(fs_fd: int, key: str, path: str) -> None:
+def _open_dir(path: str) -> int:
+    return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _set_string_layer(fs_fd: int, key: str, path: str, path_fd: int | None) -> None:
+    """``key`` = ``path`` as an fsconfig string, shortened if over the 255-byte cap.
+
+    A snapshot tree becomes ``snapshots/KEY/ID/tree`` relative to the store root (so
+    mountinfo still names it for gc); anything else ``/proc/self/fd/N`` (see layerpaths).
+    """
     if len(os.fsencode(path)) <= FSCONFIG_STRING_MAX:
         syscalls.fsconfig_set_string(fs_fd, key, path)
         return
-    fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    relative = layerpaths.store_relative(path) if key == "lowerdir+" else None
+    if relative is not None:
+        with layerpaths.InDirectory(relative[0]):
+            syscalls.fsconfig_set_string(fs_fd, key, relative[1])  # resolved now, against the cwd
+        return
+    fd = _open_dir(path) if path_fd is None else path_fd
     try:
-        syscalls.fsconfig_set_fd(fs_fd, key, fd, path)
+        syscalls.fsconfig_set_string(fs_fd, key, layerpaths.fd_path(fd))
     finally:
-        os.close(fd)
+        if path_fd is None:
+            os.close(fd)
 
 
-def _mount_new_api(spec: OverlaySpec, data_only: bool) -> None:
+def _mount_new_api(spec: OverlaySpec, fd_layers: bool) -> None:
     data_fd = open_source(spec.data)
     try:
-        _mount_new_api_at(spec, data_only, data_fd)
+        _mount_new_api_at(spec, fd_layers, data_fd)
     finally:
         os.close(data_fd)
 
 
-def _mount_new_api_at(spec: OverlaySpec, data_only: bool, data_fd: int) -> None:
+def _mount_new_api_at(spec: OverlaySpec, fd_layers: bool, data_fd: int) -> None:
     fs_fd = syscalls.fsopen("overlay")
     try:
         try:
             # "ovlrun" as the mount source makes our mounts easy to find in mountinfo.
             syscalls.fsconfig_set_string(fs_fd, "source", "ovlrun")
-            _add_layer(fs_fd, "lowerdir+", spec.snapshot_tree)
-            syscalls.fsconfig_set_fd(fs_fd, "datadir+" if data_only else "lowerdir+", data_fd, spec.data)
+            if fd_layers:  # Linux 6.15+: O_PATH fds, no length limit, nothing to escape
+                snapshot_fd = _open_dir(spec.snapshot_tree)
+                try:
+                    syscalls.fsconfig_set_fd(fs_fd, "lowerdir+", snapshot_fd, spec.snapshot_tree)
+                finally:
+                    os.close(snapshot_fd)
+                syscalls.fsconfig_set_fd(fs_fd, "datadir+", data_fd, spec.data)
+            else:
+                _set_string_layer(fs_fd, "lowerdir+", spec.snapshot_tree, None)
+                _set_string_layer(fs_fd, "datadir+", spec.data, data_fd)
             syscalls.fsconfig_set_string(fs_fd, "metacopy", "on")
             syscalls.fsconfig_set_string(fs_fd, "redirect_dir", "follow")
             syscalls.fsconfig_create(fs_fd)
@@ -108,31 +132,58 @@ def _mount_new_api_at(spec: OverlaySpec, data_only: bool, data_fd: int) -> None:
         os.close(mnt_fd)
 
 
-def legacy_options(spec: OverlaySpec, data_only: bool) -> str:
+def _options(snapshot: str, data: str, data_only: bool) -> str:
     sep = "::" if data_only else ":"
-    lower = escape_layer(spec.snapshot_tree) + sep + escape_layer(spec.data)
-    options = f"lowerdir={lower},metacopy=on,redirect_dir=follow"
+    return f"lowerdir={escape_layer(snapshot)}{sep}{escape_layer(data)},metacopy=on,redirect_dir=follow"
+
+
+def _fits_a_page(options: str) -> bool:
     # mount(2) copies one page of options; overlayfs would then see a truncated layer
-    # list and may mount without some layers, silently.  Refuse instead.
-    if len(options.encode()) + 1 > PAGE_SIZE:
-        raise OvlrunError(f"overlay options for {spec.target} exceed one page ({len(options)} bytes); "
-                          "this kernel lacks fsconfig lowerdir+ to pass them safely")
+    # list and may mount without some layers, silently.
+    return len(options.encode()) + 1 <= PAGE_SIZE
+
+
+def legacy_options(spec: OverlaySpec, data_only: bool) -> str:
+    options = _options(spec.snapshot_tree, spec.data, data_only)
+    if not _fits_a_page(options):
+        raise OvlrunError(f"overlay options for {spec.target} exceed one page ({len(options)} bytes)")
     return options
 
 
 def _mount_legacy(spec: OverlaySpec, data_only: bool) -> None:
-    os.close(open_source(spec.data))  # a clear error for a missing source
-    flags = syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV
-    syscalls.mount("ovlrun", spec.target, "overlay", flags, legacy_options(spec, data_only))
+    data_fd = open_source(spec.data)  # a clear error for a missing source
+    try:
+        flags = syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV
+        options = _options(spec.snapshot_tree, spec.data, data_only)
+        if _fits_a_page(options):
+            syscalls.mount("ovlrun", spec.target, "overlay", flags, options)
+            return
+        # Too long for one page: short names for both layers (see layerpaths), checked again.
+        relative = layerpaths.store_relative(spec.snapshot_tree)
+        snapshot_fd = _open_dir(spec.snapshot_tree) if relative is None else -1
+        try:
+            snapshot = layerpaths.fd_path(snapshot_fd) if relative is None else relative[1]
+            spec_short = OverlaySpec(spec.target, snapshot, layerpaths.fd_path(data_fd))
+            options = legacy_options(spec_short, data_only)
+            if relative is None:
+                syscalls.mount("ovlrun", spec.target, "overlay", flags, options)
+            else:
+                with layerpaths.InDirectory(relative[0]):
+                    syscalls.mount("ovlrun", spec.target, "overlay", flags, options)
+        finally:
+            if snapshot_fd >= 0:
+                os.close(snapshot_fd)
+    finally:
+        os.close(data_fd)
 
 
 def mount_overlay(spec: OverlaySpec, features: Features) -> None:
     """Mount ``spec`` in the current mount namespace, best method the kernel offers."""
     try:
-        if features.new_mount_api and features.layer_append:
-            _mount_new_api(spec, features.data_only_layers)
+        if features.method in (FD, STRING):
+            _mount_new_api(spec, fd_layers=features.method == FD)
         else:
-            _mount_legacy(spec, features.data_only_layers)
+            _mount_legacy(spec, data_only=features.method == MOUNT_DATA_ONLY)
     except OvlrunError:
         raise
     except OSError as e:
