@@ -211,7 +211,8 @@ install -m 755 "$repo/contrib/slurm/ovlrun-task-prolog" "$state/hooks/task-prolo
 
 case "$mode" in
     runinjob) prolog_flags=Contain,RunInJob clone_ns="" ;;
-    clonens)  prolog_flags=Contain clone_ns="CloneNSScript=$state_in/hooks/clone-ns" ;;
+    # On the BasePath line: 24.11.5 ignores a CloneNSScript= on a line of its own.
+    clonens)  prolog_flags=Contain clone_ns=" CloneNSScript=$state_in/hooks/clone-ns" ;;
 esac
 new_conf="$(mktemp)" new_jc="$(mktemp)" new_cg="$(mktemp)"
 trap 'rm -f "$new_conf" "$new_jc" "$new_cg"' EXIT
@@ -255,8 +256,7 @@ EOF
 cat >"$new_jc" <<EOF
 $marker
 AutoBasePath=true
-BasePath=$state_in/jc
-$clone_ns
+BasePath=$state_in/jc$clone_ns
 EOF
 # PID 1 is not systemd and jobs need no cgroups (proctrack/linuxproc, task/none).
 cat >"$new_cg" <<EOF

@@ -162,7 +162,14 @@ def read_job_container_conf(path: str | Path, node: str) -> JobContainerConf | N
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        fields = dict(_key_value(tok) for tok in line.split())
+        tokens = [_key_value(tok) for tok in line.split()]
+        fields = dict(tokens)
+        # Slurm 24.11 (measured on 24.11.5) honours CloneNSScript only after BasePath= or
+        # NodeName= on the same line; on a line of its own it is parsed and ignored.
+        keys = [k for k, _ in tokens]
+        scope = min((keys.index(k) for k in ("basepath", "nodename") if k in keys), default=len(keys))
+        if "clonensscript" in keys[:scope]:
+            fields.pop("clonensscript")
         names = fields.pop("nodename", None)
         # Lines with NodeName= apply only to the nodes they list (exact names only;
         # hostlist ranges are not expanded); later lines win, as in Slurm.
