@@ -27,8 +27,9 @@
 #   OVLRUN_TRIXIE_ROOT      cached trixie root (default /var/lib/ovlrun-ci/trixie)
 #   OVLRUN_TRIXIE_NS        where the namespaces are pinned (default /var/lib/ovlrun-ci/ns2411)
 #   OVLRUN_TRIXIE_MIRROR    Debian mirror (default: the host's apt mirror)
-#   OVLRUN_SLURM2411_MODE   runinjob | clonens (default runinjob): how job_container/tmpfs
-#                           and the hooks are configured (docs/slurm.md)
+#   OVLRUN_SLURM2411_MODE   runinjob | clonens | contain (default runinjob): how
+#                           job_container/tmpfs and the hooks are configured (docs/slurm.md);
+#                           contain is the 22.05 configuration, which 24.11 does not support
 #   OVLRUN_SLURM2411_SHARE  host directory bound into the root (default /var/tmp/ovlrun-slurm2411-test)
 #   OVLRUN_SLURM2411_TIMEOUT  seconds to wait for the node to become idle (60)
 # Inside the root, Slurm keeps its state under /var/spool/ovlrun-slurm2411.
@@ -54,7 +55,7 @@ log() { printf 'slurm2411-setup: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "must run as root"
-case "$mode" in runinjob|clonens) ;; *) die "OVLRUN_SLURM2411_MODE=$mode: use runinjob or clonens" ;; esac
+case "$mode" in runinjob|clonens|contain) ;; *) die "OVLRUN_SLURM2411_MODE=$mode: use runinjob, clonens or contain" ;; esac
 case "$root" in /tmp/*|"$repo"/*) die "OVLRUN_TRIXIE_ROOT must be outside /tmp and the repo" ;; esac
 t0=$SECONDS
 
@@ -213,6 +214,8 @@ case "$mode" in
     runinjob) prolog_flags=Contain,RunInJob clone_ns="" ;;
     # On the BasePath line: 24.11.5 ignores a CloneNSScript= on a line of its own.
     clonens)  prolog_flags=Contain clone_ns=" CloneNSScript=$state_in/hooks/clone-ns" ;;
+    # The 21.08-23.11 configuration, to show what it does on 24.11 (docs/slurm.md).
+    contain)  prolog_flags=Contain clone_ns="" ;;
 esac
 new_conf="$(mktemp)" new_jc="$(mktemp)" new_cg="$(mktemp)"
 trap 'rm -f "$new_conf" "$new_jc" "$new_cg"' EXIT

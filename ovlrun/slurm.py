@@ -289,6 +289,12 @@ def _prolog(job: SlurmJob, name: str, env: Mapping[str, str], log: HookLog) -> i
     else:
         mode = "create"
         if job_dir is not None:
+            from ovlrun.slurmversion import create_mode_problem
+
+            problem = create_mode_problem()
+            if problem:
+                _record_unlocalised(job, name, problem, log)
+                return 0
             directory = job_dir
         else:
             jobns.rundir().mkdir(mode=0o755, parents=True, exist_ok=True)

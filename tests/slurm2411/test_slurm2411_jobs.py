@@ -99,8 +99,20 @@ def test_unknown_profile_runs_unlocalised_and_says_why(slurm: Slurm) -> None:
     assert_clean(slurm, job)  # includes: the node is idle again, not drained
 
 
-def test_profile_that_cannot_be_mounted_runs_unlocalised(slurm: Slurm) -> None:
-    """A snapshot gone from the store (after the Prolog checked the profile): not drained."""
+def test_broken_profile_runs_unlocalised_and_says_why(slurm: Slurm) -> None:
+    broken = slurm.world.profiles / "slurmtest-broken.toml"
+    broken.write_text("[[tree]\nroot = \n")
+    try:
+        job = slurm.run("ovl:slurmtest-broken", "broken")
+    finally:
+        broken.unlink()
+    assert_view(job, None)
+    assert "ovlrun: job runs unlocalised: " in job.stdout and "slurmtest-broken" in job.stdout, job.stdout
+    assert_clean(slurm, job)
+
+
+def test_missing_snapshot_runs_unlocalised_and_says_why(slurm: Slurm) -> None:
+    """The profile is fine but its snapshot is not in the store: a warning, not a failure."""
     store = slurm.world.store
     hidden = store.with_name("store.hidden")
     store.rename(hidden)
@@ -111,7 +123,7 @@ def test_profile_that_cannot_be_mounted_runs_unlocalised(slurm: Slurm) -> None:
         store.rmdir()
         hidden.rename(store)
     assert_view(job, None)
-    assert "job runs unlocalised" in job.stdout, job.stdout
+    assert "ovlrun: no snapshot for " in job.stdout and "stays unlocalised" in job.stdout, job.stdout
     assert_clean(slurm, job)
 
 
