@@ -277,7 +277,8 @@ alive() {  # $1 = pid file; true if that pid still runs the daemon named like th
     local pid
     [ -s "$1" ] || return 1
     pid="$(cat "$1")"
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$(basename "$1" .pid)" ]
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$(basename "$1" .pid)" ] \
+        && [ "$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" != Z ]  # exited, not reaped yet
 }
 munge_works() { in_ns sh -c 'munge -n </dev/null | unmunge >/dev/null' 2>/dev/null; }
 pids="$nsdir/pids"   # host paths of our pid files (outside the root: survive its rebuild)

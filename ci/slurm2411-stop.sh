@@ -23,7 +23,8 @@ stop_pid() {  # $1 = name, $2 = pid file
     fi
     kill -TERM "$pid" 2>/dev/null
     deadline=$((SECONDS + wait_s))
-    while kill -0 "$pid" 2>/dev/null; do
+    # Until it is gone or a zombie: our PID 1 reaps orphans only every few seconds.
+    while kill -0 "$pid" 2>/dev/null && [ "$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" != Z ]; do
         if [ "$SECONDS" -ge "$deadline" ]; then
             log "$name (pid $pid) ignored SIGTERM for ${wait_s}s, sending SIGKILL"
             kill -KILL "$pid" 2>/dev/null
