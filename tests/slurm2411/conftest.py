@@ -38,12 +38,18 @@ ROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
 @dataclass
+class Submitted:
+    name: str
+    job_id: str
+
+
+@dataclass
 class Job:
     job_id: str
     returncode: int
     out: dict[str, str]  # key=value lines the job wrote
     stdout: str  # the job's Slurm output file (-o)
-    stderr: str  # sbatch's
+    state: str  # Slurm's final JobState
 
 
 @dataclass
@@ -58,33 +64,43 @@ class Slurm:
         self.mode = mode
 
     def sbatch(self, comment: str | None, name: str, *, rendezvous: Path | None = None,
-               tag: str = "") -> subprocess.Popen[str]:
-        """Submit ``job.sh`` as the test user with ``--wait``; returns the running sbatch."""
+               tag: str = "") -> Submitted:
+        """Submit ``job.sh`` as the test user; returns at once (see :meth:`finish`)."""
         name = f"{self.mode}-{name}"
         (self.world.out / f"{name}.kv").unlink(missing_ok=True)
-        args = ["sbatch", "--wait", "--parsable", "-n1", "-c1", "-J", name,
+        args = ["sbatch", "--parsable", "-n1", "-c1", "-J", name,
                 "-o", str(self.world.out / f"{name}.slurm-out"),
                 f"--export=ALL,{','.join(f'{k}={v}' for k, v in self.world.job_env().items())}"]
         if comment is not None:
             args.append(f"--comment={comment}")
         args += [str(self.world.base / "job.sh"), str(self.world.out / f"{name}.kv"), str(rendezvous or ""), tag]
-        cmd = ["timeout", str(JOB_TIMEOUT), *in_root("runuser", "-u", USER, "--", *args)]
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=self.world.out, env=ROOT_ENV)
+        r = subprocess.run(in_root("runuser", "-u", USER, "--", *args), capture_output=True, text=True,
+                           cwd=self.world.out, env=ROOT_ENV, timeout=60)
+        assert r.returncode == 0, f"sbatch {name}: {r.stderr}"
+        return Submitted(name, r.stdout.strip().split(";")[0])
 
-    def finish(self, proc: subprocess.Popen[str], name: str) -> Job:
-        name = f"{self.mode}-{name}"
-        stdout, stderr = proc.communicate(timeout=JOB_TIMEOUT + 10)
-        job_id = stdout.strip().split(";")[0].splitlines()[0] if stdout.strip() else "?"
-        assert proc.returncode != 124, f"job {name} timed out: {stderr} {self.squeue()}"
-        out_file = self.world.out / f"{name}.kv"
-        slurm_out = self.world.out / f"{name}.slurm-out"
-        return Job(job_id, proc.returncode,
+    def finish(self, sub: Submitted) -> Job:
+        """Wait for the job to end by polling its state (``sbatch --wait`` polls at 2, 4, 8 s...)."""
+        fields: dict[str, str] = {}
+
+        def ended() -> bool:
+            text = self.run_cmd("scontrol", "-o", "show", "job", sub.job_id)
+            fields.update(tok.partition("=")[::2] for tok in text.split() if "=" in tok)
+            state = fields.get("JobState", "")
+            assert not (state == "PENDING" and "held" in fields.get("Reason", "")), \
+                f"job {sub.name} cannot start: {text}"
+            return state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+        poll(f"job {sub.name} ({sub.job_id}) to end", ended, timeout=JOB_TIMEOUT, interval=0.2)
+        code = int(fields.get("ExitCode", "1:0").split(":")[0])
+        out_file = self.world.out / f"{sub.name}.kv"
+        slurm_out = self.world.out / f"{sub.name}.slurm-out"
+        return Job(sub.job_id, code if fields["JobState"] == "COMPLETED" else code or 1,
                    parse(out_file.read_text()) if out_file.exists() else {},
-                   slurm_out.read_text() if slurm_out.exists() else "", stderr)
+                   slurm_out.read_text() if slurm_out.exists() else "", fields["JobState"])
 
     def run(self, comment: str | None, name: str) -> Job:
-        return self.finish(self.sbatch(comment, name), name)
+        return self.finish(self.sbatch(comment, name))
 
     def run_cmd(self, *cmd: str) -> str:
         return subprocess.run(in_root(*cmd), capture_output=True, text=True, env=ROOT_ENV).stdout

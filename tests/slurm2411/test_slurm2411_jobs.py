@@ -44,8 +44,8 @@ def assert_view(job: Job, localised: str | None) -> None:
 def assert_clean(slurm: Slurm, job: Job) -> None:
     """After the Epilog: no record, no job directory, nothing mounted anywhere, node usable."""
     slurm.wait_job_gone(job.job_id)
-    job_dirs = lambda: list((ROOT / str(JC).lstrip("/")).glob(f"*/{job.job_id}"))  # noqa: E731
-    poll("job directory removal", lambda: not job_dirs(), timeout=10)
+    jc_on_host = ROOT / str(JC).lstrip("/")
+    poll("job directory removal", lambda: not any(jc_on_host.glob(f"*/{job.job_id}")), timeout=10)
     assert not slurm.record_path(job.job_id).with_suffix(".messages").exists()
     # The host: nothing of the job (jobs mount only in the root's private namespace).
     assert mounts_under(BASE) == []
@@ -80,7 +80,7 @@ def test_two_concurrent_jobs_with_different_profiles(slurm: Slurm) -> None:
     Path(rendezvous).chmod(0o777)
     procs = {name: slurm.sbatch(f"ovl:{profile}", name, rendezvous=rendezvous, tag=name)
              for name, profile in (("conc-a", "slurmtest-a"), ("conc-b", "slurmtest-b"))}
-    jobs = {name: slurm.finish(p, name) for name, p in procs.items()}
+    jobs = {name: slurm.finish(sub) for name, sub in procs.items()}
     assert jobs["conc-a"].out.get("batch.peers") == "2", "jobs did not overlap"
     assert_view(jobs["conc-a"], "1.0")
     assert_view(jobs["conc-b"], "2.0")
