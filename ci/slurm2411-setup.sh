@@ -34,7 +34,9 @@
 #   OVLRUN_SLURM2411_TIMEOUT  seconds to wait for the node to become idle (60)
 # Inside the root, Slurm keeps its state under /var/spool/ovlrun-slurm2411.
 set -euo pipefail
-
+# One brace group, read whole before it runs: editing or checking out this file while
+# it runs (it may run for minutes) cannot change what it does.
+{
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
 root="${OVLRUN_TRIXIE_ROOT:-/var/lib/ovlrun-ci/trixie}"
@@ -114,8 +116,6 @@ fi
 # mount to live on).  $nsdir/binds says what is bound in; a mismatch rebuilds it.
 mkdir -p "$nsdir" "$share"
 chmod 755 "$share"
-mountpoint -q "$nsdir" || mount --bind "$nsdir" "$nsdir"
-mount --make-private "$nsdir"
 binds="root=$root repo=$repo share=$share node=$node"
 # Mount namespace ids (ioctl NS_GET_MNTNS_ID), read by the root's python3 from fd 3.
 nsid_helper="$root/usr/local/bin/ovlrun-ci-nsid"
@@ -157,6 +157,8 @@ if ! ns_alive; then
     # job_container/tmpfs binds each job's new namespace from slurmstepd, which lives
     # in ours: ours must have a smaller id than any namespace made after it.  So it is
     # made on the CPU that hands out the smallest ids now (then checked below).
+    mountpoint -q "$nsdir" || mount --bind "$nsdir" "$nsdir"
+    mount --make-private "$nsdir"
     cpu="$(best_cpu)"
     log "creating the mount+UTS namespace on CPU $cpu: pivot_root into $root"
     mkdir -p "$root$repo" "$root$share" "$root/.oldroot"
@@ -335,3 +337,5 @@ while :; do
     sleep 0.2
 done
 log "node $node is $st after $((SECONDS - start))s; total $((SECONDS - t0))s (mode $mode, root $root)"
+exit 0
+}

@@ -54,4 +54,6 @@ for f in mnt uts; do
     mountpoint -q "$nsdir/$f" 2>/dev/null && umount "$nsdir/$f" && log "unpinned $f namespace"
 done
 rm -f "$nsdir/binds"
+# The private bind the namespace files lived on (setup makes it again).
+mountpoint -q "$nsdir" 2>/dev/null && umount "$nsdir" && log "detached $nsdir"
 exit 0
