@@ -215,7 +215,9 @@ install -m 755 "$repo/contrib/slurm/ovlrun-task-prolog" "$state/hooks/task-prolo
 case "$mode" in
     runinjob) prolog_flags=Contain,RunInJob clone_ns="" ;;
     # On the BasePath line: 24.11.5 ignores a CloneNSScript= on a line of its own.
-    clonens)  prolog_flags=Contain clone_ns=" CloneNSScript=$state_in/hooks/clone-ns" ;;
+    # CloneNSScript_Wait: the default 10 s fails the job's launch if a Python start-up on a
+    # loaded CI machine is slow; the script takes 0.1-0.3 s.
+    clonens)  prolog_flags=Contain clone_ns=" CloneNSScript=$state_in/hooks/clone-ns CloneNSScript_Wait=30" ;;
     # The 21.08-23.11 configuration, to show what it does on 24.11 (docs/slurm.md).
     contain)  prolog_flags=Contain clone_ns="" ;;
 esac

@@ -42,4 +42,5 @@ def create_mode_problem() -> str | None:
         return None
     return (f"slurmd {'.'.join(map(str, version))} does not let a Prolog prepare the job's namespace "
             "(Slurm >= 23.02.5 fails jobs whose job_container directory exists); configure "
-            "PrologFlags=Contain,RunInJob (24.05+) or CloneNSScript (24.11+), see docs/slurm.md")
+            "PrologFlags=Contain,RunInJob (24.05+) or CloneNSScript on the BasePath line of "
+            "job_container.conf (24.11+), see docs/slurm.md")

@@ -3,8 +3,8 @@
 Since Slurm 23.02.5 job_container/tmpfs fails a job whose directory exists, so the
 Prolog's 22.05 way (prepare the job directory and namespace before the plugin) would get
 every job that asks for a profile requeued and held.  The Prolog recognises the slurmd
-and lets the job run unlocalised, saying what to configure.  Runs after the RunInJob and
-CloneNSScript tests (its own file), switching the daemons to this configuration.
+and lets the job run unlocalised, saying what to configure.  It switches the daemons to
+this configuration (the other tests switch them back).
 """
 
 from __future__ import annotations
