@@ -146,17 +146,14 @@ ns_alive() {
         && [ "$(in_ns hostname 2>/dev/null)" = "$node" ] \
         && ns_id_is_lowest
 }
-if ! ns_alive; then
-    if [ -e "$nsdir/binds" ]; then
-        log "namespace in $nsdir is stale or was made for another checkout: restarting"
-        "$here/slurm2411-stop.sh"
-    fi
+make_ns() {
     # Linux 6.18 hands out namespace ids from per-CPU batches, so a namespace made
     # later on another CPU can have a smaller id, and mount(2) refuses to bind a
     # mount namespace whose id is not larger than the caller's (mnt_ns_loop: EINVAL).
     # job_container/tmpfs binds each job's new namespace from slurmstepd, which lives
     # in ours: ours must have a smaller id than any namespace made after it.  So it is
     # made on the CPU that hands out the smallest ids now (then checked below).
+    local cpu
     mountpoint -q "$nsdir" || mount --bind "$nsdir" "$nsdir"
     mount --make-private "$nsdir"
     cpu="$(best_cpu)"
@@ -178,9 +175,8 @@ if ! ns_alive; then
         pivot_root . .oldroot
         umount -l /.oldroot' sh "$root" "$repo" "$share" "$node"
     printf '%s\n' "$binds" >"$nsdir/binds"
-    ns_alive || die "the namespace in $nsdir does not work"
-    ns_id_is_lowest || die "namespace $nsdir/mnt got id $(ns_id "$nsdir/mnt"), not below every CPU's next id: $(cpu_ids | tr '\n' ' ')"
-fi
+    ns_alive || die "the namespace in $nsdir does not work (id $(ns_id "$nsdir/mnt"); next ids: $(cpu_ids | tr '\n' ' '))"
+}
 
 # --- 4. configuration --------------------------------------------------------------
 grep -q "[[:space:]]$node\$" "$root/etc/hosts" || printf '127.0.0.1\t%s\n' "$node" >>"$root/etc/hosts"
@@ -288,56 +284,75 @@ munge_works() { in_ns sh -c 'munge -n </dev/null | unmunge >/dev/null' 2>/dev/nu
 pids="$nsdir/pids"   # host paths of our pid files (outside the root: survive its rebuild)
 mkdir -p "$pids"
 
-if [ "$same_conf" = 1 ] && munge_works \
-    && alive "$pids/slurmctld.pid" && alive "$pids/slurmd.pid"; then
-    log "daemons already running with this configuration ($mode)"
-else
+start_clean() {
+    # Every start is from a clean slate: the stop script ends the daemons, whatever job
+    # processes are left in the namespace, and the namespace itself (and so every mount
+    # in it); then what killed jobs leave on disk goes (slurmd's step sockets, job
+    # directories, ovlrun's job records), and slurmctld starts with -c (no saved jobs).
+    # Otherwise a job killed mid-run keeps the node COMPLETING for good.
     log "starting munged, slurmctld, slurmd ($mode)"
-    "$here/slurm2411-stop.sh" --daemons-only
+    "$here/slurm2411-stop.sh"
+    rm -f "$state/slurmd/${node}"_*
+    rm -rf --one-file-system "$state/jc" "$root/run/ovlrun/jobs"
+    mkdir -p "$state/jc"
+    make_ns
     install -m 644 "$new_conf" "$conf_dir/slurm.conf"
     install -m 644 "$new_jc" "$conf_dir/job_container.conf"
     install -m 644 "$new_cg" "$conf_dir/cgroup.conf"
-    if ! munge_works; then
-        in_ns sh -ec 'install -d -o munge -g munge -m 755 /run/munge
-                      install -d -o munge -g munge -m 700 /var/log/munge /var/lib/munge
-                      chown munge:munge /etc/munge /etc/munge/munge.key
-                      rm -f /run/munge/munged.pid
-                      setpriv --reuid=munge --regid=munge --init-groups /usr/sbin/munged --pid-file=/run/munge/munged.pid'
-        cp "$root/run/munge/munged.pid" "$pids/munged.pid"
-        munge_works || die "munged started but munge/unmunge does not work"
-    fi
+    in_ns sh -ec 'install -d -o munge -g munge -m 755 /run/munge
+                  install -d -o munge -g munge -m 700 /var/log/munge /var/lib/munge
+                  chown munge:munge /etc/munge /etc/munge/munge.key
+                  rm -f /run/munge/munged.pid
+                  setpriv --reuid=munge --regid=munge --init-groups /usr/sbin/munged --pid-file=/run/munge/munged.pid'
+    cp "$root/run/munge/munged.pid" "$pids/munged.pid"
+    munge_works || die "munged started but munge/unmunge does not work"
     # setsid: the daemons outlive this script; nsenter execs them (no fork), so $! is
     # the daemon's own pid.
-    setsid nsenter --mount="$nsdir/mnt" --uts="$nsdir/uts" -- /usr/sbin/slurmctld -D -i \
+    setsid nsenter --mount="$nsdir/mnt" --uts="$nsdir/uts" -- /usr/sbin/slurmctld -D -c -i \
         >"$state/log/slurmctld.out" 2>&1 </dev/null &
     echo $! >"$pids/slurmctld.pid"
     setsid nsenter --mount="$nsdir/mnt" --uts="$nsdir/uts" -- /usr/sbin/slurmd -D \
         >"$state/log/slurmd.out" 2>&1 </dev/null &
     echo $! >"$pids/slurmd.pid"
-fi
+}
 
-# --- wait for the node ------------------------------------------------------------
-start=$SECONDS
-deadline=$((SECONDS + timeout_s))
-st=""
-while :; do
-    st="$(in_ns sinfo -h -n "$node" -o '%T' 2>/dev/null | head -n1 || true)"
-    case "$st" in idle|mixed|allocated) break ;; esac
-    for d in slurmctld slurmd; do
-        alive "$pids/$d.pid" || {
-            tail -n 30 "$state/log/$d.out" "$state/log/$d.log" >&2 2>/dev/null || true
-            die "$d died during startup (logs in $state/log)"
-        }
+wait_idle() {  # $1 = seconds; sets st; false on timeout
+    local deadline=$((SECONDS + $1))
+    while :; do
+        st="$(in_ns sinfo -h -n "$node" -o '%T' 2>/dev/null | head -n1 || true)"
+        case "$st" in idle|mixed|allocated) return 0 ;; esac
+        for d in slurmctld slurmd; do
+            alive "$pids/$d.pid" || {
+                tail -n 30 "$state/log/$d.out" "$state/log/$d.log" >&2 2>/dev/null || true
+                die "$d died (logs in $state/log)"
+            }
+        done
+        case "$st" in
+            down*|drain*|fail*) in_ns scontrol update NodeName="$node" State=RESUME 2>/dev/null || true ;;
+        esac
+        [ "$SECONDS" -lt "$deadline" ] || return 1
+        sleep 0.2
     done
-    case "$st" in
-        down*|drain*|fail*) in_ns scontrol update NodeName="$node" State=RESUME 2>/dev/null || true ;;
-    esac
-    if [ "$SECONDS" -ge "$deadline" ]; then
-        tail -n 30 "$state/log/slurmctld.log" "$state/log/slurmd.log" >&2 2>/dev/null || true
-        die "node $node not idle after ${timeout_s}s (state: ${st:-unknown})"
+}
+
+# --- start, or reuse what runs, and wait for the node --------------------------------
+st=""
+start=$SECONDS
+if ns_alive && [ "$same_conf" = 1 ] && munge_works \
+    && alive "$pids/slurmctld.pid" && alive "$pids/slurmd.pid"; then
+    log "daemons already running with this configuration ($mode)"
+    # Running but wedged (say a job killed under it keeps the node COMPLETING): restart.
+    if ! wait_idle 15; then
+        log "node $node still ${st:-unreachable} after 15s: restarting from a clean slate"
+        start_clean
     fi
-    sleep 0.2
-done
+else
+    start_clean
+fi
+if ! wait_idle "$timeout_s"; then
+    tail -n 30 "$state/log/slurmctld.log" "$state/log/slurmd.log" >&2 2>/dev/null || true
+    die "node $node not idle after ${timeout_s}s (state: ${st:-unknown})"
+fi
 log "node $node is $st after $((SECONDS - start))s; total $((SECONDS - t0))s (mode $mode, root $root)"
 exit 0
 }

@@ -3,7 +3,7 @@
 # root (by their pid files only), the job processes left in that root's namespace, and
 # unpin the namespace, which drops every mount made in it (jobs' included).  The 22.05
 # instance of ci/slurm-setup.sh and anything else on the machine are left alone.
-# --daemons-only: stop the daemons but keep the namespace (setup uses it on restarts).
+# --daemons-only: stop the daemons but keep the namespace.
 # Safe to run when nothing is running.  The cached root is kept.
 set -uo pipefail
 

@@ -11,10 +11,11 @@ snapshot is visible.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
-from .conftest import Job, Slurm
-from .world import BASE, ROOT, STATE_IN, UID, mounts_under, poll
+from .conftest import ROOT_ENV, Job, Slurm, in_root
+from .world import BASE, REPO, ROOT, STATE_IN, UID, USER, mounts_under, parse, poll
 
 JC = STATE_IN / "jc"  # job_container BasePath, inside the root
 
@@ -132,3 +133,39 @@ def test_job_without_request_is_left_to_slurm(slurm: Slurm) -> None:
     assert_view(job, None)
     assert "ovlrun:" not in job.stdout
     assert_clean(slurm, job)
+
+
+def test_enter_a_running_job(slurm: Slurm) -> None:
+    """`sudo ovlrun enter JOBID` (e.g. from ssh on the node) joins a live 24.11 job."""
+    sync = slurm.world.out / f"hold-{slurm.mode}"
+    sync.mkdir(exist_ok=True)
+    for f in sync.iterdir():
+        f.unlink()
+    sync.chmod(0o777)
+    r = subprocess.run(in_root("runuser", "-u", USER, "--", "sbatch", "--parsable", "-n1", "-c1",
+                               "--comment=ovl:slurmtest-b", "-o", str(sync / "out"),
+                               str(slurm.world.base / "hold.sh"), str(sync)),
+                       capture_output=True, text=True, env=ROOT_ENV, cwd=slurm.world.out, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().split(";")[0]
+    try:
+        poll("held job to start", lambda: (sync / "ready").exists(), timeout=60)
+        # As sudo would run it for the user: the root's python3, this checkout (from the
+        # working directory: ovlrun refuses a PYTHONPATH under sudo).
+        env = [f"SUDO_UID={UID}", f"SUDO_GID={UID}", f"SUDO_USER={USER}",
+               *(f"{k}={v}" for k, v in slurm.world.job_env().items())]
+        cmd = in_root("sh", "-c", 'cd "$0" && exec "$@"', str(REPO), "env", *env, "/usr/bin/python3", "-m",
+                      "ovlrun", "enter", job_id, "--", "bash", str(slurm.world.base / "probe.sh"), "x")
+        r = subprocess.run(cmd,
+                           capture_output=True, text=True, env=ROOT_ENV, cwd=slurm.world.out, timeout=60)
+        assert r.returncode == 0, r.stderr
+        view = parse(r.stdout)
+        assert view["x.uid"] == str(UID), view
+        assert view["x.2.0.added"] == "hidden" and view["x.1.0.added"] == "visible", (view, slurm.hook_log())
+        assert view["x.2.0.write"] == "Read-only file system", view
+        assert view["x.tmp_owner"] == USER, view  # the job's private /tmp: same namespace
+    finally:
+        (sync / "release").touch()
+    slurm.wait_job_gone(job_id)
+    assert (sync / "out").read_text().strip().endswith("done=1")
+    assert mounts_under(BASE) == []

@@ -64,6 +64,15 @@ echo "done=1" >>"$out"
 """
 
 
+# A job that stays up until the test lets it go (for `ovlrun enter` into a live job).
+HOLD = r"""#!/bin/bash
+# $1 = directory: announce "ready", wait (bounded) for "release"
+touch "$1/ready"
+for _ in $(seq 600); do [ -e "$1/release" ] && break; sleep 0.1; done
+echo "done=1"
+"""
+
+
 @dataclass(frozen=True)
 class World:
     base: Path
@@ -132,6 +141,7 @@ def make_world() -> World:
     _write(world.sw / NEW_RELEASE / "share" / "data.txt", f"data of {NEW_RELEASE}\n")
     _write(BASE / "probe.sh", PROBE, 0o755)
     _write(BASE / "job.sh", JOB, 0o755)
+    _write(BASE / "hold.sh", HOLD, 0o755)
     world.out.mkdir(mode=0o755)
     os.chown(world.out, UID, UID)
     return world
