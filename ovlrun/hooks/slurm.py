@@ -36,6 +36,7 @@ from pathlib import Path
 
 from ovlrun.errors import OvlrunError
 from ovlrun.hooks.records import JobRecord, rundir, valid_job_id
+from ovlrun.hooks.slurmversion import create_mode_problem
 from ovlrun.launch.mount import mount_items, report_missing
 from ovlrun.launch.planner import plan
 from ovlrun.linux import namespaces, syscalls
@@ -168,7 +169,14 @@ def read_job_container_conf(path: str | Path, node: str) -> JobContainerConf | N
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        fields = dict(_key_value(tok) for tok in line.split())
+        tokens = [_key_value(tok) for tok in line.split()]
+        fields = dict(tokens)
+        # Slurm 24.11 (measured on 24.11.5) honours CloneNSScript only after BasePath= or
+        # NodeName= on the same line; on a line of its own it is parsed and ignored.
+        keys = [k for k, _ in tokens]
+        scope = min((keys.index(k) for k in ("basepath", "nodename") if k in keys), default=len(keys))
+        if "clonensscript" in keys[:scope]:
+            fields.pop("clonensscript")
         names = fields.pop("nodename", None)
         # Lines with NodeName= apply only to the nodes they list (exact names only;
         # hostlist ranges are not expanded); later lines win, as in Slurm.
@@ -304,6 +312,12 @@ def _prepare_namespace(job: SlurmJob, name: str, profile: Profile, store: Store,
         record.state = "requested"
         return "record", {"localised": [], "messages": []}
     if job_dir is not None:
+        # Since Slurm 23.02.5 the plugin fails a job whose directory already exists: only
+        # RunInJob or CloneNSScript can localise there (ovlrun.hooks.slurmversion).
+        problem = create_mode_problem()
+        if problem:
+            _record_unlocalised(job, name, problem, log)
+            return "create", None
         directory = job_dir
     else:
         rundir().mkdir(mode=0o755, parents=True, exist_ok=True)

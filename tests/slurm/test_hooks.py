@@ -126,7 +126,8 @@ def test_run_in_job_prolog_joins_the_plugins_namespace(slurm_world: SlurmWorld, 
 def test_clone_ns_script_mounts_into_slurm_ns(slurm_world: SlurmWorld, jc: tuple[Path, Path], job_id: str,
                                               tmp_path: Path) -> None:
     conf, base = jc
-    conf.write_text(conf.read_text() + "CloneNSScript=/usr/sbin/ovlrun-clone-ns\n")
+    # On the BasePath line: Slurm 24.11 ignores CloneNSScript on a line of its own.
+    conf.write_text(conf.read_text().replace(f"BasePath={base}", f"BasePath={base} CloneNSScript=/usr/sbin/ovlrun-clone-ns"))
     env = slurm_env(slurm_world, job_id, "ovl:slurmtest-b", OVLRUN_SLURM_JC_CONF=str(conf))
     r = hook("prolog", env)
     assert r.returncode == 0, r.stderr
