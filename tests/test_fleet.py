@@ -58,12 +58,13 @@ class Fleet:
         return json.loads(index.read_text())["sources"] if index.exists() else {}  # type: ignore[no-any-return]
 
     def assert_nothing_partial(self) -> None:
-        """Store 2 holds only complete, indexed snapshots and no build leftovers."""
-        index = self.index2()
-        snaps = sorted(p.parent for p in (self.store2 / "snapshots").glob("*/*/manifest.json"))
-        assert sorted(str(s.relative_to(self.store2)) for s in snaps) == sorted(index.values())
-        assert not list((self.store2 / "snapshots").glob("*/*.*")) or all(
-            (p / "image.erofs").is_file() for p in (self.store2 / "snapshots").glob("*/*"))
+        """Store 2 holds only complete snapshots, the index names only those, and no build
+        leftovers remain."""
+        for rel in self.index2().values():
+            assert (self.store2 / rel / "manifest.json").is_file() and (self.store2 / rel / "image.erofs").is_file()
+        for snap in (self.store2 / "snapshots").glob("*/*"):
+            manifest = json.loads((snap / "manifest.json").read_text())
+            assert sha(snap / "image.erofs") == manifest["image_sha256"], snap
         tmp = self.store2 / "tmp"
         assert not tmp.exists() or list(tmp.iterdir()) == []
 
@@ -178,7 +179,8 @@ def _refusal_cases(pub: Path, key: str, snap_id: str) -> dict[str, tuple[str, ob
         "image symlink": ("image.erofs: it is a symlink", _symlink_image(version)),
         "key symlink": (f"{key}: it is a symlink", _symlink_key(key)),
         "flipped byte": ("sha256 does not match the manifest", _flip_byte(version)),
-        "manifest source": ("does not resolve inside the tree root", _retarget_manifest(version)),
+        "manifest source": (f"its source /etc is not where {pub.parent}/sw/app/1.0 resolves on this node",
+                            _retarget_manifest(version)),
     }
 
 
@@ -209,11 +211,21 @@ def _flip_byte(version: str) -> object:
 
 def _retarget_manifest(version: str) -> object:
     def apply(d: Path) -> None:
-        # The image owner must not be able to mount over anything outside the tree.
+        # The image owner must not be able to mount anywhere but where the path resolves:
+        # a consistent manifest, index and KEY whose source is /etc.
+        from ovlrun.store.layout import source_key
+
+        snap_id = version.split("/")[1]
         m = d / version / "manifest.json"
         data = json.loads(m.read_text())
-        data["root"], data["path"] = "/var", "/var/tmp/x"
+        data["source"] = "/etc"
         m.write_text(json.dumps(data))
+        (d / source_key("/etc")).mkdir()
+        (d / version).rename(d / source_key("/etc") / snap_id)
+        index = json.loads((d / "index.json").read_text())
+        for entry in index["sources"].values():
+            entry["snapshot"] = f"{source_key('/etc')}/{snap_id}"
+        (d / "index.json").write_text(json.dumps(index))
     return apply
 
 
@@ -228,14 +240,7 @@ def test_fetch_refuses_untrusted_or_corrupt_published_files_and_keeps_nothing(fl
         case = world.base / f"pub-{name.replace(' ', '-')}"
         shutil.copytree(fleet.pub, case, symlinks=True)
         mutate(case)  # type: ignore[operator]
-        if name == "manifest source":
-            # Keep the index consistent with the edited manifest so only the source check can refuse.
-            index = json.loads((case / "index.json").read_text())
-            index["sources"] = {"/var/tmp/x": index["sources"][str(rel)]}
-            (case / "index.json").write_text(json.dumps(index))
-            r = fleet.run("snapshot", "fetch", "--from", str(case), "--all", node2=True)
-        else:
-            r = fleet.fetch(src=case)
+        r = fleet.fetch(src=case)
         assert r.returncode == 1, (name, r.stdout, r.stderr)
         assert "refusing" in r.stdout + r.stderr and message in r.stdout + r.stderr, (name, r.stdout, r.stderr)
         assert fleet.index2() == {}, name
@@ -322,7 +327,7 @@ def test_stall_while_copying_leaves_nothing_partial(fleet: Fleet) -> None:
         r = fs.ovlrun("snapshot", "fetch", "--from", str(mnt), "--all", "--timeout", "2",
                       env={**world.env, **fleet.node2})
         fs.release()
-    assert r.returncode == 1 and "failed: " in r.stdout and "within 2s" in r.stdout, (r.stdout, r.stderr)
+    assert r.returncode == 1 and "failed: " in r.stdout and "within the fetch's 2s" in r.stdout, (r.stdout, r.stderr)
     assert fleet.index2() == {}
     fleet.assert_nothing_partial()
 
@@ -347,7 +352,7 @@ def test_concurrent_launches_during_fetch_see_old_or_new(fleet: Fleet) -> None:
         views.append(job_view(world, fleet.node2))
         if proc.poll() is not None:
             views.append(job_view(world, fleet.node2))
-    out, err = proc.communicate()
+    _out, err = proc.communicate()
     assert proc.returncode == 0, err
     for mounted, names in views:
         if mounted == str(old):

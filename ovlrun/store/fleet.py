@@ -58,7 +58,7 @@ from typing import Any, NamedTuple
 from ovlrun.errors import OvlrunError
 from ovlrun.profile.parse import Profile
 from ovlrun.store import layout
-from ovlrun.store.bounded import run_bounded
+from ovlrun.store.bounded import StallError, run_bounded
 from ovlrun.store.index import Manifest, Store
 from ovlrun.store.layout import source_key
 from ovlrun.store.siteconfig import Owner
@@ -449,6 +449,9 @@ def fetch(store: Store, directory: str, owner: Owner, profile: Profile | None, *
             continue
         try:
             out.append(_fetch_one(store, directory, owner, path, root, entry, left))
+        except StallError:
+            out.append(Outcome(path, entry.snapshot, "failed", message=f"no answer from {directory} within the "
+                               f"fetch's {timeout:g}s (stalled or unreachable?); nothing was published"))
         except OvlrunError as e:
             out.append(Outcome(path, entry.snapshot, "failed", message=e.message))
     return out
@@ -520,10 +523,14 @@ def _check_manifest(m: Manifest, path: str, root: str | None, key: str, snap_id:
         raise bad("its tree root is '/'")
     if not m.path.startswith(tree_root + "/"):
         raise bad(f"its path {m.path} is not inside its tree root {tree_root}")
-    # As check_within_root at build time: the source (the mount point) must resolve
-    # inside the tree's real root here too.
-    real_root = os.path.realpath(tree_root)
-    if not m.source.startswith(real_root.rstrip("/") + "/") or os.path.realpath(m.source) != m.source:
+    # The source is where a launch mounts.  A build records realpath(path) there
+    # (check_within_root), so on a node with the same tree it must be exactly where the
+    # path resolves here, inside the tree's real root: whatever the manifest says, the
+    # mount lands where a local build of this path would have put it.
+    real = os.path.realpath(m.path)
+    if m.source != real:
+        raise bad(f"its source {m.source} is not where {m.path} resolves on this node ({real})")
+    if not real.startswith(os.path.realpath(tree_root).rstrip("/") + "/"):
         raise bad(f"its source {m.source} does not resolve inside the tree root {tree_root} on this node")
 
 
