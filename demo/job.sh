@@ -4,7 +4,7 @@ SW=${OVLRUN_DEMO_TREE:-/srv/ovlrun-demo/sw}
 LIBDIRS="$SW/compilers/gcc/13/lib $SW/compilers/gcc/12/lib $SW/tools/2.0/bin $SW/libs/2.0/lib $SW/libs/1.0/lib"
 
 echo "== job runs as $(id -un), profile $OVLRUN_PROFILE"
-python3 -m ovlrun status
+${OVLRUN_CMD:-python3 -m ovlrun} status
 
 echo "== library search, as ld.so walks LD_LIBRARY_PATH (most probes fail: ENOENT)"
 for lib in $(ls "$SW/libs/1.0/lib" | head -3) libmissing.so.1 libnotthere.so.2; do
