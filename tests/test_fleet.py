@@ -492,3 +492,25 @@ def test_site_config_is_checked(tmp_path: Path) -> None:
     with pytest.raises(OvlrunError, match="OVLRUN_CONFIG is only honoured for root callers"):
         config_path({"OVLRUN_CONFIG": str(conf), "SUDO_UID": "4242"})
     assert config_path({}) == "/etc/ovlrun/ovlrun.toml"
+
+
+def test_local_gc_grace_starts_when_a_fetched_snapshot_became_current(fleet: Fleet) -> None:
+    """A fetched snapshot keeps the build host's (old) build time; gc's grace for the local
+    snapshot it replaced must count from the fetch, not from that build."""
+    world = fleet.world
+    rel = world.sw / "app" / "1.0"
+    world.build()
+    fleet.publish()
+    old_manifest = json.loads((current(world.store, rel) / "manifest.json").read_text())
+    # Node 2 built its own snapshot of the same path earlier.
+    assert world.ovlrun("snapshot", "build", "--profile", "p", env=fleet.node2).returncode == 0
+    own = current(fleet.store2, rel)
+    # Publish a snapshot "built" an hour ago (as a long-published one would be).
+    index = json.loads((fleet.pub / "index.json").read_text())
+    version = fleet.pub / index["sources"][str(rel)]["snapshot"]
+    old_manifest["built"] -= 3600
+    (version / "manifest.json").write_text(json.dumps(old_manifest, indent=1, sort_keys=True))
+    assert json.loads(fleet.fetch().stdout)[0]["status"] == "fetched"
+    assert current(fleet.store2, rel) != own
+    r = fleet.run("snapshot", "gc", "--json", node2=True)  # default grace: 60 s
+    assert [(s["directory"], s["action"]) for s in json.loads(r.stdout)["snapshots"]] == [(str(own), "kept: grace")]

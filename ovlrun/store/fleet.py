@@ -160,6 +160,9 @@ def _is_symlink(name: str, dir_fd: int | None) -> bool:
 def _open_top(directory: str, owner: Owner) -> int:
     if not directory.startswith("/"):
         raise OvlrunError(f"published image directory {directory!r} must be an absolute path")
+    # No trailing slash: with one, the last component would be resolved (symlinks
+    # followed) before O_NOFOLLOW could refuse it.
+    directory = posixpath.normpath(directory)
     try:
         return _open_checked(directory, None, owner, f"published image directory {directory}", directory=True)
     except FileNotFoundError:
@@ -195,13 +198,19 @@ def _read_index(dir_fd: int, owner: Owner, directory: str) -> dict[str, Entry]:
         for path, value in data["sources"].items():
             entry = Entry(**value)
             key, _, snap_id = entry.snapshot.partition("/")
-            if not (isinstance(path, str) and _valid_name(key) and _valid_name(snap_id)
-                    and _HEX64.fullmatch(entry.image_sha256) and isinstance(entry.image_bytes, int)):
+            if not (isinstance(path, str) and isinstance(entry.snapshot, str) and _valid_name(key)
+                    and _valid_name(snap_id) and isinstance(entry.image_sha256, str)
+                    and _HEX64.fullmatch(entry.image_sha256) and _is_int(entry.image_bytes)
+                    and isinstance(entry.published, (int, float)) and not isinstance(entry.published, bool)):
                 raise ValueError(f"bad entry for {path!r}")
             out[path] = entry
         return out
     except (ValueError, TypeError) as e:
         raise OvlrunError(f"{what} is not a valid published index: {e}") from None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _fsync_dir(fd: int) -> None:
@@ -509,6 +518,14 @@ def _check_manifest(m: Manifest, path: str, root: str | None, key: str, snap_id:
     def bad(why: str) -> OvlrunError:
         return _refuse(what, why)
 
+    # Typed as the store's own manifests are: a launch, list and gc trust these fields.
+    typed = (all(isinstance(v, str) for v in (m.path, m.source, m.id, m.fingerprint, m.root, m.image_sha256))
+             and all(_is_int(v) for v in (m.max_redirect, m.long_redirects, m.redirect_max, m.image_bytes))
+             and isinstance(m.built, (int, float)) and not isinstance(m.built, bool)
+             and isinstance(m.counts, dict) and all(isinstance(k, str) and _is_int(v) for k, v in m.counts.items())
+             and isinstance(m.warnings, list) and all(isinstance(w, str) for w in m.warnings))
+    if not typed:
+        raise bad("a field has the wrong type")
     if m.path != path or m.id != snap_id or source_key(m.source) != key:
         raise bad(f"it describes {m.path} ({m.id}), not {path} ({key}/{snap_id})")
     if (m.image_sha256, m.image_bytes) != (entry.image_sha256, entry.image_bytes):
