@@ -514,3 +514,23 @@ def test_local_gc_grace_starts_when_a_fetched_snapshot_became_current(fleet: Fle
     assert current(fleet.store2, rel) != own
     r = fleet.run("snapshot", "gc", "--json", node2=True)  # default grace: 60 s
     assert [(s["directory"], s["action"]) for s in json.loads(r.stdout)["snapshots"]] == [(str(own), "kept: grace")]
+
+
+def test_slurm_prolog_fetches_missing_images_then_localises(fleet: Fleet) -> None:
+    """The real Prolog (no job_container plugin, as tests/slurm/test_hooks.py runs it
+    without slurmd): the node has no snapshot, the Prolog fetches it and mounts it."""
+    world = fleet.world
+    world.build()
+    fleet.publish()
+    fleet.write_config(f'image_dir = "{fleet.pub}"\nfetch_timeout = 10\n')
+    job_id = str(980_000_000 + os.getpid() % 1_000_000)
+    env = {**fleet.node2, "SLURM_JOB_ID": job_id, "SLURM_JOB_UID": "0", "SLURM_JOB_GID": "0",
+           "SLURM_JOB_USER": "root", "SLURM_JOB_COMMENT": "ovl:p", "OVLRUN_SLURM_JC_CONF": "/nonexistent",
+           "OVLRUN_JOB_RUNDIR": str(world.base / "run" / "jobs"), "OVLRUN_SLURM_LOG": str(world.base / "slurm.log")}
+    try:
+        r = world.ovlrun("slurm", "prolog", env=env)
+        assert r.returncode == 0, r.stderr
+        assert "fetched 1 snapshot image(s)" in r.stderr and "(create): 1 localised path(s)" in r.stderr, r.stderr
+    finally:
+        assert world.ovlrun("slurm", "epilog", env=env).returncode == 0
+    assert list(fleet.index2()) == [str(world.sw / "app" / "1.0")]
