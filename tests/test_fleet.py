@@ -534,3 +534,26 @@ def test_slurm_prolog_fetches_missing_images_then_localises(fleet: Fleet) -> Non
     finally:
         assert world.ovlrun("slurm", "epilog", env=env).returncode == 0
     assert list(fleet.index2()) == [str(world.sw / "app" / "1.0")]
+
+
+def test_fetch_waits_for_a_running_build_of_the_path_only_until_its_deadline(fleet: Fleet) -> None:
+    world = fleet.world
+    world.build()
+    fleet.publish()
+    from ovlrun.store.layout import source_key
+
+    lock = fleet.store2 / "locks" / f"{source_key(str(world.sw / 'app' / '1.0'))}.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl,sys;f=open(sys.argv[1],'w');"
+                               "fcntl.flock(f,fcntl.LOCK_EX);print('locked',flush=True);sys.stdin.read()", str(lock)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        started = time.monotonic()
+        r = fleet.fetch("--timeout", "1")
+        assert time.monotonic() - started < 10
+        assert r.returncode == 1 and "a build or fetch of" in r.stdout and "gave up waiting" in r.stdout, r.stdout
+    finally:
+        holder.communicate("")
+    assert fleet.fetch().returncode == 0
+    fleet.assert_nothing_partial()

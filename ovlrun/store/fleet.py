@@ -40,6 +40,7 @@ a stalled or unreachable DIR costs at most the timeout, and the node keeps what 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -52,6 +53,7 @@ import shutil
 import signal
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -471,8 +473,11 @@ def _fetch_one(store: Store, directory: str, owner: Owner, path: str, root: str 
     rel = f"{layout.SNAPSHOTS}/{entry.snapshot}"
     store.ensure()
     # The build lock of this path: a build and a fetch of one path never race, and two
-    # fetches (cron and a Prolog) copy it once.
-    with store.source_lock(path) as lock_fd:
+    # fetches (cron and a Prolog) copy it once.  Waited for only until the deadline: a
+    # Prolog must not sit behind a 300-second build.
+    deadline = time.monotonic() + timeout
+    with _source_lock_until(store, path, deadline) as lock_fd:
+        timeout = deadline - time.monotonic()
         if store.read_index().get(path) == rel:
             return Outcome(path, entry.snapshot, "up-to-date")
         if (store.path / rel).exists():
@@ -494,6 +499,25 @@ def _fetch_one(store: Store, directory: str, owner: Owner, path: str, root: str 
                 raise OvlrunError(f"fetching {path} failed: {e}") from None
             raise
     return Outcome(path, entry.snapshot, "fetched", copied)
+
+
+@contextlib.contextmanager
+def _source_lock_until(store: Store, path: str, deadline: float) -> Iterator[int]:
+    """:meth:`Store.source_lock`, given up at ``deadline`` (polled: flock has no timeout)."""
+    fd = os.open(store.path / layout.LOCKS / f"{source_key(path)}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                 0o600)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise OvlrunError(f"a build or fetch of {path} is running here; gave up waiting for it") from None
+                time.sleep(0.05)
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _reinstate(store: Store, path: str, rel: str, entry: Entry) -> Outcome:
