@@ -206,13 +206,12 @@ def _gc_published(directory: str, grace: float | None, dry_run: bool, as_json: b
 
 def _image_dir(given: str | None, option: str) -> tuple[str, Any]:
     """The image directory (``given``, else the site config's) and the trusted owner."""
-    from ovlrun.store.siteconfig import load_site_config
+    from ovlrun.store.siteconfig import config_path, load_site_config
 
     config = load_site_config()
     directory = given or config.image_dir
     if directory is None:
-        raise OvlrunError(f"no image directory: give {option} DIR or set image_dir in "
-                          f"{config.path or 'the site configuration (/etc/ovlrun/ovlrun.toml)'}")
+        raise OvlrunError(f"no image directory: give {option} DIR or set image_dir in {config.path or config_path()}")
     return directory, config.image_owner
 
 
@@ -254,7 +253,10 @@ def snapshot_publish(to: Annotated[str | None, typer.Option("--to", metavar="DIR
 def snapshot_fetch(from_: Annotated[str | None, typer.Option("--from", metavar="DIR", help="Published image "
                                                              "directory (default: image_dir of the site "
                                                              "configuration).")] = None,
-                   profile: SelectProfileOpt = None, all_: AllOpt = False, as_json: JsonOpt = False,
+                   profile: Annotated[str | None, typer.Option("--profile", "-p", help="Only the published paths "
+                                                               "this profile localises.")] = None,
+                   all_: Annotated[bool, typer.Option("--all", help="Every path in DIR's index.")] = False,
+                   as_json: JsonOpt = False,
                    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds the whole fetch may "
                                                           "take (a stalled DIR).")] = 300.0) -> None:
     """Copy the published images this node lacks into the local store (checked against
