@@ -127,6 +127,8 @@ def _refuse(what: str, problem: str) -> OvlrunError:
 def _open_checked(name: str, dir_fd: int | None, owner: Owner, what: str, *, directory: bool) -> int:
     """Open ``name`` (relative to ``dir_fd``) without following a symlink and check the
     fd's owner, mode and type: the checks apply to what is read, not to a name."""
+    # O_NONBLOCK for files: a FIFO planted under the name must not block the open; the
+    # type check below refuses it, and a regular file is switched back to blocking.
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_DIRECTORY if directory else os.O_NONBLOCK)
     try:
         fd = os.open(name, flags, dir_fd=dir_fd)
