@@ -1,6 +1,7 @@
 # Quick start, as root on a fresh Debian 12 or 13 machine:
 #     make demo    installs ovlrun system-wide (make install), builds a demo tree and its
-#                  snapshots, runs a job in it
+#                  snapshots, runs a job in it, then publishes the snapshots, fetches them
+#                  into a second store (a second node) and runs the job there
 #     make test    runs the test suite in a clean venv of Debian's python3
 #
 # Everything uses Debian's own interpreter, never the first python3 on PATH (a pyenv or
@@ -72,6 +73,7 @@ demo: install
 	install -m 0644 profiles/demo.toml $(PROFILE_DIR)/demo.toml
 	$(LAUNCHER) snapshot build --profile demo
 	OVLRUN_CMD=$(USER_COMMAND) $(LAUNCHER) --profile demo -- demo/job.sh
+	OVLRUN_CMD=$(USER_COMMAND) demo/fleet.sh $(LAUNCHER)
 
 $(DEV_STAMP): pyproject.toml | $(APT_STAMP)
 	$(SYSTEM_PYTHON) -m venv $(DEV_VENV)

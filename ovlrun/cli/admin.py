@@ -156,17 +156,25 @@ def snapshot_refresh(profile: SelectProfileOpt = None, all_: AllOpt = False, tim
 
 @snapshot_app.command("gc")
 def snapshot_gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
-                grace: Annotated[float, typer.Option("--grace", min=0, help="Keep a replaced snapshot until its "
-                                                     "successor is this many seconds old.")] = 60.0,
+                grace: Annotated[float | None, typer.Option("--grace", min=0, help="Keep a replaced snapshot until "
+                                                            "its successor is this many seconds old (default 60; "
+                                                            "3600 with --published).")] = None,
+                published: Annotated[str | None, typer.Option("--published", metavar="DIR", help="Collect old "
+                                                              "versions in a published image directory instead "
+                                                              "of the local store.")] = None,
                 as_json: JsonOpt = False, timeout: TimeoutOpt = 300.0) -> None:
     """Remove snapshots a newer one replaced and those whose source is gone, never one a
-    running job uses; clean up leftovers of killed builds."""
+    running job uses; clean up leftovers of killed builds.  With --published DIR: remove
+    published versions DIR's index stopped naming at least --grace seconds ago."""
     from ovlrun.store.index import Store
     from ovlrun.store.lifecycle import gc
 
     if not dry_run:
         _require_root("snapshot gc")
-    report, leftovers = gc(Store.open(), dry_run=dry_run, grace=grace, timeout=timeout)
+    if published is not None:
+        _gc_published(published, grace, dry_run, as_json, timeout)
+        return
+    report, leftovers = gc(Store.open(), dry_run=dry_run, grace=60.0 if grace is None else grace, timeout=timeout)
     if as_json:
         json.dump({"snapshots": [r.__dict__ for r in report], "leftovers_removed": leftovers}, sys.stdout, indent=1)
         print()
@@ -177,6 +185,97 @@ def snapshot_gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only li
         print(f"removed {leftovers} leftover(s) of killed builds")
     if not report and not leftovers:
         print("nothing to collect")
+
+
+def _gc_published(directory: str, grace: float | None, dry_run: bool, as_json: bool, timeout: float) -> None:
+    from ovlrun.store.fleet import DEFAULT_PUBLISHED_GRACE, gc_published
+    from ovlrun.store.siteconfig import load_site_config
+
+    owner = load_site_config().image_owner
+    report = gc_published(directory, owner, grace=DEFAULT_PUBLISHED_GRACE if grace is None else grace,
+                          dry_run=dry_run, timeout=timeout)
+    if as_json:
+        json.dump({"published": [r.__dict__ for r in report]}, sys.stdout, indent=1)
+        print()
+        return
+    for r in report:
+        print(f"{r.action}: {r.directory}  ({r.reason})")
+    if not report:
+        print("nothing to collect")
+
+
+def _image_dir(given: str | None, option: str) -> tuple[str, Any]:
+    """The image directory (``given``, else the site config's) and the trusted owner."""
+    from ovlrun.store.siteconfig import config_path, load_site_config
+
+    config = load_site_config()
+    directory = given or config.image_dir
+    if directory is None:
+        raise OvlrunError(f"no image directory: give {option} DIR or set image_dir in {config.path or config_path()}")
+    return directory, config.image_owner
+
+
+def _print_outcomes(outcomes: list[Any], as_json: bool) -> None:
+    if as_json:
+        json.dump([o.__dict__ for o in outcomes], sys.stdout, indent=1)
+        print()
+        return
+    for o in outcomes:
+        size = f"  {o.bytes} bytes" if o.bytes else ""
+        print(f"{o.status}: {o.path}  {o.snapshot}{size}" + (f"  ({o.message})" if o.message else ""))
+    if not outcomes:
+        print("nothing selected")
+
+
+@snapshot_app.command("publish")
+def snapshot_publish(to: Annotated[str | None, typer.Option("--to", metavar="DIR", help="Published image "
+                                                            "directory (default: image_dir of the site "
+                                                            "configuration).")] = None,
+                     profile: SelectProfileOpt = None, all_: AllOpt = False, as_json: JsonOpt = False,
+                     timeout: TimeoutOpt = 300.0) -> None:
+    """Copy the current snapshot images (and manifests) of the selected paths into DIR
+    for nodes to fetch; atomic, idempotent, older versions kept until
+    'ovlrun snapshot gc --published DIR'.  Writes as the site's image_owner."""
+    from ovlrun.store.fleet import publish
+    from ovlrun.store.index import Store
+
+    _require_root("snapshot publish", "the store is readable by root only")
+    selected = _selected_profile(profile, all_)
+    directory, owner = _image_dir(to, "--to")
+    outcomes = publish(Store.open(), directory, selected, owner, timeout=timeout)
+    _print_outcomes(outcomes, as_json)
+    skipped = [o for o in outcomes if o.status == "skipped"]
+    if skipped:
+        raise OvlrunError(f"{len(skipped)} of {len(outcomes)} snapshots could not be published", status=1)
+
+
+@snapshot_app.command("fetch")
+def snapshot_fetch(from_: Annotated[str | None, typer.Option("--from", metavar="DIR", help="Published image "
+                                                             "directory (default: image_dir of the site "
+                                                             "configuration).")] = None,
+                   profile: Annotated[str | None, typer.Option("--profile", "-p", help="Only the published paths "
+                                                               "this profile localises.")] = None,
+                   all_: Annotated[bool, typer.Option("--all", help="Every path in DIR's index.")] = False,
+                   as_json: JsonOpt = False,
+                   timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds the whole fetch may "
+                                                          "take (a stalled DIR).")] = 300.0) -> None:
+    """Copy the published images this node lacks into the local store (checked against
+    their manifests' sha256) and make them current, as if built here.  Idempotent; a DIR
+    that cannot be reached leaves the store as it is.  Exits 1 if anything failed."""
+    from ovlrun.store.fleet import fetch
+    from ovlrun.store.index import Store
+
+    _require_root("snapshot fetch")
+    selected = _selected_profile(profile, all_)
+    directory, owner = _image_dir(from_, "--from")
+    try:
+        outcomes = fetch(Store.open(), directory, owner, selected, timeout=timeout)
+    except OvlrunError as e:
+        raise OvlrunError(f"{e.message}; nothing fetched, the local store is unchanged", status=1) from None
+    _print_outcomes(outcomes, as_json)
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        raise OvlrunError(f"{len(failed)} of {len(outcomes)} snapshots could not be fetched", status=1)
 
 
 @profile_app.command("check")

@@ -204,6 +204,35 @@ def _load_request(name: str) -> tuple[Profile, Store]:
     return load_profile(name, trusted_only=True), Store.open()
 
 
+def fetch_missing_images(profile: Profile, store: Store, log: Callable[[str, str], None]) -> list[str]:
+    """If the node lacks snapshots the profile asks for and the site configuration names
+    an image directory, fetch them within its ``fetch_timeout`` (default 5 s); returns
+    messages for the job record.  Never raises: a job whose images could not be fetched
+    runs with what the node has (unlocalised where nothing is), as without fleets."""
+    try:
+        from ovlrun.store.fleet import fetch_for_job
+        from ovlrun.store.siteconfig import load_site_config
+
+        config = load_site_config()
+        outcomes = fetch_for_job(store, profile, config.image_dir, config.image_owner,
+                                 timeout=config.fetch_timeout)
+    except Exception as e:  # unreachable or stalled DIR, bad config, a bug: never the job's fault
+        message = f"could not fetch snapshot images: {e}"
+        log("warning", message)
+        return [message]
+    if not outcomes:
+        return []
+    fetched = [o for o in outcomes if o.status in ("fetched", "reinstated")]
+    failed = [o for o in outcomes if o.status == "failed"]
+    if fetched:
+        log("info", f"fetched {len(fetched)} snapshot image(s) from {config.image_dir} "
+            f"({sum(o.bytes for o in fetched)} bytes)")
+    messages = [f"could not fetch the snapshot of {o.path}: {o.message}" for o in failed]
+    for m in messages:
+        log("warning", m)
+    return messages
+
+
 def _mount_overlays(profile: Profile, store: Store) -> Notes:
     """Inside the job's namespace: mount the profile; report what for the job record.
 
@@ -270,6 +299,8 @@ def _prolog(job: SlurmJob, name: str, env: Mapping[str, str], log: HookLog) -> i
     except OvlrunError as e:
         _record_unlocalised(job, name, str(e), log)
         return 0
+    fetch_notes = fetch_missing_images(profile, store, log)  # logged already
+    record.messages += fetch_notes
     try:
         jc = read_job_container_conf(_jc_conf_path(env), job.node)
     except (OvlrunError, OSError) as e:
@@ -288,7 +319,8 @@ def _prolog(job: SlurmJob, name: str, env: Mapping[str, str], log: HookLog) -> i
     record.messages += notes["messages"]
     record.save()
     for m in record.messages:
-        log("warning", m)
+        if m not in fetch_notes:
+            log("warning", m)
     log("info", f"profile {name!r} ({mode}): {len(record.localised)} localised path(s) for {job.user}")
     return 0
 

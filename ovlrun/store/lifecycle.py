@@ -230,10 +230,15 @@ def _decide(store: Store, index: dict[str, str], gone: dict[str, bool], in_use: 
             *, grace: float, dry_run: bool, now: float) -> list[Collected]:
     """Decision, no action: what happens to every snapshot that is not plainly current."""
     current = {rel: path for path, rel in index.items()}
-    built_current: dict[str, float] = {}
+    built_current: dict[str, float] = {}  # when each current snapshot became current
     for path, rel in index.items():
-        with contextlib.suppress(OvlrunError):
-            built_current[path] = store.load(rel).manifest.built
+        with contextlib.suppress(OvlrunError, OSError):
+            snap = store.load(rel)
+            # A fetched snapshot (ovlrun.store.fleet) keeps the build host's build time,
+            # possibly hours old; its manifest.json was written here when it was
+            # published into this store, which is when the grace period starts.
+            published = os.stat(snap.directory / layout.MANIFEST).st_mtime
+            built_current[path] = max(snap.manifest.built, published)
     report = []
     for snap in store.all_snapshots():
         rel = str(snap.directory.relative_to(store.path))

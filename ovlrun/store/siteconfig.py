@@ -1,0 +1,121 @@
+"""The site configuration, ``/etc/ovlrun/ovlrun.toml``: where a fleet's published
+snapshot images are and which account may have written them.
+
+::
+
+    image_dir = "/sw/.ovlrun-images"   # what `snapshot fetch` (no --from) and the Slurm Prolog read
+    image_owner = "swadmin"            # account (name or uid) that owns DIR and everything in it
+    fetch_timeout = 5                  # seconds the Prolog may spend fetching a job's images
+
+Every key is optional; without the file, nothing is fetched implicitly and the image
+owner is root.  The file decides what root mounts on every node, so it is read only if
+root owns it and neither group nor others may write it, and an unknown key is an error
+naming the file and the key (a misspelt ``image_owner`` silently meaning "root" is the
+kind of quiet wrongness the profile parser refuses too).  ``OVLRUN_CONFIG`` points
+elsewhere (tests, staging); like ``OVLRUN_STORE`` it is honoured for root callers only.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import pwd
+import stat
+import tomllib
+from typing import NamedTuple
+
+from ovlrun.errors import OvlrunError
+from ovlrun.linux.files import NOT_WRITABLE, trust_problem
+
+DEFAULT_CONFIG = "/etc/ovlrun/ovlrun.toml"
+DEFAULT_FETCH_TIMEOUT = 5.0
+KEYS = ("image_dir", "image_owner", "fetch_timeout")
+
+
+class Owner(NamedTuple):
+    """The account trusted to have written published images (and that publish writes as)."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+class SiteConfig(NamedTuple):
+    path: str  # the file it came from ("" for the defaults)
+    image_dir: str | None = None
+    image_owner: Owner = Owner("root", 0, 0)
+    fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
+
+
+def config_path(environ: dict[str, str] | None = None) -> str:
+    """``OVLRUN_CONFIG`` (root callers only), else the default."""
+    env = os.environ if environ is None else environ
+    override = env.get("OVLRUN_CONFIG")
+    if override:
+        # Defence in depth: admin commands are refused to sudo callers before they get
+        # here, and a launch never reads this file.
+        if env.get("SUDO_UID", "0").strip("0") or os.geteuid() != 0:
+            raise OvlrunError("OVLRUN_CONFIG is only honoured for root callers")
+        return override
+    return DEFAULT_CONFIG
+
+
+def resolve_owner(value: object, where: str = "image_owner") -> Owner:
+    """An account name or uid -> :class:`Owner` (the gid is the account's, or the uid's own
+    number for a uid without a passwd entry)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise OvlrunError(f"{where}: must be an account name or a uid")
+    try:
+        entry = pwd.getpwnam(value) if isinstance(value, str) else pwd.getpwuid(value)
+    except KeyError:
+        if isinstance(value, int) and value >= 0:
+            return Owner(str(value), value, value)
+        raise OvlrunError(f"{where}: no such account {value!r}") from None
+    return Owner(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+
+def load_site_config(path: str | None = None) -> SiteConfig:
+    """Read and check the site configuration; the defaults if the file does not exist."""
+    path = config_path() if path is None else path
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return SiteConfig("")
+    except OSError as e:
+        raise OvlrunError(f"cannot read site configuration {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())  # the file we read, not whatever the name points to later
+        if not stat.S_ISREG(st.st_mode):
+            raise OvlrunError(f"site configuration {path} is not a regular file")
+        problem = trust_problem(st, NOT_WRITABLE)
+        if problem:
+            raise OvlrunError(f"refusing site configuration {path}: it must be owned by root and not "
+                              f"group/other-writable ({problem})")
+        raw = f.read()
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise OvlrunError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise OvlrunError(f"{path}: TOML syntax error: {e}") from None
+    return validate(data, path)
+
+
+def validate(data: dict[str, object], path: str) -> SiteConfig:
+    for key in data:
+        if key not in KEYS:
+            raise OvlrunError(f"{path}: {key}: unknown key (allowed: {', '.join(sorted(KEYS))})")
+    image_dir = data.get("image_dir")
+    if image_dir is not None:
+        if not isinstance(image_dir, str) or not image_dir.startswith("/") or "\0" in image_dir:
+            raise OvlrunError(f"{path}: image_dir: must be an absolute path")
+        if any(c == ".." for c in image_dir.split("/")):
+            raise OvlrunError(f"{path}: image_dir: {image_dir!r} has '..' components")
+        image_dir = posixpath.normpath(image_dir)
+    owner = Owner("root", 0, 0)
+    if "image_owner" in data:
+        owner = resolve_owner(data["image_owner"], f"{path}: image_owner")
+    timeout = data.get("fetch_timeout", DEFAULT_FETCH_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+        raise OvlrunError(f"{path}: fetch_timeout: must be a number of seconds, more than 0 and at most 3600")
+    return SiteConfig(path, image_dir, owner, float(timeout))
