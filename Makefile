@@ -21,9 +21,11 @@ DEMO_TREE ?= /srv/ovlrun-demo/sw
 DEV_VENV = .venv
 DEV_PYTHON = $(DEV_VENV)/bin/python
 # Build and runtime: venv + python-prctl's compiler, headers and libcap.  Tests: FUSE
-# (the NFS stand-in), attr, tmux, sudo, erofs-utils (fsck.erofs).
+# (the NFS stand-in), attr, tmux, sudo, erofs-utils (fsck.erofs); the VM tests: qemu,
+# busybox, cpio, kmod, xz, zstd; the Slurm 24.11 tests: debootstrap.
 RUNTIME_PACKAGES = python3-venv python3-dev gcc libcap-dev sudo
-TEST_PACKAGES = attr fuse3 libfuse3-dev pkg-config tmux erofs-utils
+VM_PACKAGES = qemu-system-x86 busybox-static cpio kmod xz-utils zstd
+TEST_PACKAGES = attr fuse3 libfuse3-dev pkg-config tmux erofs-utils debootstrap $(VM_PACKAGES)
 APT_STAMP = .apt.stamp
 DEV_STAMP = $(DEV_VENV)/.installed
 
@@ -81,8 +83,10 @@ $(DEV_STAMP): pyproject.toml | $(APT_STAMP)
 	$(DEV_PYTHON) -m pip install -q -e '.[test]'
 	touch $@
 
+# Everything: the host suite, Slurm 22.05 and 24.11 end to end, and Debian's 6.1 and
+# 6.12 kernels booted under qemu (OVLRUN_VM_TESTS=0 skips those, e.g. for a quick loop).
 test: $(DEV_STAMP)
-	$(DEV_PYTHON) -m pytest -q
+	OVLRUN_VM_TESTS=$${OVLRUN_VM_TESTS:-1} $(DEV_PYTHON) -m pytest -q
 
 lint: $(DEV_STAMP)
 	$(DEV_PYTHON) -m ruff check ovlrun tests
@@ -91,9 +95,7 @@ lint: $(DEV_STAMP)
 # Debian 12 (6.1) and 13 (6.12) kernels booted under qemu (TCG), the launch subset in
 # each (tests/test_vm_kernels.py).  Kernel packages are fetched once into
 # /var/cache/ovlrun-vm (apt under a private configuration; the host's sources untouched).
-VM_PACKAGES = qemu-system-x86 busybox-static cpio kmod xz-utils zstd
 vm-test: $(DEV_STAMP)
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(VM_PACKAGES) >/dev/null
 	OVLRUN_VM_TESTS=1 $(DEV_PYTHON) -m pytest -q -p no:cacheprovider tests/test_vm_kernels.py
 
 bench: $(DEV_STAMP)

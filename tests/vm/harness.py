@@ -52,6 +52,13 @@ mount --bind "/newroot@MODULES@" /newroot/run/ovlrun-vm/modroot/lib/modules/@REL
 printf '#!/bin/sh\nexec /sbin/modprobe -d /run/ovlrun-vm/modroot "$@"\n' > /newroot/run/ovlrun-vm/modprobe
 chmod 755 /newroot/run/ovlrun-vm/modprobe
 echo /run/ovlrun-vm/modprobe > /proc/sys/kernel/modprobe
+# What a real boot does (systemd-tmpfiles-setup-dev runs `kmod static-nodes`): device
+# nodes for modules that load on first open, /dev/loop-control (loop.ko) among them.
+grep -v '^#' "/newroot@MODULES@/modules.devname" | while read -r mod name node; do
+    kind=${node%%[0-9]*}; nums=${node#?}
+    mkdir -p "/dev/$(dirname "$name")"; mknod -m 0600 "/dev/$name" "$kind" "${nums%%:*}" "${nums##*:}" 2>/dev/null
+done
+grep -qw '^loop' /proc/modules && fail "loop is already loaded"
 grep -qw overlay /proc/filesystems && fail "overlay is already registered"
 mount --move /proc /newroot/proc; mount --move /sys /newroot/sys; mount --move /dev /newroot/dev
 echo OVLRUN-VM-BOOTED
