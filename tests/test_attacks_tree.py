@@ -1,0 +1,156 @@
+"""Issue 9, attack 3 and 5a-5c: a release maintainer (can write a release directory of
+the shared tree, is not root) against the launch.
+
+A snapshot is built from one directory; at launch the localised path must still be that
+directory, reached without following symlinks below the tree root, or it stays
+unlocalised (nothing is mounted anywhere else).  Nothing the root phase needs is loaded
+from the shared tree after the first mount, and the command is looked up with the
+user's rights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.attacks_support import sudo_env, user_dir
+from tests.conftest import NOBODY, TEST_UID, World, requires_overlay, requires_root
+
+pytestmark = [requires_root, requires_overlay]
+
+
+def _mount_points(world: World, profile: str = "p", **kw: object) -> list[str]:
+    r = world.ovlrun("--profile", profile, "--", "sh", "-c",
+                     "grep ' overlay ovlrun ' /proc/self/mountinfo | cut -d' ' -f5", **kw)
+    return r.stdout.split()
+
+
+def test_release_swapped_for_a_symlink_after_its_build_is_not_mounted_elsewhere(world: World,
+                                                                               test_user: str) -> None:
+    rel = world.sw / "app" / "1.0"
+    world.simple_profile()
+    world.build()
+    # Somewhere the user may traverse but whose README is root's alone.
+    secret = world.base / "secret"
+    secret.mkdir()
+    (secret / "README").write_text("TOPSECRET\n")
+    (secret / "README").chmod(0o600)
+    rel.rename(rel.with_name(".1.0.orig"))  # what a maintainer of app/ can do
+    rel.symlink_to(secret)
+    r = world.as_sudo("--profile", "p", "--", "sh", "-c", f"cat {rel}/README; cut -d' ' -f5 /proc/self/mountinfo",
+                      uid=TEST_UID)
+    assert "TOPSECRET" not in r.stdout, r
+    assert str(secret) not in r.stdout.split()  # nothing mounted there
+    assert f"{rel} is not the directory its snapshot was built from" in r.stderr, r.stderr
+    assert "stays unlocalised" in r.stderr
+    strict = world.as_sudo("--profile", "p", "--strict", "--", "cat", f"{rel}/README", uid=TEST_UID)
+    assert strict.returncode == 125 and "TOPSECRET" not in strict.stdout
+    assert f"{rel} is not the directory its snapshot was built from" in strict.stderr
+
+
+def test_release_replaced_by_another_directory_stays_unlocalised(world: World) -> None:
+    rel = world.sw / "app" / "1.0"
+    world.simple_profile()
+    world.build()
+    shutil.copytree(rel, rel.with_name("1.0.new"), symlinks=True)
+    rel.rename(rel.with_name(".1.0.orig"))
+    rel.with_name("1.0.new").rename(rel)
+    (rel / "added").write_text("in the new directory\n")
+    r = world.job(f"cat {rel}/added")
+    assert r.returncode == 0 and r.stdout == "in the new directory\n", r  # the plain tree
+    assert f"{rel} is not the directory its snapshot was built from" in r.stderr
+    assert _mount_points(world) == []
+    # A rebuild makes it localised again.
+    assert world.ovlrun("snapshot", "refresh", "--all").returncode == 0
+    assert _mount_points(world) == [str(rel)]
+
+
+def test_release_path_through_a_symlinked_parent_is_not_followed_at_launch(world: World) -> None:
+    app = world.sw / "app"
+    world.simple_profile()
+    world.build()
+    # The parent of the release becomes a symlink to a copy: same names, other inodes.
+    shutil.copytree(app, world.sw / "app.copy", symlinks=True)
+    app.rename(world.sw / ".app.orig")
+    app.symlink_to("app.copy")
+    r = world.job("true")
+    assert "is not the directory its snapshot was built from" in r.stderr, r.stderr
+    assert _mount_points(world) == []
+
+
+def test_network_none_launch_loads_nothing_from_the_shared_tree_after_mounting(world: World,
+                                                                              test_user: str) -> None:
+    pyroute2 = pytest.importorskip("pyroute2")
+    assert pyroute2.__file__ is not None
+    site = Path(pyroute2.__file__).parent.parent
+    marker = world.base / "PWNED"
+    evil = world.base / "evil" / "pyroute2"
+    evil.mkdir(parents=True)
+    (evil / "__init__.py").write_text(f"import os\nopen({str(marker)!r}, 'w').write(str(os.getuid()))\n")
+    release = world.sw / "app" / "2.0"
+    release.mkdir()
+    (release / "pyroute2").symlink_to(evil)
+    world.write_profile("net", f'network = "none"\n[[tree]]\nroot = "{world.sw}"\nlocalise = ["app/2.0"]\n')
+    world.build("net")
+    release.rename(release.with_name(".2.0.orig"))
+    release.symlink_to(site)  # the launcher's own site-packages
+    r = world.as_sudo("--profile", "net", "--", "true", uid=TEST_UID)
+    assert not marker.exists(), f"root imported code from the release: {marker.read_text()} {r}"
+    assert r.returncode == 0, r.stderr
+    assert "is not the directory its snapshot was built from" in r.stderr
+
+
+def test_release_symlink_to_an_ancestor_is_not_localised(world: World) -> None:
+    tool = world.sw / "apps" / "tool"
+    (tool / "5.0").mkdir(parents=True)
+    (tool / "5.0" / "README").write_text("tool 5.0\n")
+    (tool / "6.0").symlink_to("..")  # a maintainer's "release" that is all of apps/
+    world.simple_profile(patterns=("apps/tool/*",))
+    r = world.ovlrun("snapshot", "build", "--profile", "p")
+    assert r.returncode == 0, r.stderr
+    index = json.loads((world.store / "index.json").read_text())["sources"]
+    assert sorted(index) == [str(tool / "5.0")]
+    sources = [json.loads(m.read_text())["source"] for m in world.store.glob("snapshots/*/*/manifest.json")]
+    assert sources == [str(tool / "5.0")]
+    assert _mount_points(world) == [str(tool / "5.0")]
+    # Named literally, it is an error, not a silent snapshot of the parent.
+    world.simple_profile("lit", patterns=("apps/tool/6.0",))
+    r = world.ovlrun("snapshot", "build", "--profile", "lit")
+    assert r.returncode == 1 and "symlink" in r.stderr and "Traceback" not in r.stderr, r
+    assert len(list(world.store.glob("snapshots/*/*/manifest.json"))) == 1
+
+
+def test_permissions_tightened_after_the_build_are_flagged_by_verify(world: World) -> None:
+    """Documented rule: a job sees the snapshot's modes until refresh; verify reports it."""
+    rel = world.sw / "app" / "1.0"
+    world.simple_profile()
+    world.build()
+    (rel / "README").chmod(0o600)
+    (rel / "lib").chmod(0o700)
+    v = world.ovlrun("snapshot", "verify", "--all")
+    assert v.returncode == 1 and "changed: /README" in v.stdout and "changed: /lib" in v.stdout, v.stdout
+    assert world.ovlrun("snapshot", "refresh", "--all").returncode == 0
+    r = world.ovlrun("--profile", "p", "--user", "nobody", "--", "sh", "-c", f"cat {rel}/README; ls {rel}/lib",
+                     cwd="/")
+    assert "app 1.0" not in r.stdout and r.stderr.count("Permission denied") == 2, r
+    assert os.stat(rel).st_uid != NOBODY
+
+
+def test_command_is_looked_up_with_the_users_rights(world: World, test_user: str) -> None:
+    world.simple_profile()
+    world.build()
+    hidden = world.base / "hidden"
+    hidden.mkdir(mode=0o700)
+    (hidden / "probe").write_text("not executable\n")
+    user_dir(world.base / "mine")
+    env = {**sudo_env(), "PATH": f"{hidden}:/usr/bin:/bin"}
+    results = {}
+    for name in ("probe", "nothere"):
+        r = world.as_sudo("--profile", "p", "--", name, uid=TEST_UID, extra_env=env, cwd="/")
+        results[name] = (r.returncode, r.stderr.replace(name, "NAME").splitlines()[-1])
+    # Whether a file exists in a directory the user cannot search must not show.
+    assert results["probe"] == results["nothere"] == (127, "ovlrun: NAME: command not found"), results
