@@ -158,11 +158,11 @@ def test_enter_accepts_only_ascii_digit_job_ids(world: World, job_id: str) -> No
 @pytest.mark.xfail(strict=True, reason="issue 11 (installer) fixes the generated launcher's sys.path order")
 def test_generated_launcher_keeps_the_stdlib_first(tmp_path: Path) -> None:
     target = tmp_path / "ovlrun"
-    r = subprocess.run([sys.executable, "-m", "ovlrun.wrapper", str(target)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "ovlrun.cli.install_launcher", str(target)], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
     assert r.returncode == 0, r.stderr
     # Run the launcher with its final import replaced by a report of sys.path.
-    text = target.read_text().replace("from ovlrun.cli import main; sys.exit(main())",
+    text = target.read_text().replace("from ovlrun.cli.main import main; sys.exit(main())",
                                       "import json; print(json.dumps(sys.path))")
     target.write_text(text)
     out = subprocess.run(["/bin/sh", str(target)], capture_output=True, text=True, check=True).stdout
