@@ -180,8 +180,16 @@ static int ff_statfs(const char *path, struct statvfs *sv) {
 	return statvfs(backing, sv) == 0 ? 0 : -errno;
 }
 
+/* Inode numbers from the backing tree, as NFS file ids are: stable for the life of a
+ * file (ovlrun records a release's inode at build and checks it at launch). */
+static void *ff_init(struct fuse_conn_info *conn, struct fuse_config *cfg) {
+	(void)conn;
+	cfg->use_ino = 1;
+	return NULL;
+}
+
 static const struct fuse_operations ops = {
-	.getattr = ff_getattr, .readlink = ff_readlink, .opendir = ff_opendir, .readdir = ff_readdir,
+	.init = ff_init, .getattr = ff_getattr, .readlink = ff_readlink, .opendir = ff_opendir, .readdir = ff_readdir,
 	.releasedir = ff_releasedir, .open = ff_open, .read = ff_read, .release = ff_release, .statfs = ff_statfs,
 };
 

@@ -154,3 +154,29 @@ def test_command_is_looked_up_with_the_users_rights(world: World, test_user: str
         results[name] = (r.returncode, r.stderr.replace(name, "NAME").splitlines()[-1])
     # Whether a file exists in a directory the user cannot search must not show.
     assert results["probe"] == results["nothere"] == (127, "ovlrun: NAME: command not found"), results
+
+
+def test_identity_checks_cost_no_extra_round_trips(world: World) -> None:
+    """Each localised path is opened once, without following symlinks, and its inode is
+    compared with fstat: at most one request per localised path reaches the shared tree
+    (measured through the counting FUSE stand-in), and no listing or data read."""
+    from tests.faultfs import FaultFS
+
+    n = 20
+    backing = world.base / "backing"
+    for i in range(n):
+        (backing / "r" / f"rel{i:02d}" / "lib").mkdir(parents=True)
+        (backing / "r" / f"rel{i:02d}" / "lib" / "f").write_text("x")
+    mnt = world.base / "mnt"
+    world.write_profile("fs", f'[[tree]]\nroot = "{mnt}"\nlocalise = ["r/*"]\n')
+    env = {**world.env, "PATH": "/usr/bin:/bin"}
+    with FaultFS(world.base, backing, mnt) as fs:
+        assert fs.ovlrun("snapshot", "build", "--profile", "fs", env=env, timeout=300).returncode == 0
+        for _ in range(4):
+            before = fs.counters()
+            r = fs.ovlrun("--profile", "fs", "--", "sh", "-c", "grep -c ' overlay ovlrun ' /proc/self/mountinfo",
+                          env=env)
+            after = fs.counters()
+            assert r.returncode == 0 and r.stdout.strip() == str(n) and "warning" not in r.stderr, r
+            used = {k: after[k] - before[k] for k in after if after[k] != before[k]}
+            assert set(used) <= {"getattr"} and used.get("getattr", 0) <= n + 3, used
