@@ -22,6 +22,7 @@ import pytest
 from tests.attacks_support import (
     Racer,
     race_dirs,
+    shipped_sudoers,  # noqa: F401 (fixture)
     slurm_env,
     su,
     sudo_env,
@@ -35,26 +36,38 @@ pytestmark = [requires_root, requires_overlay]
 ROUNDS = 100
 
 
+def _as_test_user_in(fd: int) -> None:
+    """preexec_fn: start in the directory ``fd`` as the test user (the attacker), who then
+    runs sudo.  Runs in the child only."""
+    os.fchdir(fd)
+    os.setgroups([])
+    os.setresgid(TEST_UID, TEST_UID, TEST_UID)
+    os.setresuid(TEST_UID, TEST_UID, TEST_UID)
+
+
 def _race(world: World, victim: Path, argv: list[str]) -> tuple[int, dict[str, int]]:
-    """Run ``entry ARGV... readlink /proc/self/cwd`` ROUNDS times as a sudo caller from the
-    real directory while a racer swaps its name; count jobs that ran in the victim's dir."""
+    """Run ``sudo -n entry ARGV... readlink /proc/self/cwd`` ROUNDS times as the test user
+    (real sudo, the shipped drop-in) from the user's own directory while a racer swaps its
+    name with a symlink to the victim's directory; count jobs that ran in the victim's."""
     real, link, fd = race_dirs(world.base / "race", victim)
     entry = str(world.admin_entry())
     seen: dict[str, int] = {}
+    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/home/ovltest", "USER": "ovltest"}
     racer = Racer(real, link)
     try:
         for _ in range(ROUNDS):
-            r = subprocess.run([entry, *argv, "--", "readlink", "/proc/self/cwd"], env=sudo_env(),
-                               capture_output=True, text=True, timeout=60, preexec_fn=lambda: os.fchdir(fd))
+            r = subprocess.run(["sudo", "-n", entry, *argv, "--", "readlink", "/proc/self/cwd"], env=env,
+                               capture_output=True, text=True, timeout=60, preexec_fn=lambda: _as_test_user_in(fd))
             where = r.stdout.strip() or f"rc={r.returncode}: {r.stderr.strip()[-200:]}"
             seen[where] = seen.get(where, 0) + 1
     finally:
         racer.stop()
         os.close(fd)
+    print(f"{argv[0]}: where {ROUNDS} jobs ran: {seen}")  # shown with pytest -s
     return seen.get(str(victim), 0), seen
 
 
-def test_cwd_swap_race_launch(world: World, test_user: str, victim: Path) -> None:
+def test_cwd_swap_race_launch(world: World, test_user: str, victim: Path, shipped_sudoers: Path) -> None:
     world.simple_profile()
     world.build()
     hits, seen = _race(world, victim, ["--profile", "p"])
@@ -63,7 +76,7 @@ def test_cwd_swap_race_launch(world: World, test_user: str, victim: Path) -> Non
     assert all(where.startswith((str(world.base / "race"), "/home/ovltest")) for where in seen), seen
 
 
-def test_cwd_swap_race_enter(world: World, test_user: str, victim: Path) -> None:
+def test_cwd_swap_race_enter(world: World, test_user: str, victim: Path, shipped_sudoers: Path) -> None:
     world.simple_profile()
     world.build()
     job_id = str(970_000_000 + os.getpid() % 1_000_000)
