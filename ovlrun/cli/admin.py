@@ -287,9 +287,15 @@ def profile_check(name: Annotated[str, typer.Argument(help="Profile name or path
     from ovlrun.profile.parse import load_profile
     from ovlrun.store.index import Store
 
+    # Runs with the caller's own rights (users run it directly, never through sudo): the
+    # profile and the store index are read as whoever asks.
     profile = load_profile(name)
-    index = Store.open().read_index()
     print(f"{profile.name}: {profile.file} OK ({profile.description or 'no description'})")
+    try:
+        index = Store.open().read_index()
+    except OvlrunError as e:
+        print(f"  (snapshots unknown: {e.message})")
+        return
     for tree, pattern, built in profile.select(index):
         print(f"  {tree.path_of(pattern.text)}: {len(built)} snapshot(s) built")
     if is_path_spec(name):

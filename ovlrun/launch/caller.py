@@ -127,7 +127,7 @@ def target_identity(user: str | None, environ: dict[str, str]) -> Identity | Non
         return ident if ident.uid != 0 else None
     if caller is not None:
         gid = None
-        if environ.get("SUDO_GID", "").isdigit():
+        if environ.get("SUDO_GID", "").isascii() and environ.get("SUDO_GID", "").isdigit():
             gid = int(environ["SUDO_GID"])
         return Identity.of_uid(caller, gid)
     return None

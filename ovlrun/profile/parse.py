@@ -29,6 +29,7 @@ from ovlrun.profile.patterns import Pattern, PatternError, overlap
 
 NETWORK_MODES = ("host", "none")
 MISSING_ROOT_MODES = ("fail", "unlocalised")
+MAX_PROFILE_BYTES = 1 << 20
 
 
 class Tree(NamedTuple):
@@ -70,9 +71,14 @@ def load_profile(spec: str, dirs: list[Path] | None = None, *, trusted_only: boo
 
 def parse_profile(path: Path, name: str | None = None) -> Profile:
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            # Capped: a profile is a few lines, and a huge (or sparse) file must not make
+            # whoever checks it (a submit filter, a prolog) exhaust its memory.
+            raw = f.read(MAX_PROFILE_BYTES + 1)
     except OSError as e:
         raise OvlrunError(f"cannot read profile {path}: {e.strerror}") from None
+    if len(raw) > MAX_PROFILE_BYTES:
+        raise OvlrunError(f"{path}: larger than {MAX_PROFILE_BYTES >> 20} MiB; not a profile")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -84,6 +90,9 @@ def parse_profile(path: Path, name: str | None = None) -> Profile:
         # of the input: name the last line there too.
         message = str(e).replace("(at end of document)", f"(at end of document, line {text.count(chr(10)) + 1})")
         raise OvlrunError(f"{path}: TOML syntax error: {message}") from None
+    except RecursionError:
+        # tomllib parses arrays and inline tables recursively.
+        raise OvlrunError(f"{path}: TOML nested too deeply; not a profile") from None
     return validate(data, path, name or path.stem)
 
 
