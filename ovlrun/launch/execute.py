@@ -28,9 +28,10 @@ DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
 def find_executable(name: str, path_var: str) -> str | None:
-    """execvp(3)'s search done up front (as root, inside the namespace) so that after the
-    privilege drop nothing but execve() remains.  A non-executable match is returned so
-    execve() reports EACCES (-> 126), as a shell would."""
+    """execvp(3)'s search, run after the privilege drop with the user's rights: as root it
+    would tell, by 126 vs 127, whether a name exists in a directory the user cannot
+    search.  A non-executable match is returned so execve() reports EACCES (-> 126), as
+    a shell would."""
     if "/" in name:
         return name
     fallback = None
@@ -43,14 +44,21 @@ def find_executable(name: str, path_var: str) -> str | None:
     return fallback
 
 
-def exec_command(argv: list[str], environ: dict[str, str], identity: Identity | None) -> int:
-    """Drop to ``identity`` and exec; returns an exit status only if exec failed."""
+def exec_command(argv: list[str], environ: dict[str, str], identity: Identity | None,
+                 cwd: str | None = None) -> int:
+    """Drop to ``identity``, re-enter ``cwd`` and exec; returns an exit status only if exec
+    failed.
+
+    Root's part ends with the drop: the working directory and the command are resolved
+    afterwards, with the user's rights, and nothing is imported or read as root any more.
+    """
+    if identity is not None:
+        drop_to(identity)
+    enter_working_directory(cwd, identity.home if identity is not None else None)
     path = find_executable(argv[0], environ.get("PATH", DEFAULT_PATH))
     if path is None:
         print(f"ovlrun: {argv[0]}: command not found", file=sys.stderr)
         return EXIT_NOT_FOUND
-    if identity is not None:
-        drop_to(identity)
     try:
         try:
             os.execve(path, argv, environ)
@@ -63,6 +71,35 @@ def exec_command(argv: list[str], environ: dict[str, str], identity: Identity | 
         print(f"ovlrun: {argv[0]}: {e.strerror}", file=sys.stderr)
         return EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_CANNOT_EXECUTE
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def enter_working_directory(cwd: str | None, home: str | None) -> None:
+    """Re-enter the caller's working directory by path, with the job's own rights.
+
+    By path, so a directory inside a localised release is now the overlay's view of it.
+    Called after the privilege drop: as root, a component of the path swapped for a
+    symlink meanwhile (renameat2 RENAME_EXCHANGE) would land the job in a directory its
+    user may not enter.  If the user cannot enter it, start where a login would (home,
+    then /), with one warning; if it is gone (None), in /.
+    """
+    if cwd is None:
+        os.chdir("/")
+        return
+    try:
+        os.chdir(cwd)
+        return
+    except OSError as e:
+        problem = e.strerror
+    for fallback in (home, "/"):
+        if not fallback:
+            continue
+        try:
+            os.chdir(fallback)
+        except OSError:
+            continue
+        warn_stderr(f"cannot enter working directory {cwd}: {problem}; starting in {fallback}")
+        return
+    raise OvlrunError(f"cannot enter working directory {cwd} ({problem}), nor your home or /")
 
 
 def shell_argv(identity: Identity | None, env: dict[str, str], *, login: bool, env_shell: bool) -> list[str]:
@@ -86,25 +123,16 @@ def current_directory() -> str | None:
 
 def exec_job(command: list[str], env: dict[str, str], identity: Identity | None, cwd: str | None, *,
              login: bool = False, env_shell: bool = True) -> int:
-    """In the job's namespace: re-enter ``cwd``, drop to ``identity`` and exec ``command``
+    """In the job's namespace: drop to ``identity``, re-enter ``cwd`` and exec ``command``
     (a shell if empty, see :func:`shell_argv`) with ``env``.  Returns only if that failed."""
-    # Re-enter the working directory by path: if it lies in a localised subtree the job's
-    # cwd is now the overlay's view of it, not the shared tree's inode below the mount.
-    # If it is gone, fall back as a login would: home, then /.
-    for directory in (cwd, identity.home if identity else None, "/"):
-        if not directory:
-            continue
-        try:
-            os.chdir(directory)
-            break
-        except OSError:
-            continue
     if identity is not None:
         env.setdefault("HOME", identity.home)
     sys.stdout.flush()
     sys.stderr.flush()
     argv = command or shell_argv(identity, env, login=login, env_shell=env_shell)
-    return exec_command(argv, env, identity)
+    # The working directory is re-entered by path after the drop (exec_command): if it
+    # lies in a localised subtree the job's cwd is then the overlay's view of it.
+    return exec_command(argv, env, identity, cwd)
 
 
 def run(plan: JobPlan, command: list[str], *, store: str, identity: Identity | None, strict: bool,
@@ -113,15 +141,21 @@ def run(plan: JobPlan, command: list[str], *, store: str, identity: Identity | N
     env = dict(environ)
     cwd = current_directory()
     report_missing(plan, strict=strict, warn=warn_stderr)
+    # Everything root needs is looked up or imported before the first mount (the shell
+    # from the password database, pyroute2): afterwards an overlay may cover any
+    # directory a localised path names, so root reads nothing more.
+    env["OVLRUN_PROFILE"] = plan.name
+    command = command or shell_argv(identity, env, login=login, env_shell=env_shell)
+    if plan.network == "none":
+        # pyroute2 also imports lazily, so the network is set up here, not just imported;
+        # the network and mount namespaces are independent.
+        from ovlrun.linux.network import isolate_network  # pyroute2 is slow to import: only here
+
+        isolate_network()
     enter_private_namespace()
     try:
         mount_items(plan.items, store, strict=strict, warn=warn_stderr, missing_root=plan.missing_root)
     except TreeRootMissing as e:
         raise OvlrunError(f"{e}; refusing to run the job there "
                           "(profiles may allow it with missing_root = \"unlocalised\")") from None
-    if plan.network == "none":
-        from ovlrun.linux.network import isolate_network  # pyroute2 is slow to import: only here
-
-        isolate_network()
-    env["OVLRUN_PROFILE"] = plan.name
     return exec_job(command, env, identity, cwd, login=login, env_shell=env_shell)
