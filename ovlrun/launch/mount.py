@@ -24,7 +24,7 @@ from ovlrun.linux import syscalls
 from ovlrun.linux.erofs import mount_image
 from ovlrun.linux.files import NOT_WRITABLE, trust_problem
 from ovlrun.linux.kernel import Features, probe
-from ovlrun.linux.overlay import OverlaySpec, SourceMissing, mount_overlay
+from ovlrun.linux.overlay import OverlaySpec, SourceChanged, SourceMissing, mount_overlay
 from ovlrun.store.layout import check_snapshot_trusted
 
 TYPE_CHECKING = False
@@ -60,7 +60,10 @@ def mount_items(items: list[MountItem], store: str, *, strict: bool, warn: Warn,
                 missing_root: str = "fail", features: Features | None = None) -> list[MountItem]:
     """Trust-check and mount every planned overlay in the current (private) namespace.
 
-    A vanished source is skipped with a warning (fatal with ``strict``).
+    A vanished source is skipped with a warning (fatal with ``strict``), and so is one
+    that is not the directory its snapshot was built from (replaced, or a symlink on the
+    way below the tree root; see :func:`ovlrun.linux.overlay.open_source`): nothing is
+    mounted for it anywhere.
     """
     features = features or probe()
     if not features.overlay:
@@ -68,6 +71,16 @@ def mount_items(items: list[MountItem], store: str, *, strict: bool, warn: Warn,
     trusted: set[str] = set()
     for item in items:
         check_snapshot_trusted(store, item.snapshot_dir, trusted)
+    unverifiable = [item for item in items if not item.source_ino]
+    items = [item for item in items if item.source_ino]
+    for item in unverifiable:
+        # Built before source identities were recorded: whether the path is still the
+        # directory it was built from cannot be told, so it is not mounted.
+        message = (f"snapshot of {item.path} predates source identity checks "
+                   "(rebuild it: ovlrun snapshot refresh --all)")
+        if strict:
+            raise OvlrunError(message)
+        warn(message + "; it stays unlocalised")
     image_fds = [open_image(item.image) for item in items]
     try:
         failures = _mount_concurrently(items, image_fds, features)
@@ -77,6 +90,12 @@ def mount_items(items: list[MountItem], store: str, *, strict: bool, warn: Warn,
     mounted = []
     absent_roots: set[str] = set()
     for item, failure in zip(items, failures, strict=True):
+        if isinstance(failure, SourceChanged):
+            # Nothing was mounted anywhere; the path is served by the plain shared tree.
+            if strict:
+                raise failure
+            warn(f"{failure.message}; it stays unlocalised (rebuild it: ovlrun snapshot refresh --all)")
+            continue
         if failure is not None and not isinstance(failure, SourceMissing):
             raise failure
         if failure is not None:
@@ -128,8 +147,11 @@ def mount_localised(item: MountItem, image_fd: int, features: Features) -> None:
         except OSError as e:
             raise OvlrunError(f"cannot attach snapshot image {item.image}: {e}") from None
         try:
-            # Resolves the source once; no separate existence check.
-            mount_overlay(OverlaySpec(target=item.source, snapshot_tree=item.tree, data=item.source), features)
+            # Resolves the source once, below its tree root without following symlinks,
+            # and checks it is the directory the snapshot was built from (SourceChanged:
+            # nothing is mounted for it; the tmpfs is detached below).
+            mount_overlay(OverlaySpec(target=item.source, snapshot_tree=item.tree, data=item.source,
+                                      source_root=item.source_root, source_ino=item.source_ino), features)
         finally:
             syscalls.umount2(item.snapshot_dir, syscalls.MNT_DETACH)
     finally:

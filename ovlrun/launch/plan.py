@@ -14,13 +14,19 @@ class MountItem:
     """One localised path: mount the image in ``snapshot_dir`` at its ``tree`` (in the
     job's namespace only) and an overlay of it (+ ``source`` as data) on ``source``."""
 
-    __slots__ = ("path", "root", "snapshot_dir", "source")
+    __slots__ = ("path", "root", "snapshot_dir", "source", "source_ino", "source_root")
 
-    def __init__(self, path: str, source: str, snapshot_dir: str, root: str) -> None:
+    def __init__(self, path: str, source: str, snapshot_dir: str, root: str, source_root: str = "",
+                 source_ino: int = 0) -> None:
         self.path = path  # as the profile names it
         self.source = source  # its real path: data-only layer and mount point
         self.snapshot_dir = snapshot_dir
         self.root = root  # the profile tree's root (to tell a deleted release from an unmounted tree)
+        # The directory the snapshot was built from (see store.index.Manifest): the launch
+        # opens source_root, then source below it following no symlink, and must find
+        # this inode (0: not recorded, never mounted).
+        self.source_root = source_root
+        self.source_ino = source_ino
 
     @property
     def tree(self) -> str:

@@ -23,7 +23,7 @@ from ovlrun.launch.plan import JobPlan, MountItem
 from ovlrun.linux.files import PRIVATE, trust_problem, write_atomic
 from ovlrun.store.layout import index_file, plan_file
 
-FORMAT = 1
+FORMAT = 2  # 2: items carry the source identity (source_root, source_ino)
 
 
 def _stat_key(path: str) -> tuple[int, int, int, int, int] | None:
@@ -94,7 +94,8 @@ def save_cached(plan: JobPlan, keys: CacheKeys) -> None:
     if target is None or keys.index is None:
         return  # no index yet: nothing worth caching
     data = {"keys": keys.as_tuple(), "name": plan.name, "network": plan.network, "missing_root": plan.missing_root,
-            "items": [(i.path, i.source, i.snapshot_dir, i.root) for i in plan.items], "missing": plan.missing}
+            "items": [(i.path, i.source, i.snapshot_dir, i.root, i.source_root, i.source_ino) for i in plan.items],
+            "missing": plan.missing}
     try:
         os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
         write_atomic(target, marshal.dumps(data), 0o600)

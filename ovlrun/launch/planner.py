@@ -37,7 +37,8 @@ def plan(profile: Profile, store: Store) -> JobPlan:
         if not snapshot.is_image:
             missing.append(path)  # a directory snapshot from before images: never mounted
             continue
-        items.append(MountItem(path, snapshot.manifest.source, str(snapshot.directory), roots[path]))
+        m = snapshot.manifest
+        items.append(MountItem(path, m.source, str(snapshot.directory), roots[path], m.source_root, m.source_ino))
     return JobPlan(profile.name, profile.network, profile.missing_root, items, missing)
 
 

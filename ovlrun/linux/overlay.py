@@ -13,6 +13,7 @@ release file into a set-uid or device entry point.
 
 from __future__ import annotations
 
+import errno
 import os
 
 from ovlrun.errors import OvlrunError
@@ -29,12 +30,17 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # Plain classes, not NamedTuple/dataclass: this module is on every launch's path, and
 # ``typing`` alone costs ~10 ms to import on a -I -S interpreter.
 class OverlaySpec:
-    __slots__ = ("data", "snapshot_tree", "target")
+    __slots__ = ("data", "snapshot_tree", "source_ino", "source_root", "target")
 
-    def __init__(self, target: str, snapshot_tree: str, data: str) -> None:
+    def __init__(self, target: str, snapshot_tree: str, data: str, source_root: str = "",
+                 source_ino: int = 0) -> None:
         self.target = target  # mount point = the shared subtree's real path
         self.snapshot_tree = snapshot_tree
         self.data = data  # the shared subtree (data-only layer)
+        # Which directory the snapshot was built from (launches always pass it; see
+        # open_source): the tree root's real path and the source directory's inode.
+        self.source_root = source_root
+        self.source_ino = source_ino
 
 
 def escape_layer(path: str) -> str:
@@ -50,17 +56,61 @@ class SourceMissing(OvlrunError):
     """The shared subtree to localise is not there (release deleted, tree not mounted)."""
 
 
-def open_source(path: str) -> int:
+class SourceChanged(OvlrunError):
+    """The localised path is not the directory its snapshot was built from (replaced, or
+    a symlink now on the way below the tree root): mounting there could serve the
+    snapshot's names, with root's access to their data, over any directory."""
+
+
+def open_source(spec: OverlaySpec) -> int:
     """O_PATH fd of the shared subtree: the data layer and the mount point in one walk.
 
     Resolving the path once (instead of once for a check, once for ``datadir+`` and once
     for the mount target) saves remote lookups per localised path on a high-latency
     tree and leaves no window for the path to change between the steps.
+
+    With the snapshot's source identity (every launch): the tree root is opened by path
+    (the administrator's), the rest below it with openat2(RESOLVE_NO_SYMLINKS |
+    RESOLVE_BENEATH) -- the same lookups as a plain open of the whole path, so no extra
+    round trip to the shared tree -- and the directory found must have the inode the
+    snapshot was built from (fstat: attributes the lookup just fetched).  Otherwise
+    :class:`SourceChanged`: a release swapped for a symlink to /etc, or to the launcher's
+    own site-packages, must not get the overlay.  The fd is then both the data layer and
+    the mount target, so nothing is resolved by path again.
     """
+    if not spec.source_ino:
+        # Callers without an identity (tests of the mount itself); launches always pass one.
+        try:
+            return os.open(spec.data, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise SourceMissing(f"{spec.data} is missing on the shared tree") from None
+    changed = f"{spec.data} is not the directory its snapshot was built from"
+    prefix = spec.source_root.rstrip("/") + "/"
+    if not spec.data.startswith(prefix):
+        raise SourceChanged(f"{changed} (not below its tree root {spec.source_root})")
     try:
-        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        root_fd = os.open(spec.source_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
-        raise SourceMissing(f"{path} is missing on the shared tree") from None
+        raise SourceMissing(f"{spec.data} is missing on the shared tree") from None
+    try:
+        fd = syscalls.open_beneath(root_fd, spec.data[len(prefix):], os.O_PATH | os.O_DIRECTORY)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise SourceMissing(f"{spec.data} is missing on the shared tree") from None
+        if e.errno in (errno.ELOOP, errno.EXDEV):
+            raise SourceChanged(f"{changed} (a symlink on the way below {spec.source_root})") from None
+        raise
+    finally:
+        os.close(root_fd)
+    try:
+        ino = os.fstat(fd).st_ino
+    except OSError:
+        os.close(fd)
+        raise
+    if ino != spec.source_ino:
+        os.close(fd)
+        raise SourceChanged(f"{changed} (another directory under that name)")
+    return fd
 
 
 def _open_dir(path: str) -> int:
@@ -90,7 +140,7 @@ def _set_string_layer(fs_fd: int, key: str, path: str, path_fd: int | None) -> N
 
 
 def _mount_new_api(spec: OverlaySpec, fd_layers: bool) -> None:
-    data_fd = open_source(spec.data)
+    data_fd = open_source(spec)
     try:
         _mount_new_api_at(spec, fd_layers, data_fd)
     finally:
@@ -151,8 +201,13 @@ def legacy_options(spec: OverlaySpec, data_only: bool) -> str:
 
 
 def _mount_legacy(spec: OverlaySpec, data_only: bool) -> None:
-    data_fd = open_source(spec.data)  # a clear error for a missing source
+    data_fd = open_source(spec)  # a clear error for a missing or changed source
     try:
+        if spec.source_ino:
+            # mount(2) takes paths: name the checked directory through its fd (the magic
+            # link resolves to exactly that dentry), for the data layer and the mount point.
+            by_fd = layerpaths.fd_path(data_fd)
+            spec = OverlaySpec(by_fd, spec.snapshot_tree, by_fd)
         flags = syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV
         options = _options(spec.snapshot_tree, spec.data, data_only)
         if _fits_a_page(options):

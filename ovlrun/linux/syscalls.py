@@ -13,6 +13,7 @@ the user-level context.
 from __future__ import annotations
 
 import ctypes
+import errno as _errno
 import os
 
 TYPE_CHECKING = False
@@ -185,3 +186,59 @@ def read_fs_log(fd: int) -> list[str]:
             break
         messages.append(data.decode(errors="replace").strip())
     return messages
+
+
+# openat2(2): glibc has no wrapper; 437 is its number on every architecture (it was added
+# after the syscall tables were unified).  struct open_how { u64 flags, mode, resolve; }.
+SYS_OPENAT2 = 437
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def openat2(dir_fd: int, path: str | bytes, flags: int, resolve: int) -> int:
+    """openat2(dir_fd, path, {flags, 0, resolve}); raises SyscallError (ENOSYS on < 5.6)."""
+    how = _OpenHow(flags, 0, resolve)
+    result = _syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(dir_fd), ctypes.c_char_p(os.fsencode(path)),
+                      ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    return _check(int(result), "openat2", path)
+
+
+def open_beneath(dir_fd: int, path: str, flags: int) -> int:
+    """Open ``path`` relative to ``dir_fd`` following no symlink and never leaving it.
+
+    openat2(RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH) where the kernel has it; otherwise an
+    O_NOFOLLOW walk, one component at a time (same result, same lookups).  A symlink on
+    the way fails with ELOOP (or ENOTDIR on the walk), '..' with EXDEV.
+    """
+    try:
+        return openat2(dir_fd, path, flags | os.O_CLOEXEC, RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH)
+    except OSError as e:
+        if e.errno not in (_errno.ENOSYS, _errno.EPERM):  # kernel < 5.6, or a seccomp filter
+            raise
+    parts = [p for p in path.split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts):
+        raise SyscallError(_errno.EXDEV, "open_beneath", path)  # as openat2 would say
+    fd = dir_fd
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            step = flags if last else os.O_PATH | os.O_DIRECTORY
+            nxt = os.open(part, step | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            if fd != dir_fd:
+                os.close(fd)
+            fd = nxt
+    except BaseException:
+        if fd != dir_fd:
+            os.close(fd)
+        raise
+    return fd

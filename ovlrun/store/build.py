@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ovlrun.errors import OvlrunError
+from ovlrun.linux import syscalls
 from ovlrun.linux.kernel import redirect_max
 from ovlrun.profile.parse import Profile, Tree, check_within_root
 from ovlrun.profile.patterns import Pattern, is_glob
@@ -71,6 +72,7 @@ class _WalkState:
     max_redirect: int = 0
     long_redirects: int = 0
     warnings: list[str] = field(default_factory=list)
+    root_ino: int = 0  # the walked directory's inode: the snapshot's source identity
     # Verify mode: every fingerprinted entry's record, and the snapshot's records, whose
     # symlink targets are reused when a symlink's lstat is unchanged (no readlink request).
     records: dict[bytes, Record] | None = None
@@ -95,11 +97,12 @@ class WalkSummary:
     records: dict[bytes, Record] | None
     image_bytes: int = 0
     image_sha256: str = ""
+    root_ino: int = 0
 
     @classmethod
     def of(cls, state: _WalkState) -> WalkSummary:
         return cls(state.counts, state.digest.hexdigest(), state.max_redirect, state.long_redirects,
-                   state.warnings, state.records)
+                   state.warnings, state.records, root_ino=state.root_ino)
 
 
 def expand(tree: Tree, pattern: Pattern) -> list[str]:
@@ -115,7 +118,10 @@ def expand(tree: Tree, pattern: Pattern) -> list[str]:
                     nxt.append(cand)
                 continue
             try:
-                names = sorted(e.name for e in os.scandir(base) if e.is_dir())
+                # follow_symlinks=False: a symlink is never a release (an alias like
+                # latest -> 6.0 is served by 6.0's overlay; one to '..' would localise the
+                # whole parent).  d_type from readdir: no extra lookup.
+                names = sorted(e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False))
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as e:
@@ -183,7 +189,9 @@ def _walk(src_root_fd: int, root: Node | None, state: _WalkState, limit: int) ->
     With ``root`` None nothing is built: the walk only fingerprints and records
     (``snapshot verify``), at the same cost on the source as a build.
     """
-    _fingerprint(state, b"", os.fstat(src_root_fd))
+    root_st = os.fstat(src_root_fd)
+    state.root_ino = root_st.st_ino
+    _fingerprint(state, b"", root_st)
     stack: list[_Frame] = [(src_root_fd, root, b"", _list(src_root_fd, b"/"))]
     while stack:
         src_fd, node, rel, entries = stack[-1]
@@ -240,11 +248,32 @@ def _list(fd: int, where: bytes) -> list[str]:
         raise BuildError(f"cannot list {os.fsdecode(where)!r} in the source: permission denied") from None
 
 
-def build_image(source: str, image: Path) -> WalkSummary:
-    """Walk ``source`` and write its snapshot image to ``image`` (a new file)."""
+def source_root_of(source: str, root: str) -> str:
+    """The real path of the tree root ``source`` lies below (computed at build time)."""
+    real_root = os.path.realpath(root) if root else ""
+    if not real_root or not source.startswith(real_root.rstrip("/") + "/"):
+        raise BuildError(f"{source}: no tree root recorded for it; rebuild it from its profile "
+                         "(ovlrun snapshot build --profile NAME --rebuild)")
+    return real_root
+
+
+def open_source(source_root: str, source: str, flags: int = os.O_RDONLY | os.O_DIRECTORY) -> int:
+    """Open ``source`` as a launch will: the root by path, then the rest without following
+    any symlink and without leaving the root (so the walk and its recorded inode are the
+    directory a launch will check against)."""
+    root_fd = os.open(source_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return syscalls.open_beneath(root_fd, source[len(source_root.rstrip("/")) + 1:], flags)
+    finally:
+        os.close(root_fd)
+
+
+def build_image(source_root: str, source: str, image: Path) -> WalkSummary:
+    """Walk ``source`` (opened as a launch will) and write its snapshot image to ``image``
+    (a new file)."""
     state = _WalkState()
     limit = redirect_max()
-    src_fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    src_fd = open_source(source_root, source)
     try:
         root = _node(os.fstat(src_fd), children={})
         _walk(src_fd, root, state, limit)
@@ -286,11 +315,15 @@ def image_records(image: Path) -> dict[bytes, Record]:
     return records
 
 
-def walk_records(directory: str, known: dict[bytes, Record] | None = None) -> WalkSummary:
+def walk_records(directory: str, known: dict[bytes, Record] | None = None, source_root: str = "") -> WalkSummary:
     """Walk ``directory`` like a build does, writing nothing; returns counts, fingerprint
-    and one :data:`Record` per entry (``known``: records to reuse symlink targets from)."""
+    and one :data:`Record` per entry (``known``: records to reuse symlink targets from).
+    With ``source_root`` the directory is opened as a build opens its source."""
     state = _WalkState(records={}, known=known)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if source_root:
+        fd = open_source(source_root, directory)
+    else:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         _walk(fd, None, state, redirect_max())
     finally:
@@ -316,24 +349,29 @@ def build_one(store: Store, path: str, source: str, *, rebuild: bool = False,
             os.chmod(old.directory, 0o700)
         if old is not None and not old.is_image:
             old = None  # a directory snapshot (before images): replaced by an image
-        if old is not None and old.manifest.source == source and not rebuild:
+        # A snapshot without a recorded source identity (built by an older ovlrun) cannot
+        # be mounted any more (launch checks the identity): rebuild it.
+        if old is not None and old.manifest.source == source and old.manifest.source_ino and not rebuild:
             return BuildResult(path, "exists", old, f"built {format_time(old.manifest.built)}; "
                                "'ovlrun snapshot refresh' rebuilds changed sources")
         build_dir = store.new_build_dir(path)
         try:
             started = time.monotonic()
             image = build_dir / layout.IMAGE
-            state = run_bounded(lambda: build_image(source, image), timeout=timeout,
+            source_root = source_root_of(source, root or (old.manifest.root if old else ""))
+            state = run_bounded(lambda: build_image(source_root, source, image), timeout=timeout,
                                 what=f"building snapshot of {path}", close_fds=(lock_fd,))
             fingerprint = state.fingerprint
-            if old is not None and old.manifest.source == source and old.manifest.fingerprint == fingerprint:
+            if (old is not None and old.manifest.source == source and old.manifest.fingerprint == fingerprint
+                    and old.manifest.source_ino == state.root_ino and old.manifest.source_root == source_root):
                 shutil.rmtree(build_dir)
                 return BuildResult(path, "up-to-date", old, "source unchanged")
             manifest = Manifest(path=path, source=source, id=new_snapshot_id(), built=time.time(),
                                 fingerprint=fingerprint, counts=state.counts, max_redirect=state.max_redirect,
                                 long_redirects=state.long_redirects, redirect_max=redirect_max(),
                                 warnings=state.warnings, root=root or (old.manifest.root if old else ""),
-                                image_bytes=state.image_bytes, image_sha256=state.image_sha256)
+                                image_bytes=state.image_bytes, image_sha256=state.image_sha256,
+                                source_root=source_root, source_ino=state.root_ino)
             snapshot = store.publish(build_dir, manifest)
         except BaseException as e:
             shutil.rmtree(build_dir, ignore_errors=True)
@@ -355,12 +393,20 @@ def resolve_tree(tree: Tree) -> list[tuple[Pattern, list[tuple[str, str | None, 
     Touches the shared tree (expansion, symlink resolution): run it bounded."""
     if not os.path.isdir(tree.root):
         raise OvlrunError(f"tree root {tree.root} is missing or not a directory (not mounted?)")
+    real_root = os.path.realpath(tree.root)
     out = []
     for pattern in tree.patterns:
         matches: list[tuple[str, str | None, str]] = []
         for rel in expand(tree, pattern):
             try:
-                matches.append((tree.path_of(rel), check_within_root(tree, rel), ""))
+                real = check_within_root(tree, rel)
+                if real != os.path.join(real_root, rel):
+                    # A symlink below the root on the way (e.g. 6.0 -> ..): the snapshot
+                    # would serve its target, possibly a whole parent.  Launches never
+                    # follow symlinks below the root, so it could not be mounted anyway.
+                    raise OvlrunError(f"{tree.path_of(rel)} reaches {real} through a symlink below the tree "
+                                      "root; localise the real release path instead")
+                matches.append((tree.path_of(rel), real, ""))
             except OvlrunError as e:
                 matches.append((tree.path_of(rel), None, str(e)))
         out.append((pattern, matches))

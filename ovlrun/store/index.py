@@ -46,6 +46,12 @@ class Manifest(NamedTuple):
     root: str = ""  # the profile tree's root ("" in manifests from before it was recorded)
     image_bytes: int = 0
     image_sha256: str = ""  # "" for directory snapshots (format 1), which launches ignore
+    # Which directory the snapshot was built from (issue 9): the tree root's real path at
+    # build time, and the source directory's inode number (stable on NFS; st_dev may not
+    # be).  A launch opens source_root, then the source below it without following any
+    # symlink, and mounts only if it finds this inode.  0/"": built before it was recorded.
+    source_root: str = ""
+    source_ino: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, **self._asdict()}

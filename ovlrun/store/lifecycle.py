@@ -105,19 +105,34 @@ def verify_one(path: str, snapshot: Snapshot, *, timeout: float = DEFAULT_TIMEOU
     except (OSError, ValueError) as e:
         drift.status, drift.message = "error", f"cannot read snapshot image {snapshot.image}: {e}"
         return drift
+    manifest = snapshot.manifest
     try:
-        theirs = run_bounded(lambda: walk_records(source, known=ours), timeout=timeout,
-                             what=f"verifying {path}").records or {}
+        # Opened as a launch opens it (no symlink below the tree root), so verify reports
+        # what launches will find.
+        summary = run_bounded(lambda: walk_records(source, known=ours, source_root=manifest.source_root),
+                              timeout=timeout, what=f"verifying {path}")
+        theirs = summary.records or {}
     except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENOTDIR) and not os.path.isdir(source):
+        if e.errno in (errno.ENOENT, errno.ENOTDIR) and not os.path.lexists(source):
             drift.status, drift.message = "source-missing", f"{source} is gone from the shared tree"
             drift.missing, drift.counts["missing"] = ["/"], len(ours)
+        elif e.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
+            # Swapped for a symlink (or reached through one now): launches leave it
+            # unlocalised; refresh tries to rebuild it (and says why it cannot).
+            drift.status, drift.message = "changed", f"{source} is now reached through a symlink"
+            drift.changed, drift.counts["changed"] = ["/"], 1
         else:
             drift.status, drift.message = "error", f"cannot walk {source}: {e}"
         return drift
     except OvlrunError as e:
         drift.status, drift.message = "error", e.message
         return drift
+    if summary.root_ino != manifest.source_ino:
+        # Another directory under the same name (or a snapshot from before identities were
+        # recorded): launches leave it unlocalised until it is rebuilt.
+        drift.status = "changed"
+        drift.message = (f"{source} is not the directory the snapshot was built from" if manifest.source_ino
+                         else "snapshot predates source identity checks; refresh rebuilds it")
     missing, changed, new = compare(ours, theirs)
     drift.counts = {"missing": len(missing), "changed": len(changed), "new": len(new)}
     drift.missing = [_name(r) for r in missing[:LISTED_MAX]]
@@ -125,6 +140,9 @@ def verify_one(path: str, snapshot: Snapshot, *, timeout: float = DEFAULT_TIMEOU
     drift.new = [_name(r) for r in new[:LISTED_MAX]]
     if missing or changed or new:
         drift.status = "changed"
+    if drift.status == "changed" and summary.root_ino != manifest.source_ino and "/" not in drift.changed:
+        drift.changed.insert(0, "/")
+        drift.counts["changed"] += 1
     return drift
 
 
