@@ -11,34 +11,171 @@ Each job's overlay shows up in ``/proc/PID/mountinfo`` of its processes as
 ``lowerdir+=STORE/snapshots/KEY/ID/tree`` (legacy mount(2): ``lowerdir=TREE::DATA``).
 We read one mountinfo per distinct mount namespace (identified by the inode of
 ``/proc/PID/ns/mnt``).
+
+Namespaces with no process in them count too: the Slurm prolog pins a job's namespace
+on a file (a bind mount of an nsfs file) before, and between, the job's steps.  Every
+pinned mount namespace we can find -- nsfs mounts in our own mount table, and the
+``ns_path`` of every job record -- is read by a forked child that joins it (setns) and
+reads ``/proc/self/mountinfo`` there.  If a live pinned namespace cannot be read, gc
+collects nothing (it cannot know what that namespace uses).
+
+Only overlays ovlrun mounted count: source ``ovlrun``, in a mount namespace owned by
+ovlrun's own (the host's) user namespace.  Anyone may mount an overlay in a user
+namespace of their own, naming a directory tree that merely ends in
+``snapshots/KEY/ID/tree``; believing it would let any user keep any snapshot from gc.
 """
 
 from __future__ import annotations
 
 import os
 
+from ovlrun.errors import OvlrunError
 from ovlrun.linux import mountinfo
 from ovlrun.store.layout import snapshot_of_layer
 
+NS_GET_USERNS = 0xB701  # _IO(0xb7, 0x1), <linux/nsfs.h>: an fd of the owning user namespace
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
+
+
+def _owner_userns(ns_fd: int) -> int | None:
+    """Inode of the user namespace owning the namespace ``ns_fd`` (None if unknown)."""
+    import fcntl
+
+    try:
+        owner = fcntl.ioctl(ns_fd, NS_GET_USERNS)
+    except OSError:
+        return None
+    try:
+        return os.fstat(owner).st_ino
+    finally:
+        os.close(owner)
+
+
+def _ovlrun_layers(mounts: list[mountinfo.Mount]) -> set[str]:
+    layers: set[str] = set()
+    for m in mounts:
+        # Source "ovlrun": our own mounts (linux/overlay.py names them so).
+        if m.fstype == "overlay" and m.source == "ovlrun":
+            layers.update(mountinfo.overlay_layers(m.super_options))
+    return layers
+
+
+def _read_mountinfo_in(ns_fd: int) -> list[mountinfo.Mount]:
+    """The mount table of the (pinned) mount namespace ``ns_fd``, read by a forked child
+    that joins it: a namespace with no process in it has no /proc/PID/mountinfo."""
+    from ovlrun.linux import syscalls
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into the caller's code
+        status = 1
+        try:
+            os.close(r)
+            syscalls.setns(ns_fd, syscalls.CLONE_NEWNS)  # a fresh child is single-threaded
+            with open("/proc/self/mountinfo", "rb") as f:
+                data = f.read()
+            while data:
+                data = data[os.write(w, data):]
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(w)
+    chunks = []
+    try:
+        while chunk := os.read(r, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+        _, wstatus = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(wstatus) != 0:
+        raise OSError(f"the helper that joins it exited with status {os.waitstatus_to_exitcode(wstatus)}")
+    text = os.fsdecode(b"".join(chunks))
+    return [m for m in map(mountinfo.parse_line, text.splitlines()) if m is not None]
+
+
+def _pinned_namespace_files() -> list[str]:
+    """Files that may pin a mount namespace: nsfs mounts in our mount table, and every job
+    record's ns_path (prologs pin jobs' namespaces there)."""
+    from ovlrun.hooks.records import JobRecord
+
+    paths: list[str] = []
+    try:
+        paths = [m.point for m in mountinfo.read() if m.fstype == "nsfs"]
+    except OSError:
+        pass
+    for record in JobRecord.all():
+        if record.ns_path and record.ns_path not in paths:
+            paths.append(record.ns_path)
+    return paths
+
+
+def _pinned_layers(holder: str, seen: set[int], own_userns: int) -> set[str]:
+    """ovlrun's overlay layers in the mount namespace pinned at ``holder`` (nothing if it
+    is not a mount namespace file, was already read, or belongs to a user's namespace)."""
+    import fcntl
+
+    from ovlrun.linux import syscalls
+
+    try:
+        fd = os.open(holder, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return set()  # unpinned meanwhile
+    try:
+        try:
+            if fcntl.ioctl(fd, NS_GET_NSTYPE) != syscalls.CLONE_NEWNS:
+                return set()  # another kind of namespace (uts, net, ...)
+            ns = os.fstat(fd).st_ino
+        except OSError:
+            return set()  # not a namespace file (ENOTTY): e.g. a holder unpinned meanwhile
+        if ns in seen:
+            return set()
+        seen.add(ns)
+        owner = _owner_userns(fd)
+        if owner is not None and owner != own_userns:
+            return set()
+        try:
+            return _ovlrun_layers(_read_mountinfo_in(fd))
+        except OSError as e:
+            # A live namespace we cannot look into may use any snapshot: collect nothing.
+            raise OvlrunError(f"cannot inspect the mount namespace pinned at {holder} ({e}); "
+                              "not collecting any snapshot") from None
+    finally:
+        os.close(fd)
+
 
 def overlay_layers_in_use() -> set[str]:
-    """Every overlay lower/data layer path mounted in any live mount namespace."""
+    """Every layer path of an ovlrun overlay mounted in any live mount namespace: those of
+    processes, and pinned ones without a process."""
     seen: set[int] = set()
     layers: set[str] = set()
+    # ovlrun mounts as root of the host's user namespace, the one gc runs in;
+    # /proc/1/ns/user may be closed to us (e.g. under a sandboxing init), so our own is
+    # the reference.  A user's `unshare -U` namespace is a child of it.  An owner that
+    # cannot be determined counts (fail safe: that only keeps snapshots longer).
+    own_userns = os.stat("/proc/self/ns/user").st_ino
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
-            ns = os.stat(f"/proc/{pid}/ns/mnt").st_ino
-            if ns in seen:
-                continue
-            mounts = mountinfo.read(f"/proc/{pid}/mountinfo")
+            fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:  # exited meanwhile (or a kernel thread): not using anything
             continue
-        seen.add(ns)
-        for m in mounts:
-            if m.fstype == "overlay":
-                layers.update(mountinfo.overlay_layers(m.super_options))
+        try:
+            ns = os.fstat(fd).st_ino
+            if ns in seen:
+                continue
+            seen.add(ns)
+            owner = _owner_userns(fd)
+            if owner is not None and owner != own_userns:
+                continue  # a user's own mount namespace: nothing ovlrun mounted
+            mounts = mountinfo.read(f"/proc/{pid}/mountinfo")
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        layers |= _ovlrun_layers(mounts)
+    for holder in _pinned_namespace_files():
+        layers |= _pinned_layers(holder, seen, own_userns)
     return layers
 
 
