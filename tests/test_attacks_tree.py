@@ -180,3 +180,22 @@ def test_identity_checks_cost_no_extra_round_trips(world: World) -> None:
             assert r.returncode == 0 and r.stdout.strip() == str(n) and "warning" not in r.stderr, r
             used = {k: after[k] - before[k] for k in after if after[k] != before[k]}
             assert set(used) <= {"getattr"} and used.get("getattr", 0) <= n + 3, used
+
+
+def test_snapshot_without_source_identity_is_not_mounted_until_rebuilt(world: World) -> None:
+    """Snapshots built before identities were recorded: a warning, no mount; a plain
+    'snapshot build' (no --rebuild) rebuilds them."""
+    rel = world.sw / "app" / "1.0"
+    world.simple_profile()
+    world.build()
+    (manifest,) = world.store.glob("snapshots/*/*/manifest.json")
+    data = json.loads(manifest.read_text())
+    for key in ("source_root", "source_ino"):
+        data.pop(key)
+    manifest.write_text(json.dumps(data))
+    shutil.rmtree(world.store / "plans", ignore_errors=True)
+    r = world.job("true")
+    assert r.returncode == 0 and "predates source identity checks" in r.stderr, r
+    assert _mount_points(world) == []
+    assert "built:" in world.build().stderr
+    assert _mount_points(world) == [str(rel)]
