@@ -199,3 +199,22 @@ def test_snapshot_without_source_identity_is_not_mounted_until_rebuilt(world: Wo
     assert _mount_points(world) == []
     assert "built:" in world.build().stderr
     assert _mount_points(world) == [str(rel)]
+
+
+def test_subdirectory_swapped_for_a_symlink_serves_no_data_from_its_target(world: World, test_user: str) -> None:
+    """Inside a release (same inode, so it is mounted) a maintainer swaps lib/ for a
+    symlink to a directory with a root-only file of the same name: the metacopy file's
+    data is looked up beneath the data-only layer without following symlinks, so the job
+    gets an error, never the target's data."""
+    rel = world.sw / "app" / "1.0"
+    world.simple_profile()
+    world.build()
+    secret = world.base / "secret"
+    secret.mkdir()
+    (secret / "libfoo.so.1").write_text("TOPSECRET\n")
+    (secret / "libfoo.so.1").chmod(0o600)
+    (rel / "lib").rename(rel / ".lib.orig")
+    (rel / "lib").symlink_to(secret)
+    r = world.as_sudo("--profile", "p", "--", "sh", "-c", f"cat {rel}/lib/libfoo.so.1; ls {rel}/lib", uid=TEST_UID)
+    assert "TOPSECRET" not in r.stdout, r
+    assert "python" in r.stdout.split()  # the snapshot's listing: the release is localised
