@@ -155,18 +155,20 @@ def test_enter_accepts_only_ascii_digit_job_ids(world: World, job_id: str) -> No
     assert r.returncode == 125 and "invalid job id" in r.stderr and "Traceback" not in r.stderr, r
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 (installer) fixes the generated launcher's sys.path order")
 def test_generated_launcher_keeps_the_stdlib_first(tmp_path: Path) -> None:
+    """Issue 9, 5e (fixed under issue 11): the launcher root runs puts the standard library
+    before the package directories it adds, so no module there shadows a stdlib one."""
     target = tmp_path / "ovlrun"
-    r = subprocess.run([sys.executable, "-m", "ovlrun.cli.install_launcher", str(target)], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    r = subprocess.run([sys.executable, "-m", "ovlrun.cli.install_launcher", "--from-checkout", str(target)],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd="/")
     assert r.returncode == 0, r.stderr
     # Run the launcher with its final import replaced by a report of sys.path.
-    text = target.read_text().replace("from ovlrun.cli.main import main; sys.exit(main())",
-                                      "import json; print(json.dumps(sys.path))")
-    target.write_text(text)
-    out = subprocess.run(["/bin/sh", str(target)], capture_output=True, text=True, check=True).stdout
+    text = target.read_text()
+    assert "from ovlrun.cli.main import main; sys.exit(main())" in text
+    target.write_text(text.replace("from ovlrun.cli.main import main; sys.exit(main())",
+                                   "import json; print(json.dumps(sys.path))"))
+    out = subprocess.run(["/bin/sh", str(target)], capture_output=True, text=True, check=True, cwd="/").stdout
     path = json.loads(out)
     stdlib = sysconfig.get_paths()["stdlib"]
-    # A module in the source checkout or site-packages must never shadow the stdlib for root.
     assert path.index(stdlib) < path.index(str(REPO))
+    assert all(path.index(stdlib) < path.index(p) for p in path if "site-packages" in p)
