@@ -7,6 +7,7 @@ Everything that changes credentials, namespaces or mounts runs in a child proces
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,8 +62,10 @@ def shipped_sudoers(world: World, test_user: str) -> Iterator[Path]:
     """contrib/sudoers.d/ovlrun as shipped, pointing at this world's admin entry."""
     entry = world.admin_entry()
     text = SHIPPED_SUDOERS.read_text().replace("/usr/local/sbin/ovlrun", str(entry))
+    # A unique alias name: an installed /etc/sudoers.d/ovlrun defines OVLRUN too, and a
+    # second definition would make sudo refuse both files.
+    text = re.sub(r"\bOVLRUN\b", f"OVLRUN_TEST_{os.getpid()}", text)
     yield from install_sudoers(text, "shipped")
-    # (the entry path is what sudo runs)
 
 
 @pytest.fixture
