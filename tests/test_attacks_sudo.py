@@ -40,6 +40,8 @@ ADMIN_COMMANDS = [
     ("snapshot", "refresh", "--all"),
     ("snapshot", "gc", "--grace", "0"),
     ("snapshot", "gc", "--dry-run"),
+    ("snapshot", "publish", "--to", "/var/tmp/ovlrun-attack-published", "--all"),
+    ("snapshot", "fetch", "--from", "/var/tmp/ovlrun-attack-published", "--all"),
     ("profile", "check", "p"),
     ("profile", "check", "/etc/shadow"),
     ("doctor",),
