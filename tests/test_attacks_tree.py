@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -218,3 +220,48 @@ def test_subdirectory_swapped_for_a_symlink_serves_no_data_from_its_target(world
     r = world.as_sudo("--profile", "p", "--", "sh", "-c", f"cat {rel}/lib/libfoo.so.1; ls {rel}/lib", uid=TEST_UID)
     assert "TOPSECRET" not in r.stdout, r
     assert "python" in r.stdout.split()  # the snapshot's listing: the release is localised
+
+
+METHOD_CHILD = r"""
+import json, sys
+from ovlrun.launch.mount import mount_items
+from ovlrun.launch.planner import plan_job
+from ovlrun.linux.kernel import forced
+from ovlrun.linux.namespaces import enter_private_namespace
+profile, store, method = sys.argv[1:4]
+job = plan_job(profile, store)
+enter_private_namespace()
+warnings = []
+mounted = mount_items(job.items, store, strict=False, warn=warnings.append, features=forced(method))
+points = [l.split(" ")[4] for l in open("/proc/self/mountinfo") if " - overlay ovlrun " in l]
+print(json.dumps({"mounted": [i.source for i in mounted], "warnings": warnings, "points": points}))
+"""
+
+
+def test_identity_check_holds_for_every_mount_method(world: World) -> None:
+    """The checked fd is what gets mounted, whichever way the kernel mounts: fsconfig with
+    fds or strings, or mount(2) (which gets /proc/self/fd/N)."""
+    from ovlrun.linux.kernel import METHODS
+    from tests.conftest import REPO
+
+    rel = world.sw / "app" / "1.0"
+    profile = world.simple_profile()
+    world.build()
+
+    def run(method: str) -> dict[str, list[str]]:
+        r = subprocess.run([sys.executable, "-c", METHOD_CHILD, str(profile), str(world.store), method],
+                           capture_output=True, text=True, env={"PYTHONPATH": str(REPO)}, timeout=60)
+        assert r.returncode == 0, (method, r.stderr)
+        return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+    for method in METHODS:
+        seen = run(method)
+        assert seen["mounted"] == [str(rel)] and seen["points"] == [str(rel)] and not seen["warnings"], (method, seen)
+    secret = world.base / "secret"
+    secret.mkdir()
+    rel.rename(rel.with_name(".1.0.orig"))
+    rel.symlink_to(secret)
+    for method in METHODS:
+        seen = run(method)
+        assert seen["mounted"] == [] and seen["points"] == [], (method, seen)
+        assert any("is not the directory its snapshot was built from" in w for w in seen["warnings"]), seen
