@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -31,7 +30,7 @@ from tests.faultfs import FaultFS  # noqa: E402
 
 CHILD = r"""
 import json, os, sys
-from ovlrun.launch.mount import mount_localised, open_image
+from ovlrun.launch.mount import mount_all, open_image
 from ovlrun.launch.plan import MountItem
 from ovlrun.linux.kernel import forced
 from ovlrun.linux.namespaces import enter_private_namespace
@@ -39,7 +38,9 @@ method, source, snapshot_dir, root, ino = sys.argv[1:6]
 enter_private_namespace()
 if method != "direct":
     item = MountItem(source, source, snapshot_dir, root, root, int(ino))
-    mount_localised(item, open_image(item.image), forced(method))
+    (failure,) = mount_all([item], [open_image(item.image)], forced(method))
+    if failure is not None:
+        raise failure
 n = 0
 for top, dirs, files in os.walk(source):
     for name in dirs + files:

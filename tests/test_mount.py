@@ -20,7 +20,7 @@ from tests.conftest import REPO, World, requires_overlay, requires_root
 
 CHILD = r"""
 import json, os, sys
-from ovlrun.launch.mount import mount_localised, open_image
+from ovlrun.launch.mount import mount_all, open_image
 from ovlrun.launch.plan import MountItem
 from ovlrun.linux.kernel import forced
 from ovlrun.linux.namespaces import enter_private_namespace
@@ -29,7 +29,9 @@ spec = OverlaySpec(**json.loads(sys.argv[1]))
 features = forced(sys.argv[2])
 enter_private_namespace()
 item = MountItem(spec.target, spec.data, os.path.dirname(spec.snapshot_tree), "")
-mount_localised(item, open_image(item.image), features)
+(failure,) = mount_all([item], [open_image(item.image)], features)
+if failure is not None:
+    raise failure
 options = [l.split(" - ")[1] for l in open("/proc/self/mountinfo") if " - overlay " in l
            and l.split(" ")[4].startswith("/var/tmp/ovlrun-test-")]  # ours only
 names = sorted(os.listdir(spec.target))

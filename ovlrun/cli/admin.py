@@ -394,7 +394,7 @@ def _slurm_job_profile() -> str:
     if not valid_job_id(job_id):
         return ""
     try:
-        record = JobRecord.load(job_id)
+        record = JobRecord.load(job_id, os.environ.get("SLURMD_NODENAME"))
     except (OvlrunError, ValueError, TypeError):
         return ""
     return record.profile or "" if record is not None and record.state == "localised" else ""

@@ -22,7 +22,7 @@ from ovlrun.linux.privileges import Identity
 
 def authorised_record(job_id: str, caller: int | None) -> JobRecord:
     """The job's record if ``caller`` (None: root itself) may enter its namespace."""
-    record = JobRecord.load(job_id)
+    record = JobRecord.find(job_id)
     if record is None:
         raise OvlrunError(f"job {job_id} has no ovlrun namespace on this node "
                           "(not running here, or it asked for no profile)")

@@ -25,6 +25,27 @@ def rundir() -> Path:
     return Path(os.environ.get("OVLRUN_JOB_RUNDIR", DEFAULT_RUNDIR))
 
 
+def host_node() -> str:
+    """This host's short name: the node name of its one slurmd, usually."""
+    return os.uname().nodename.split(".")[0]
+
+
+def valid_node_name(node: str) -> bool:
+    return bool(node) and node[0] != "." and all(c.isascii() and (c.isalnum() or c in "._-") for c in node)
+
+
+def record_dir(node: str | None = None) -> Path:
+    """Where the records of slurmd node ``node`` live: the run directory itself for the
+    host's own node, a subdirectory per node name for the others (Slurm's multiple-slurmd:
+    several nodes on one host, where one job id can run on two of them)."""
+    base = rundir()
+    if not node or node == host_node():
+        return base
+    if not valid_node_name(node):
+        raise OvlrunError(f"invalid node name {node!r}")
+    return base / node
+
+
 def valid_job_id(job_id: str) -> bool:
     """ASCII digits only: ``str.isdigit`` also accepts '²' and other Unicode digits."""
     return bool(job_id) and job_id.isascii() and job_id.isdigit()
@@ -46,40 +67,62 @@ class JobRecord:
     ns_owned: bool = False  # True if ovlrun created the namespace (so it must remove it)
     localised: list[str] = field(default_factory=list)  # mounted paths
     messages: list[str] = field(default_factory=list)  # warnings for the user/admin
+    node: str = ""  # the slurmd node name ("": the host's own node)
 
     @staticmethod
-    def path_for(job_id: str) -> Path:
+    def path_for(job_id: str, node: str | None = None) -> Path:
         if not valid_job_id(job_id):
             # Job ids come from the environment of a root hook or the command line of
             # `ovlrun enter`; never let them name a path outside the run directory.
             raise OvlrunError(f"invalid job id {job_id!r}: expected digits")
-        return rundir() / f"{job_id}.json"
+        return record_dir(node) / f"{job_id}.json"
 
     @classmethod
-    def messages_path(cls, job_id: str) -> Path:
-        return cls.path_for(job_id).with_suffix(".messages")
+    def messages_path(cls, job_id: str, node: str | None = None) -> Path:
+        return cls.path_for(job_id, node).with_suffix(".messages")
 
     @classmethod
-    def env_path(cls, job_id: str) -> Path:
-        return cls.path_for(job_id).with_suffix(".env")
+    def env_path(cls, job_id: str, node: str | None = None) -> Path:
+        return cls.path_for(job_id, node).with_suffix(".env")
 
     def save(self) -> None:
-        directory = rundir()
+        directory = record_dir(self.node)
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-        write_atomic(str(self.path_for(self.job_id)), (json.dumps(asdict(self), indent=1) + "\n").encode())
+        write_atomic(str(self.path_for(self.job_id, self.node)),
+                     (json.dumps(asdict(self), indent=1) + "\n").encode())
         # The same messages as plain lines, for readers without Python: the optional
         # Slurm TaskProlog is a shell script running as the user, possibly unable to
         # reach the interpreter that runs ovlrun.
         notes = "".join(m.replace("\n", " ") + "\n" for m in self.messages)
-        write_atomic(str(self.messages_path(self.job_id)), notes.encode())
+        write_atomic(str(self.messages_path(self.job_id, self.node)), notes.encode())
         # What a launch puts in a job's environment, for the TaskProlog to export (profile
         # names are [A-Za-z0-9_.+-], job ids digits: nothing to quote).
         env = f"OVLRUN_PROFILE={self.profile}\nOVLRUN_JOB_ID={self.job_id}\n" if self.state == "localised" else ""
-        write_atomic(str(self.env_path(self.job_id)), env.encode())
+        write_atomic(str(self.env_path(self.job_id, self.node)), env.encode())
 
     @classmethod
-    def load(cls, job_id: str) -> JobRecord | None:
-        path = cls.path_for(job_id)
+    def load(cls, job_id: str, node: str | None = None) -> JobRecord | None:
+        return cls._load_path(cls.path_for(job_id, node))
+
+    @classmethod
+    def find(cls, job_id: str) -> JobRecord | None:
+        """The record of job ``job_id`` on whichever node of this host runs it (``enter``):
+        an error if several do (a job spanning nodes of a multiple-slurmd host)."""
+        candidates = [cls.path_for(job_id)]
+        try:
+            candidates += sorted(rundir() / d / f"{job_id}.json" for d in os.listdir(rundir())
+                                 if valid_node_name(d) and (rundir() / d).is_dir())
+        except OSError:
+            pass
+        found = [p for p in candidates if os.path.lexists(p)]
+        if len(found) > 1:
+            nodes = ", ".join(p.parent.name if p.parent != rundir() else host_node() for p in found)
+            raise OvlrunError(f"job {job_id} runs on several nodes of this host ({nodes}); "
+                              "enter it from a session on the node you mean")
+        return cls._load_path(found[0]) if found else None
+
+    @classmethod
+    def _load_path(cls, path: Path) -> JobRecord | None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -96,27 +139,35 @@ class JobRecord:
         return cls(**data)
 
     @classmethod
-    def remove(cls, job_id: str) -> None:
-        cls.path_for(job_id).unlink(missing_ok=True)
-        cls.messages_path(job_id).unlink(missing_ok=True)
-        cls.env_path(job_id).unlink(missing_ok=True)
+    def remove(cls, job_id: str, node: str | None = None) -> None:
+        cls.path_for(job_id, node).unlink(missing_ok=True)
+        cls.messages_path(job_id, node).unlink(missing_ok=True)
+        cls.env_path(job_id, node).unlink(missing_ok=True)
 
     @classmethod
     def all(cls) -> list[JobRecord]:
-        """Every readable, trusted record (for gc); unreadable ones are skipped."""
+        """Every readable, trusted record of every node of this host (for gc); unreadable
+        ones are skipped."""
         out = []
+        directories = [rundir()]
         try:
-            names = sorted(os.listdir(rundir()))
+            directories += [rundir() / d for d in sorted(os.listdir(rundir()))
+                            if valid_node_name(d) and (rundir() / d).is_dir()]
         except OSError:
             return []
-        for name in names:
-            job_id, _, ext = name.partition(".")
-            if ext != "json" or not valid_job_id(job_id):
-                continue
+        for directory in directories:
             try:
-                record = cls.load(job_id)
-            except (OvlrunError, ValueError, TypeError):
+                names = sorted(os.listdir(directory))
+            except OSError:
                 continue
-            if record is not None:
-                out.append(record)
+            for name in names:
+                job_id, _, ext = name.partition(".")
+                if ext != "json" or not valid_job_id(job_id):
+                    continue
+                try:
+                    record = cls._load_path(directory / name)
+                except (OvlrunError, ValueError, TypeError):
+                    continue
+                if record is not None:
+                    out.append(record)
         return out

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ovlrun.errors import OvlrunError
-from ovlrun.hooks.records import JobRecord, rundir, valid_job_id
+from ovlrun.hooks.records import JobRecord, record_dir, valid_job_id
 from ovlrun.hooks.slurmversion import create_mode_problem
 from ovlrun.launch.mount import mount_items, report_missing
 from ovlrun.launch.planner import plan
@@ -293,7 +293,7 @@ def prolog(env: Mapping[str, str] | None = None) -> int:
 
 
 def _prolog(job: SlurmJob, name: str, env: Mapping[str, str], log: HookLog) -> int:
-    record = JobRecord(job.job_id, job.uid, job.gid, job.user, profile=name)
+    record = JobRecord(job.job_id, job.uid, job.gid, job.user, profile=name, node=job.node)
     try:
         profile, store = _load_request(name)
     except OvlrunError as e:
@@ -352,8 +352,8 @@ def _prepare_namespace(job: SlurmJob, name: str, profile: Profile, store: Store,
             return "create", None
         directory = job_dir
     else:
-        rundir().mkdir(mode=0o755, parents=True, exist_ok=True)
-        directory = rundir() / job.job_id
+        record_dir(job.node).mkdir(mode=0o755, parents=True, exist_ok=True)
+        directory = record_dir(job.node) / job.job_id
     notes = _create(directory, _setup_dirs(job, jc, directory), profile, store, job, name, log)
     if notes is not None:
         record.ns_path, record.ns_owned = str(directory / ".ns"), True
@@ -414,7 +414,7 @@ def _record_unlocalised(job: SlurmJob, name: str | None, reason: str, log: HookL
     message = f"job runs unlocalised: {reason}"
     log("warning", message)
     try:
-        JobRecord(job.job_id, job.uid, job.gid, job.user, profile=name, state="unlocalised",
+        JobRecord(job.job_id, job.uid, job.gid, job.user, profile=name, state="unlocalised", node=job.node,
                   messages=[message]).save()
     except OSError as e:
         log("error", f"cannot write job record: {e}")
@@ -430,11 +430,12 @@ def epilog(env: Mapping[str, str] | None = None) -> int:
     env = os.environ if env is None else env
     log = HookLog("epilog", env.get("SLURM_JOB_ID"), env)
     job_id = env.get("SLURM_JOB_ID", "")
+    node = env.get("SLURMD_NODENAME")
     if not valid_job_id(job_id):
         log("error", f"SLURM_JOB_ID={job_id!r} is not a job id")
         return 0
     try:
-        record = JobRecord.load(job_id)
+        record = JobRecord.load(job_id, node)
     except (OvlrunError, ValueError, TypeError) as e:
         log("error", str(e))
         record = None
@@ -449,7 +450,10 @@ def epilog(env: Mapping[str, str] | None = None) -> int:
             # Logged, not failed: draining the node would punish the next jobs for
             # a leftover that only this job id can trip over.
             log("error", f"{directory} could not be removed; remove it by hand")
-    JobRecord.remove(job_id)
+    try:
+        JobRecord.remove(job_id, node)
+    except OvlrunError as e:
+        log("error", str(e))
     return 0
 
 
@@ -463,13 +467,13 @@ def clone_ns_script(env: Mapping[str, str] | None = None) -> int:
         log("error", "SLURM_JOB_ID or SLURM_NS unset: not run as CloneNSScript")
         return 0
     try:
-        record = JobRecord.load(job_id)
+        record = JobRecord.load(job_id, env.get("SLURMD_NODENAME"))
     except (OvlrunError, ValueError, TypeError) as e:
         log("error", str(e))
         return 0
     if record is None or record.profile is None or record.state != "requested":
         return 0  # nothing requested, or the Prolog already found it unusable
-    job = SlurmJob(job_id, record.uid, record.gid, record.user, "", "")
+    job = SlurmJob(job_id, record.uid, record.gid, record.user, "", record.node)
     try:
         profile, store = _load_request(record.profile)
     except OvlrunError as e:

@@ -3,8 +3,8 @@
 Every snapshot is trust-checked first (only root may have written what the overlay
 serves) and its image opened, then each localised path gets one read-only overlay
 (:mod:`ovlrun.linux.overlay`) whose lower layer is the snapshot's EROFS image, mounted
-(:mod:`ovlrun.linux.erofs`) at ``SNAPSHOT_DIR/tree`` on a small tmpfs over the snapshot
-directory, in this namespace only.  Once the overlay exists that tmpfs is detached
+(:mod:`ovlrun.linux.erofs`) at ``SNAPSHOT_DIR/tree`` on a small tmpfs over the store's
+``snapshots/``, in this namespace only.  Once the overlays exist that tmpfs is detached
 again: overlayfs holds private clones of its layers, so the image mount lives exactly
 as long as the overlay (a loop device, where one is needed, is autoclear), while the
 overlay's options keep naming ``.../snapshots/KEY/ID/tree``, which is how gc and
@@ -83,7 +83,7 @@ def mount_items(items: list[MountItem], store: str, *, strict: bool, warn: Warn,
         warn(message + "; it stays unlocalised")
     image_fds = [open_image(item.image) for item in items]
     try:
-        failures = _mount_concurrently(items, image_fds, features)
+        failures = mount_all(items, image_fds, features)
     finally:
         for fd in image_fds:
             os.close(fd)
@@ -131,8 +131,35 @@ def open_image(path: str) -> int:
     return fd
 
 
+def mount_all(items: list[MountItem], image_fds: list[int], features: Features) -> list[BaseException | None]:
+    """Mount every item (image fd ``image_fds[i]``); return each one's failure, in order.
+
+    One tmpfs over each store's ``snapshots/`` (one store per launch, normally), with a
+    ``KEY/ID/tree`` directory per item where its image is attached while its overlay is
+    made; detached (with the image mounts on it) once all are made.  One tmpfs for all
+    paths, not one each: a launch of 20 paths saves 38 mount and umount calls.
+    """
+    areas = sorted({os.path.dirname(os.path.dirname(item.snapshot_dir)) for item in items})
+    mounted: list[str] = []
+    try:
+        for area in areas:
+            flags = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
+            try:
+                syscalls.mount("ovlrun", area, "tmpfs", flags, f"mode=0700,size=64k,nr_inodes={3 * len(items) + 8}")
+            except OSError as e:
+                raise OvlrunError(f"cannot prepare {area} for the snapshot images: {e}") from None
+            mounted.append(area)
+        for item in items:
+            os.makedirs(item.tree, 0o700)
+        return _mount_concurrently(items, image_fds, features)
+    finally:
+        for area in mounted:
+            syscalls.umount2(area, syscalls.MNT_DETACH)
+
+
 def mount_localised(item: MountItem, image_fd: int, features: Features) -> None:
-    """Mount the image (fd ``image_fd``) at ``item.tree`` and the overlay on ``item.source``."""
+    """Mount the image (fd ``image_fd``) at ``item.tree`` (made by :func:`mount_all`) and
+    the overlay on ``item.source``."""
     try:
         image_mount = mount_image(f"/proc/self/fd/{image_fd}")
     except OvlrunError as e:
@@ -140,20 +167,14 @@ def mount_localised(item: MountItem, image_fd: int, features: Features) -> None:
                           f"{e.message.split(': ', 1)[-1]}") from None
     try:
         try:
-            flags = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
-            syscalls.mount("ovlrun", item.snapshot_dir, "tmpfs", flags, "mode=0700,size=64k,nr_inodes=16")
-            os.mkdir(item.tree, 0o700)
             syscalls.move_mount(image_mount, item.tree)
         except OSError as e:
             raise OvlrunError(f"cannot attach snapshot image {item.image}: {e}") from None
-        try:
-            # Resolves the source once, below its tree root without following symlinks,
-            # and checks it is the directory the snapshot was built from (SourceChanged:
-            # nothing is mounted for it; the tmpfs is detached below).
-            mount_overlay(OverlaySpec(target=item.source, snapshot_tree=item.tree, data=item.source,
-                                      source_root=item.source_root, source_ino=item.source_ino), features)
-        finally:
-            syscalls.umount2(item.snapshot_dir, syscalls.MNT_DETACH)
+        # Resolves the source once, below its tree root without following symlinks, and
+        # checks it is the directory the snapshot was built from (SourceChanged: nothing
+        # is mounted for it).
+        mount_overlay(OverlaySpec(target=item.source, snapshot_tree=item.tree, data=item.source,
+                                  source_root=item.source_root, source_ino=item.source_ino), features)
     finally:
         os.close(image_mount)
 

@@ -27,7 +27,7 @@ from ovlrun.linux import namespaces
 
 from .harness import BASE, REPO, UID, USER, SlurmWorld, mounts_under, parse
 
-NODE = "testnode"
+NODE = os.uname().nodename.split(".")[0]  # the host's own node: records in the run directory itself
 
 
 def hook(name: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -237,3 +237,28 @@ def test_first_job_on_a_fresh_node_creates_the_run_directory(slurm_world: SlurmW
     assert hook("epilog", env).returncode == 0
     assert not (rundir / job_id).exists() and mounts_under(rundir) == []
     assert not (rundir / f"{job_id}.json").exists()
+
+
+def test_one_job_on_two_slurmd_nodes_of_one_host_keeps_two_records(slurm_world: SlurmWorld, job_id: str) -> None:
+    """Slurm's multiple-slurmd: two nodes on one host, one job spanning both.  Each node's
+    hooks keep their own record and namespace; enter refuses to guess between them."""
+    envs = {node: slurm_env(slurm_world, job_id, "ovl:slurmtest-a", OVLRUN_SLURM_JC_CONF="/nonexistent",
+                            SLURMD_NODENAME=node) for node in ("vnode-a", "vnode-b")}
+    try:
+        for env in envs.values():
+            r = hook("prolog", env)
+            assert r.returncode == 0 and "(create): 1 localised path(s)" in r.stderr, r.stderr
+        records = {node: JobRecord.load(job_id, node) for node in envs}
+        assert all(r is not None and r.node == node and r.ns_path for node, r in records.items())
+        assert len({r.ns_path for r in records.values() if r}) == 2
+        r = _enter(job_id, UID, slurm_world)
+        assert r.returncode == 125 and "runs on several nodes of this host (vnode-a, vnode-b)" in r.stderr, r
+        assert hook("epilog", envs["vnode-a"]).returncode == 0
+        assert JobRecord.load(job_id, "vnode-a") is None and JobRecord.load(job_id, "vnode-b") is not None
+        r = _enter(job_id, UID, slurm_world)  # one node left: no ambiguity
+        assert r.returncode == 0, r.stderr
+        assert_localised(parse(r.stdout), "1.0")
+    finally:
+        for env in envs.values():
+            assert hook("epilog", env).returncode == 0
+    assert mounts_under(rundir()) == []
