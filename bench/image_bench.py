@@ -461,9 +461,9 @@ def paired(cmd_a: list[str], cmd_b: list[str], runs: int, env: dict[str, str],
     out: dict[str, object] = {"cmd_a": cmd_a, "cmd_b": cmd_b, "runs": runs}
     for name, rs in (("a", a), ("b", b)):
         out[name] = {k: summary([r[j] for r in rs]) for j, k in enumerate(("wall", "cpu", "sys"))}
-    out["ratio_wall"] = summary([x[0] / y[0] for x, y in zip(a, b)])
-    out["ratio_cpu"] = summary([x[1] / y[1] for x, y in zip(a, b) if y[1] > 0])
-    out["diff_wall"] = summary([x[0] - y[0] for x, y in zip(a, b)])
+    out["ratio_wall"] = summary([x[0] / y[0] for x, y in zip(a, b, strict=True)])
+    out["ratio_cpu"] = summary([x[1] / y[1] for x, y in zip(a, b, strict=True) if y[1] > 0])
+    out["diff_wall"] = summary([x[0] - y[0] for x, y in zip(a, b, strict=True)])
     return out
 
 
