@@ -7,6 +7,8 @@ so the workloads are byte-for-byte identical:
   ovlrun-noloc  stand-in + ovlrun with a profile that localises none of the
                 releases the job uses (the namespace and an unrelated overlay)
   ovlrun-loc    stand-in + ovlrun with the used releases localised
+  ovlrun-loc-dir  the same, with the directory snapshots of the commit before images
+                (bench.ovlrun_cli.DIR_SIDE: the "before" side)
   local         the tree's local copy bind-mounted read-only at SHARED_ROOT:
                 the physical limit (no remote server at all)
 """
@@ -38,15 +40,29 @@ class Config:
     name: str
     uses_standin: bool
     profile: str | None = None
+    side: ovlrun_cli.Side | None = None  # None: this checkout with the default store
 
     def prefix(self) -> list[str]:
-        return ovlrun_cli.prefix(self.profile) if self.profile else []
+        if not self.profile:
+            return []
+        return self.side.prefix(self.profile) if self.side else ovlrun_cli.prefix(self.profile)
+
+    def env(self) -> dict[str, str]:
+        return self.side.env() if self.side else ovlrun_cli.env()
+
+    def snapshot_build(self) -> None:
+        assert self.profile
+        if self.side:
+            self.side.snapshot_build(self.profile)
+        else:
+            ovlrun_cli.snapshot_build(self.profile)
 
 
 CONFIGS: dict[str, Config] = {
     "direct": Config("direct", True),
     "ovlrun-noloc": Config("ovlrun-noloc", True, NOLOC_PROFILE),
     "ovlrun-loc": Config("ovlrun-loc", True, LOC_PROFILE),
+    "ovlrun-loc-dir": Config("ovlrun-loc-dir", True, LOC_PROFILE, ovlrun_cli.DIR_SIDE),
     "local": Config("local", False),
 }
 

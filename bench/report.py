@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bench.standin.counters import metadata_requests, round_trips
 
-CONFIG_ORDER = ("direct", "ovlrun-noloc", "ovlrun-loc", "local")
+CONFIG_ORDER = ("direct", "ovlrun-noloc", "ovlrun-loc", "ovlrun-loc-dir", "local")
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:

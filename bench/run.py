@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """ovlrun benchmarks: one command, as root, prints the tables.
 
-    python3 bench/run.py                      # everything (~15-25 min on 2 cores)
-    python3 bench/run.py --only launch        # one part: tree, workloads, launch, snapshot
+    python3 bench/run.py                      # everything (~45-60 min on 2 cores)
+    python3 bench/run.py --only launch        # one part: tree, workloads, launch, snapshot,
+                                              # build, stat, fetch, launch20 (images = the last four)
     python3 bench/run.py --only workloads --configs direct,local --workloads imports
+    python3 bench/run.py --only images        # images against directory snapshots (issue 12)
 
 Results are printed as markdown and written to bench/results/latest.{json,md}.
 Nothing stays mounted afterwards (checked against /proc/self/mountinfo).
@@ -23,13 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import launch_bench, ovlrun_cli, report, snapshot_bench, workload_bench  # noqa: E402
+from bench import image_bench, launch_bench, ovlrun_cli, report, snapshot_bench, workload_bench  # noqa: E402
 from bench.configs import CONFIGS, SHARED_ROOT  # noqa: E402
 from bench.mounts import mounted_at, umount_all_under  # noqa: E402
 from bench.standin.server import RUN_DIR, build_server  # noqa: E402
-from bench.tree import ensure_tree  # noqa: E402
+from bench.tree import BENCH_CACHE, ensure_tree  # noqa: E402
 
-PARTS = ("workloads", "launch", "snapshot")
+IMAGE_PARTS = ("build", "stat", "fetch", "launch20")
+PARTS = ("workloads", "launch", *IMAGE_PARTS)  # "snapshot" (pre-image build bench) on request
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -43,12 +46,12 @@ def machine() -> dict[str, str]:
 
 
 def leaked_mounts() -> list[str]:
-    return mounted_at(SHARED_ROOT) + mounted_at(RUN_DIR)
+    return mounted_at(SHARED_ROOT) + mounted_at(RUN_DIR) + mounted_at(BENCH_CACHE)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--only", action="append", choices=(*PARTS, "tree"),
+    ap.add_argument("--only", action="append", choices=(*PARTS, "snapshot", "images", "tree"),
                     help="run only this part (repeatable)")
     ap.add_argument("--configs", default=",".join(CONFIGS),
                     help="comma-separated subset of: " + ", ".join(CONFIGS))
@@ -57,10 +60,20 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=25, help="launch measurements per command")
     ap.add_argument("--latency-us", type=int, default=1000, help="stand-in latency per request")
     ap.add_argument("--out", default=str(RESULTS / "latest"), help="results path stem")
+    ap.add_argument("--build-reps", type=int, default=1,
+                    help="image/directory build pairs per source, alternating (build part)")
+    ap.add_argument("--build-where", default="standin,local", help="build part: standin, local or both")
+    ap.add_argument("--no-copyup", action="store_true", help="build part: skip the kernel copy-up")
+    ap.add_argument("--stat-reps", type=int, default=3, help="cold+warm pairs per side (stat part)")
+    ap.add_argument("--nodes", type=int, default=10, help="simulated nodes that fetch (fetch part)")
+    ap.add_argument("--walk-nodes", type=int, default=10, help="simulated nodes that walk and build")
+    ap.add_argument("--fetch-latency-us", type=int, default=0,
+                    help="stand-in latency in the fetch part (request counts do not depend on it)")
+    ap.add_argument("--launch-pairs", type=int, default=100, help="timed A/B pairs per comparison (launch20)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         ap.error("must run as root (mounts, drop_caches)")
-    parts = args.only or list(PARTS)
+    parts = [p for o in (args.only or PARTS) for p in (IMAGE_PARTS if o == "images" else (o,))]
 
     tree = ensure_tree()
     build_server()
@@ -103,10 +116,34 @@ def main() -> int:
             results["snapshot"] = res
             md += ["### Snapshot build", report.snapshot_table(res),
                    "### Storage", report.storage_table(res)]
+        if "build" in parts:
+            print("== storage and build: image vs directory snapshots vs kernel copy-up")
+            res = image_bench.measure_build(tree, args.latency_us, reps=args.build_reps,
+                                            where_list=tuple(args.build_where.split(",")),
+                                            copyup=not args.no_copyup)
+            results["build"] = res
+            md += ["### Storage per entry (images, issue 12)", image_bench.storage_table(res),
+                   "### Build speed (images, issue 12)", image_bench.build_table(res)]
+        if "stat" in parts:
+            print("== stat of every entry: image vs directory overlay")
+            res = image_bench.measure_stat(tree, args.latency_us, args.stat_reps)
+            results["stat"] = res
+            md += ["### Stat of every entry of the localised release", image_bench.stat_table(res)]
+        if "fetch" in parts:
+            print("== remote requests per node: walk-and-build vs fetch")
+            res = image_bench.measure_fetch(tree, args.fetch_latency_us, args.nodes, args.walk_nodes)
+            results["fetch"] = res
+            md += ["### Remote requests per node to localise", image_bench.fetch_table(res)]
+        if "launch20" in parts:
+            print("== launch, 20 localised paths: image vs directory")
+            res = image_bench.measure_launch(tree, args.latency_us, args.launch_pairs)
+            results["launch20"] = res
+            md += ["### Launch, 20 localised paths: image vs directory", image_bench.launch_text(res)]
     finally:
         if leaked_mounts():
             umount_all_under(SHARED_ROOT)
             umount_all_under(RUN_DIR)
+            umount_all_under(BENCH_CACHE)
         left = leaked_mounts()
         if left:
             print("WARNING: mounts left behind:\n" + "\n".join(left), file=sys.stderr)

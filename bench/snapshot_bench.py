@@ -70,7 +70,7 @@ def ovlrun_build(standin: StandIn | None) -> dict[str, object]:
             "spill": xattr_spill(SNAP_STORE)}
 
 
-def kernel_copyup(standin: StandIn | None) -> dict[str, object]:
+def kernel_copyup(standin: StandIn | None, release: str = SNAP_RELEASE) -> dict[str, object]:
     shutil.rmtree(COPYUP_DIR, ignore_errors=True)
     upper, work = COPYUP_DIR / "upper", COPYUP_DIR / "work"
     upper.mkdir(parents=True)
@@ -80,7 +80,7 @@ def kernel_copyup(standin: StandIn | None) -> dict[str, object]:
     before = standin.counters() if standin else {}
     t0 = time.perf_counter()
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                    f"metacopy=on,redirect_dir=on,lowerdir={SHARED_ROOT / SNAP_RELEASE},"
+                    f"metacopy=on,redirect_dir=on,lowerdir={SHARED_ROOT / release},"
                     f"upperdir={upper},workdir={work}", str(COPYUP_MNT)], check=True)
     try:
         subprocess.run(["chown", "-R", "-h", "0:0", str(COPYUP_MNT)], check=True)

@@ -54,6 +54,23 @@ PYSTACK_COMMON = [
     "charset-normalizer==3.4.0",
 ]
 
+# The reference release of issue 12 (snapshot images): numpy + scipy + pandas +
+# matplotlib + sympy pip-installed into one directory, ~95k entries.  Every
+# dependency is pinned explicitly (installed with --no-deps, like the others).
+REFERENCE_RELEASE = "sw/refstack/2025.1"
+REFERENCE_PINS = [
+    "numpy==2.2.6", "scipy==1.16.3", "pandas==2.3.3", "matplotlib==3.11.2", "sympy==1.14.0",
+    "contourpy==1.3.3", "cycler==0.12.1", "fonttools==4.68.0", "kiwisolver==1.5.1",
+    "mpmath==1.3.0", "packaging==26.4", "pillow==13.0.0", "pyparsing==3.3.3",
+    "python-dateutil==4.0.0", "pytz==2026.6", "tzdata==2026.6",
+]
+
+# pip installs the reference set into ~15k entries here, not the issue's 95k; a release
+# of tens of thousands of entries is what the image benchmarks need, so they use a
+# bundle release, as a site's software-stack release (a Spack/conda environment) is:
+# copies of every pystack release, the reference release and the stdlib (~68k entries).
+BUNDLE_RELEASE = "sw/bundle/2025.1"
+
 # Small tools whose directories end up on PYTHONPATH ahead of the stack, as a
 # site's module system does; none of them provides the modules we import.
 TOOLS: dict[str, list[str]] = {
@@ -73,7 +90,7 @@ TOOLS: dict[str, list[str]] = {
 N_LIB_DIRS = 120
 SYSTEM_LIB_DIR = Path("/usr/lib/x86_64-linux-gnu")
 
-SPEC_VERSION = 3
+SPEC_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,8 @@ def spec_hash() -> str:
         "common": PYSTACK_COMMON,
         "tools": TOOLS,
         "nlib": N_LIB_DIRS,
+        "reference": REFERENCE_PINS,
+        "bundle": BUNDLE_RELEASE,
         "py": sys.version,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -154,6 +173,18 @@ def _build_lib_dirs(sw: Path) -> None:
                 (d / soname).symlink_to(so.name)
 
 
+def build_bundle(sw: Path) -> None:
+    """Copies (not hard links: every entry its own inode, as on a real tree)."""
+    dest = sw / BUNDLE_RELEASE.removeprefix("sw/")
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for rel in sorted(PYSTACK_RELEASES):
+        shutil.copytree(sw / "pystack" / rel, tmp / "pystack" / rel, symlinks=True)
+    shutil.copytree(sw / REFERENCE_RELEASE.removeprefix("sw/"), tmp / "refstack", symlinks=True)
+    shutil.copytree(sw / "python" / "3.11", tmp / "python", symlinks=True)
+    tmp.rename(dest)
+
+
 def _walk_info(root: Path) -> tuple[int, int, int, int]:
     files = dirs = links = size = 0
     for dirpath, dirnames, filenames in os.walk(root):
@@ -196,7 +227,8 @@ def ensure_tree(log=print) -> TreeInfo:
     sw.mkdir(parents=True)
 
     all_reqs = sorted({r for rs in PYSTACK_RELEASES.values() for r in rs} | set(PYSTACK_COMMON)
-                      | {f"{n}=={v}" for n, vs in TOOLS.items() for v in vs})
+                      | {f"{n}=={v}" for n, vs in TOOLS.items() for v in vs}
+                      | set(REFERENCE_PINS))
     # pip resolves one version per name per call, so download in batches in
     # which every project name appears once.
     batches: list[dict[str, str]] = []
@@ -216,11 +248,16 @@ def ensure_tree(log=print) -> TreeInfo:
     for rel, pins in PYSTACK_RELEASES.items():
         log(f"  pystack {rel}")
         _pip_install(sw / "pystack" / rel / "lib" / PY_TAG / "site-packages", pins + PYSTACK_COMMON)
+    log(f"  reference release {REFERENCE_RELEASE}")
+    _pip_install(sw / REFERENCE_RELEASE.removeprefix("sw/") / "lib" / PY_TAG / "site-packages",
+                 REFERENCE_PINS)
     for name, versions in TOOLS.items():
         for v in versions:
             _pip_install(sw / "tools" / name / v / "lib" / "python", [f"{name}=={v}"])
     log("  shared-object dirs")
     _build_lib_dirs(sw)
+    log(f"  bundle release {BUNDLE_RELEASE}")
+    build_bundle(sw)
 
     files, dirs, links, size = _walk_info(TREE_DIR)
     counts = {"files": files, "dirs": dirs, "symlinks": links, "bytes": size}

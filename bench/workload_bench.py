@@ -67,7 +67,7 @@ def run_once(cfg: Config, workload: str, spec: dict[str, object], ctl: Path | No
     cmd = [*cfg.prefix(), sys.executable, "-I", str(DRIVER), workload, "--spec", json.dumps(spec)]
     if ctl:
         cmd += ["--counters", str(ctl)]
-    proc = subprocess.run(cmd, env=ovlrun_cli.env(), cwd=ovlrun_cli.REPO, capture_output=True,
+    proc = subprocess.run(cmd, env=cfg.env(), cwd=ovlrun_cli.REPO, capture_output=True,
                           text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{cfg.name}/{workload} failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -84,12 +84,12 @@ def run_workloads(tree: TreeInfo, config_names: list[str], workloads: list[str],
         for cname in config_names:
             cfg = CONFIGS[cname]
             shared.setup(cfg)
-            if cfg.profile == LOC_PROFILE:
+            if cfg.profile == LOC_PROFILE:  # (either side: image or directory snapshots)
                 # Build the snapshots up front (without latency: the build
                 # itself is measured by the snapshot benchmark).
                 assert shared.standin
                 shared.standin.set_latency(0)
-                ovlrun_cli.snapshot_build(LOC_PROFILE)
+                cfg.snapshot_build()
                 shared.standin.set_latency(latency_us)
             for w in workloads:
                 for rep in range(reps):
