@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import marshal
 import os
+import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import NOBODY, World, requires_overlay, requires_root
+from tests.conftest import NOBODY, REPO, World, requires_overlay, requires_root
 
 pytestmark = [requires_root, requires_overlay]
 
@@ -25,7 +26,15 @@ def mounted_snapshots(world: World, profile: str = "p") -> list[str]:
 
 
 def importtime_modules(world: World) -> set[str]:
-    r = world.ovlrun("--profile", "p", "--", "true", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    """Modules a launch imports, started as the installed launcher starts it: -I -S (no
+    site processing: a development venv's editable-install finder would import pathlib,
+    re and typing before ovlrun runs a line), the checkout and site-packages appended."""
+    import sysconfig
+
+    code = (f"import sys; sys.path += [{str(REPO)!r}, {sysconfig.get_paths()['purelib']!r}]; "
+            "from ovlrun.cli.main import main; sys.exit(main())")
+    r = subprocess.run([sys.executable, "-X", "importtime", "-I", "-S", "-c", code, "--profile", "p", "--", "true"],
+                       env=world.env, text=True, capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
 

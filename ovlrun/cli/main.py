@@ -54,7 +54,11 @@ def dispatch(args: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
-        return dispatch(args)
+        status = dispatch(args)
+        # Flushed here, not at interpreter exit, so a reader that went away is a
+        # BrokenPipeError below rather than an "Exception ignored" message.
+        sys.stdout.flush()
+        return status
     except OvlrunError as e:
         print(f"ovlrun: {e.message}", file=sys.stderr)
         return e.status

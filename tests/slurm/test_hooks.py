@@ -242,8 +242,8 @@ def test_first_job_on_a_fresh_node_creates_the_run_directory(slurm_world: SlurmW
 def test_one_job_on_two_slurmd_nodes_of_one_host_keeps_two_records(slurm_world: SlurmWorld, job_id: str) -> None:
     """Slurm's multiple-slurmd: two nodes on one host, one job spanning both.  Each node's
     hooks keep their own record and namespace; enter refuses to guess between them."""
-    envs = {node: slurm_env(slurm_world, job_id, "ovl:slurmtest-a", OVLRUN_SLURM_JC_CONF="/nonexistent",
-                            SLURMD_NODENAME=node) for node in ("vnode-a", "vnode-b")}
+    envs = {node: {**slurm_env(slurm_world, job_id, "ovl:slurmtest-a", OVLRUN_SLURM_JC_CONF="/nonexistent"),
+                   "SLURMD_NODENAME": node} for node in ("vnode-a", "vnode-b")}
     try:
         for env in envs.values():
             r = hook("prolog", env)
