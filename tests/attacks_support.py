@@ -22,7 +22,6 @@ VICTIM_USER = "ovlvictim"
 VICTIM_UID = 4243
 SHIPPED_SUDOERS = REPO / "contrib" / "sudoers.d" / "ovlrun"
 SECRET_NAME = "victim-secret-name.txt"
-JOB_RUNDIR = Path("/run/ovlrun/jobs")
 
 
 @pytest.fixture(scope="session")
