@@ -14,14 +14,15 @@ NOT_WRITABLE = 0o022  # configuration root reads: profiles, the store's director
 PRIVATE = 0o077  # private to root: snapshot directories, cached plans
 
 
-def trust_problem(st: os.stat_result, closed: int = NOT_WRITABLE) -> str | None:
+def trust_problem(st: os.stat_result, closed: int = NOT_WRITABLE, uid: int = 0, owner: str = "root") -> str | None:
     """Why root must not trust the file ``st`` describes, or None if it may.
 
-    Root may trust what only root could have written: owned by root and without the
-    permission bits in ``closed`` for group and others.
+    Root may trust what only the trusted account (root, unless ``uid``/``owner`` name
+    another: published images on a root-squashed NFS export) could have written: owned
+    by it and without the permission bits in ``closed`` for group and others.
     """
-    if st.st_uid != 0:
-        return f"owned by uid {st.st_uid}, not root"
+    if st.st_uid != uid:
+        return f"owned by uid {st.st_uid}, not {owner}"
     if st.st_mode & closed:
         what = "writable by group or others" if closed == NOT_WRITABLE else "open to group or others"
         return f"mode {stat.filemode(st.st_mode)} is {what}"
@@ -40,17 +41,18 @@ def is_temporary_of(name: str, target_name: str) -> bool:
     return name.startswith(f".{target_name}.") and name.endswith(".tmp")
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
+def write_atomic(path: str, data: bytes, mode: int = 0o644, dir_fd: int | None = None) -> None:
     """Replace ``path`` with ``data`` so that readers see the old or the new file, never
     a part, and a crash (power loss included) leaves one of the two.
 
     A fresh temporary name (O_EXCL, O_NOFOLLOW) so concurrent writers and symlinks
     planted in the directory cannot redirect the write; fsync before rename(2) so the
     rename never publishes a file whose data is not on disk.  On failure (a full disk)
-    the temporary file is removed.
+    the temporary file is removed.  With ``dir_fd``, ``path`` is relative to that
+    directory (a directory reached without following symlinks).
     """
     tmp = temporary_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
         try:
             os.fchmod(fd, mode)  # the umask must not decide who can read it
@@ -60,10 +62,10 @@ def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, path)
+        os.rename(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         try:
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         except OSError:
             pass
         raise

@@ -50,21 +50,32 @@ def mount_points() -> list[str]:
     return [m.point for m in mountinfo.read()]
 
 
-def is_ns_holder(path: str | Path) -> bool:
-    """True if ``path`` is a pinned mount namespace (a bind mount of an nsfs file)."""
-    import fcntl  # hooks only
+def open_mount_ns(path: str | Path) -> int | None:
+    """An fd of the mount namespace file at ``path`` (a bind mount of an nsfs file), or
+    None if ``path`` is not one: missing, a symlink, another kind of namespace, a file."""
+    import fcntl  # hooks and gc only
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
-        return False
+        return None
     try:
         # NS_GET_NSTYPE answers only on nsfs files; on anything else it fails (ENOTTY).
-        return fcntl.ioctl(fd, NS_GET_NSTYPE) == syscalls.CLONE_NEWNS
+        if fcntl.ioctl(fd, NS_GET_NSTYPE) == syscalls.CLONE_NEWNS:
+            return fd
     except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def is_ns_holder(path: str | Path) -> bool:
+    """True if ``path`` is a pinned mount namespace (a bind mount of an nsfs file)."""
+    fd = open_mount_ns(path)
+    if fd is None:
         return False
-    finally:
-        os.close(fd)
+    os.close(fd)
+    return True
 
 
 def detach_under(root: Path) -> list[str]:
@@ -107,7 +118,7 @@ def _child_side(switch: Callable[[], None], rest: Callable[[], Notes], ready_w: 
     """The forked child: switch namespace, report, wait for the go, run ``rest``, report.
 
     Messages to the parent: b"u" (switched), then b"E<error>" or b"R<json notes>".
-    Returns the exit status; never returns into the caller's code (see _run_child).
+    Returns the exit status; never returns into the caller's code (see run_in_child).
     """
     import json
 
@@ -149,7 +160,7 @@ def _parent_side(pid: int, ready_r: int, go_w: int, before: Callable[[int], None
     return output.removeprefix(b"u")
 
 
-def _run_child(switch: Callable[[], None], rest: Callable[[], Notes],
+def run_in_child(switch: Callable[[], None], rest: Callable[[], Notes],
                before: Callable[[int], None] | None = None) -> Notes:
     """Fork; run ``switch`` then ``rest`` in the child; return what ``rest`` returned.
 
@@ -207,7 +218,7 @@ def create_pinned_namespace(holder: Path, setup: Callable[[], Notes]) -> Notes:
         syscalls.mount(f"/proc/{pid}/ns/mnt", str(holder), None, syscalls.MS_BIND)
 
     try:
-        return _run_child(switch, rest, before=pin)
+        return run_in_child(switch, rest, before=pin)
     except OvlrunError:
         unpin(holder)
         raise
@@ -227,7 +238,7 @@ def run_in_namespace(ns_file: str | Path, body: Callable[[], Notes]) -> Notes:
         make_rslave_root()
         return body()
 
-    return _run_child(switch, rest)
+    return run_in_child(switch, rest)
 
 
 def unpin(holder: Path) -> None:

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ovlrun.errors import OvlrunError
+from ovlrun.linux.files import NOT_WRITABLE, trust_problem, write_atomic
 from ovlrun.profile.parse import Profile
 from ovlrun.store import layout
 from ovlrun.store.bounded import StallError, run_bounded
@@ -112,14 +113,6 @@ def _valid_name(name: str) -> bool:
         (STAGE_PREFIX, TRASH_PREFIX, INDEX_TMP_PREFIX, LOCK))
 
 
-def _owner_problem(st: os.stat_result, owner: Owner) -> str | None:
-    if st.st_uid != owner.uid:
-        return f"owned by uid {st.st_uid}, not by the image owner {owner.name} (uid {owner.uid})"
-    if st.st_mode & 0o022:
-        return f"mode {stat.filemode(st.st_mode)} is writable by group or others"
-    return None
-
-
 def _refuse(what: str, problem: str) -> OvlrunError:
     return OvlrunError(f"refusing {what}: {problem}")
 
@@ -143,7 +136,7 @@ def _open_checked(name: str, dir_fd: int | None, owner: Owner, what: str, *, dir
         kind_ok = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
         if not kind_ok:
             raise _refuse(what, "not a directory" if directory else "not a regular file")
-        problem = _owner_problem(st, owner)
+        problem = trust_problem(st, NOT_WRITABLE, owner.uid, f"by the image owner {owner.name} (uid {owner.uid})")
         if problem:
             raise _refuse(what, problem)
         if not directory:
@@ -400,21 +393,7 @@ def _copy_image_out(item: _Item, stage_fd: int) -> int:
 def _write_index(dir_fd: int, index: dict[str, Entry]) -> None:
     data = json.dumps({"format": FORMAT, "sources": {p: e.to_json() for p, e in sorted(index.items())}},
                       indent=1, sort_keys=True).encode()
-    tmp = f"{INDEX_TMP_PREFIX}{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
-    try:
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, INDEX, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        try:
-            os.unlink(tmp, dir_fd=dir_fd)
-        except OSError:
-            pass
-        raise
+    write_atomic(INDEX, data, 0o644, dir_fd=dir_fd)  # temporary name: INDEX_TMP_PREFIX...
     _fsync_dir(dir_fd)
 
 

@@ -236,6 +236,16 @@ def _place(order: list[Node]) -> tuple[list[Node], int, int, int, bool]:
         nonlocal pos
         pos = (pos + BLOCK_SIZE - 1) & ~(BLOCK_SIZE - 1)
 
+    def place_fitting(waiting: list[tuple[Node, int]]) -> list[tuple[Node, int]]:
+        """Place, in order, the deferred records that fit in the room left; return the rest."""
+        still = []
+        for node, size in waiting:
+            if size <= room():
+                place(node, size)
+            else:
+                still.append((node, size))
+        return still
+
     for node in order:
         fmt = stat.S_IFMT(node.mode)
         contained = False  # has an inline tail that must not cross a block boundary
@@ -280,26 +290,14 @@ def _place(order: list[Node]) -> tuple[list[Node], int, int, int, bool]:
         if contained and size > room():
             if len(pending) >= _MAX_DEFERRED:  # give up filling this block
                 pad_to_block()
-                still = []
-                for waiting in pending:
-                    if waiting[1] <= room():
-                        place(*waiting)
-                    else:
-                        still.append(waiting)
-                pending = still
+                pending = place_fitting(pending)
             if size > room():
                 pending.append((node, size))
                 continue
         block = pos >> BLOCK_BITS
         place(node, size)
         if pending and pos >> BLOCK_BITS != block:  # a new block began: place what waited, if it fits
-            still = []
-            for waiting in pending:
-                if waiting[1] <= room():
-                    place(*waiting)
-                else:
-                    still.append(waiting)
-            pending = still
+            pending = place_fitting(pending)
     for waiting in pending:
         if waiting[1] > room():
             pad_to_block()

@@ -34,7 +34,6 @@ from ovlrun.linux import mountinfo
 from ovlrun.store.layout import snapshot_of_layer
 
 NS_GET_USERNS = 0xB701  # _IO(0xb7, 0x1), <linux/nsfs.h>: an fd of the owning user namespace
-NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
 
 
 def _owner_userns(ns_fd: int) -> int | None:
@@ -63,34 +62,17 @@ def _ovlrun_layers(mounts: list[mountinfo.Mount]) -> set[str]:
 def _read_mountinfo_in(ns_fd: int) -> list[mountinfo.Mount]:
     """The mount table of the (pinned) mount namespace ``ns_fd``, read by a forked child
     that joins it: a namespace with no process in it has no /proc/PID/mountinfo."""
-    from ovlrun.linux import syscalls
+    from ovlrun.linux import namespaces, syscalls
 
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns into the caller's code
-        status = 1
-        try:
-            os.close(r)
-            syscalls.setns(ns_fd, syscalls.CLONE_NEWNS)  # a fresh child is single-threaded
-            with open("/proc/self/mountinfo", "rb") as f:
-                data = f.read()
-            while data:
-                data = data[os.write(w, data):]
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(w)
-    chunks = []
-    try:
-        while chunk := os.read(r, 65536):
-            chunks.append(chunk)
-    finally:
-        os.close(r)
-        _, wstatus = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(wstatus) != 0:
-        raise OSError(f"the helper that joins it exited with status {os.waitstatus_to_exitcode(wstatus)}")
-    text = os.fsdecode(b"".join(chunks))
-    return [m for m in map(mountinfo.parse_line, text.splitlines()) if m is not None]
+    def switch() -> None:
+        syscalls.setns(ns_fd, syscalls.CLONE_NEWNS)  # a fresh child is single-threaded
+
+    def read() -> dict[str, list[str]]:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            return {"lines": f.read().splitlines()}
+
+    lines = namespaces.run_in_child(switch, read)["lines"]
+    return [m for m in map(mountinfo.parse_line, lines) if m is not None]
 
 
 def _pinned_namespace_files() -> list[str]:
@@ -112,21 +94,13 @@ def _pinned_namespace_files() -> list[str]:
 def _pinned_layers(holder: str, seen: set[int], own_userns: int) -> set[str]:
     """ovlrun's overlay layers in the mount namespace pinned at ``holder`` (nothing if it
     is not a mount namespace file, was already read, or belongs to a user's namespace)."""
-    import fcntl
+    from ovlrun.linux import namespaces
 
-    from ovlrun.linux import syscalls
-
+    fd = namespaces.open_mount_ns(holder)
+    if fd is None:
+        return set()  # unpinned meanwhile, or not a mount namespace file (uts, net, a file...)
     try:
-        fd = os.open(holder, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return set()  # unpinned meanwhile
-    try:
-        try:
-            if fcntl.ioctl(fd, NS_GET_NSTYPE) != syscalls.CLONE_NEWNS:
-                return set()  # another kind of namespace (uts, net, ...)
-            ns = os.fstat(fd).st_ino
-        except OSError:
-            return set()  # not a namespace file (ENOTTY): e.g. a holder unpinned meanwhile
+        ns = os.fstat(fd).st_ino
         if ns in seen:
             return set()
         seen.add(ns)
@@ -135,7 +109,7 @@ def _pinned_layers(holder: str, seen: set[int], own_userns: int) -> set[str]:
             return set()
         try:
             return _ovlrun_layers(_read_mountinfo_in(fd))
-        except OSError as e:
+        except (OSError, OvlrunError) as e:
             # A live namespace we cannot look into may use any snapshot: collect nothing.
             raise OvlrunError(f"cannot inspect the mount namespace pinned at {holder} ({e}); "
                               "not collecting any snapshot") from None
