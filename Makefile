@@ -29,7 +29,7 @@ TEST_PACKAGES = attr fuse3 libfuse3-dev pkg-config tmux erofs-utils debootstrap 
 APT_STAMP = .apt.stamp
 DEV_STAMP = $(DEV_VENV)/.installed
 
-.PHONY: install uninstall demo test lint bench vm-test clean
+.PHONY: install uninstall demo test test-fast lint bench vm-test clean
 
 $(APT_STAMP):
 	apt-get update -qq
@@ -83,10 +83,16 @@ $(DEV_STAMP): pyproject.toml | $(APT_STAMP)
 	$(DEV_PYTHON) -m pip install -q -e '.[test]'
 	touch $@
 
-# Everything: the host suite, Slurm 22.05 and 24.11 end to end, and Debian's 6.1 and
-# 6.12 kernels booted under qemu (OVLRUN_VM_TESTS=0 skips those, e.g. for a quick loop).
+# Everything: the host suite, Slurm 22.05 and 24.11 end to end, Debian's 6.1 and 6.12
+# kernels booted under qemu (OVLRUN_VM_TESTS=0 skips those), and README's quick start in
+# fresh Debian 12 and 13 roots (tests/test_quickstart.py).  CI runs this.
 test: $(DEV_STAMP)
 	OVLRUN_VM_TESTS=$${OVLRUN_VM_TESTS:-1} $(DEV_PYTHON) -m pytest -q
+
+# For development only (CI never uses it): the suite without the tests that build whole
+# environments (qemu kernels, the Slurm 24.11 root, the fresh Debian roots).
+test-fast: $(DEV_STAMP)
+	$(DEV_PYTHON) -m pytest -q -m "not environment"
 
 lint: $(DEV_STAMP)
 	$(DEV_PYTHON) -m ruff check ovlrun tests
