@@ -29,7 +29,7 @@ TEST_PACKAGES = attr fuse3 libfuse3-dev pkg-config tmux erofs-utils debootstrap 
 APT_STAMP = .apt.stamp
 DEV_STAMP = $(DEV_VENV)/.installed
 
-.PHONY: install uninstall demo test test-fast lint bench vm-test clean
+.PHONY: install uninstall demo test test-fast checkout-readable lint bench vm-test clean
 
 $(APT_STAMP):
 	apt-get update -qq
@@ -86,13 +86,21 @@ $(DEV_STAMP): pyproject.toml | $(APT_STAMP)
 # Everything: the host suite, Slurm 22.05 and 24.11 end to end, Debian's 6.1 and 6.12
 # kernels booted under qemu (OVLRUN_VM_TESTS=0 skips those), and README's quick start in
 # fresh Debian 12 and 13 roots (tests/test_quickstart.py).  CI runs this.
-test: $(DEV_STAMP)
+test: checkout-readable $(DEV_STAMP)
 	OVLRUN_VM_TESTS=$${OVLRUN_VM_TESTS:-1} $(DEV_PYTHON) -m pytest -q
 
 # For development only (CI never uses it): the suite without the tests that build whole
 # environments (qemu kernels, the Slurm 24.11 root, the fresh Debian roots).
-test-fast: $(DEV_STAMP)
+test-fast: checkout-readable $(DEV_STAMP)
 	$(DEV_PYTHON) -m pytest -q -m "not environment"
+
+# The suite runs parts as an unprivileged user (sudo, Slurm jobs, the test user): they
+# execute this checkout's .venv/bin/python.  Checked first: a clone in /root (mode 0700)
+# would otherwise fail a few tests deep into the run.
+checkout-readable:
+	@setpriv --reuid=nobody --regid=nogroup --clear-groups test -r $(CURDIR)/Makefile || { \
+		echo "make: $(CURDIR) is not readable by other users, and the tests run some commands as one:" \
+			"use a checkout outside /root (e.g. /usr/local/src/ovlrun)" >&2; exit 1; }
 
 lint: $(DEV_STAMP)
 	$(DEV_PYTHON) -m ruff check ovlrun tests
@@ -101,7 +109,7 @@ lint: $(DEV_STAMP)
 # Debian 12 (6.1) and 13 (6.12) kernels booted under qemu (TCG), the launch subset in
 # each (tests/test_vm_kernels.py).  Kernel packages are fetched once into
 # /var/cache/ovlrun-vm (apt under a private configuration; the host's sources untouched).
-vm-test: $(DEV_STAMP)
+vm-test: checkout-readable $(DEV_STAMP)
 	OVLRUN_VM_TESTS=1 $(DEV_PYTHON) -m pytest -q -p no:cacheprovider tests/test_vm_kernels.py
 
 bench: $(DEV_STAMP)

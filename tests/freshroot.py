@@ -7,7 +7,7 @@ What a new user does on a fresh Debian 12 or 13 machine, as root: get a checkout
    and cached pristine as ``/var/cache/ovlrun-fresh/SUITE.tar.zst``; every run unpacks a
    new copy into ``/var/tmp/ovlrun-fresh-SUITE-*`` (installed state is always fresh).
 2. ``git archive`` of a commit (HEAD by default: what is committed is what a user
-   clones, not the working tree) is unpacked to ``/root/ovlrun`` in the root.
+   clones, not the working tree) is unpacked to ``/usr/local/src/ovlrun`` in the root.
 3. The root gets what the site gives every machine: the host's /etc/resolv.conf and its
    local CA certificates (/usr/local/share/ca-certificates, for the egress proxy); a host
    name (``ovlfreshNN``) in /etc/hostname and /etc/hosts as the Debian installer writes
@@ -61,7 +61,8 @@ SUITES = {"bookworm": 12, "trixie": 13}
 # (debootstrap, cloud and container images) has no make.
 PREREQUISITE = "apt-get update && apt-get install -y make"
 QUICK_START = ("make demo", "make test")
-CHECKOUT = "/root/ovlrun"
+# Where README says a checkout goes (readable by the tests' unprivileged user).
+CHECKOUT = "/usr/local/src/ovlrun"
 # The root's Slurm 22.05 test instance, beside the host's (6817/6818) and the 24.11
 # root's (6917/6918): ports and state from the environment (PLAN.md).
 SLURM_PORT_BASE = {"bookworm": 7017, "trixie": 7027}
@@ -105,7 +106,7 @@ class Result:
     def report(self) -> str:
         lines = [f"fresh {self.suite} at {self.commit}: " + ", ".join(
             f"{s.command!r} -> {'not run' if s.status is None else s.status} ({s.seconds:.0f}s)" for s in self.steps)]
-        lines += [f"  {name:<34} {secs:7.1f}s" for name, secs in self.stages]
+        lines += [f"  {name:<44} {secs:7.1f}s" for name, secs in self.stages]
         lines.append(f"  full log: {self.log}")
         return "\n".join(lines)
 
@@ -407,9 +408,13 @@ def _run_in_namespaces(spec: dict[str, object], steps: list[Step], stages: list[
         if proc.poll() is None:
             proc.kill()  # unshare; --kill-child takes init and the namespace with it
             proc.wait()
+    # A step's own row, then its parts (indented) as far as make's output showed them.
     for (name, at), (_, until) in itertools.pairwise(marks):
-        if name != "(end)":
-            stages.append((name, until - at))
+        step = next((s for s in steps if s.command == name), None)
+        if step is not None:
+            stages.append((name, step.seconds))
+        elif name != "(end)":
+            stages.append(("  " + name.split(": ", 1)[-1], until - at))
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"the fresh root's init failed with {proc.returncode} (log: {logfile})")
 
