@@ -46,7 +46,8 @@ def test_quick_start_on_fresh_debian(suite: str) -> None:
     result = freshroot.run(suite, COMMIT)
     report = result.report()
     (freshroot.LOGS / f"{suite}-{result.commit}.report").write_text(report + "\n")
-    assert result.ok, f"{report}\n--- last lines of the log:\n{result.tail}"
+    if not result.ok:
+        pytest.fail(f"{report}\n--- last lines of the log:\n{result.tail}", pytrace=False)
     # run() removed the root after checking no process is rooted in it; nothing it
     # mounted reached this namespace.
     assert freshroot.mounts_under(freshroot.SCRATCH) == before
