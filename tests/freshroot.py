@@ -340,7 +340,7 @@ def run(suite: str, commit: str = "HEAD", commands: tuple[str, ...] = QUICK_STAR
         _run_in_namespaces(spec, steps, stages, logfile)
         result = Result(suite, short, steps, stages, logfile)
         # Progress lines redrawn with \r (dpkg's "Reading database ...") count once.
-        lines = [line.rsplit("\r", 1)[-1] for line in logfile.read_text(errors="replace").split("\n")]
+        lines = [line.rsplit("\r", 1)[-1] for line in logfile.read_bytes().decode(errors="replace").split("\n")]
         result.tail = "\n".join(lines[-40:])
     finally:
         # The namespace is gone (init exited or was killed): nothing can be mounted here,
