@@ -206,17 +206,15 @@ def mounts_under(path: Path) -> list[str]:
     return out
 
 
-def processes_rooted_under(path: Path) -> list[int]:
-    """Processes whose root directory is at or below ``path``."""
+def processes_in(pid_ns: str) -> list[int]:
+    """Processes in the PID namespace ``pid_ns`` (``pid:[INODE]``, as /proc/PID/ns/pid reads).
+    (Their /proc/PID/root cannot say: in another mount namespace it reads "/".)"""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            try:
-                root = os.readlink(f"/proc/{entry}/root")
-            except OSError:
-                continue
-            if root == str(path) or root.startswith(str(path) + "/"):
-                pids.append(int(entry))
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{entry}/ns/pid") == pid_ns:
+                    pids.append(int(entry))
     return pids
 
 
@@ -321,6 +319,7 @@ def run(suite: str, commit: str = "HEAD", commands: tuple[str, ...] = QUICK_STAR
     if debootstrap_s is not None:
         stages.append(("debootstrap (cold)", debootstrap_s))
     scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{suite}-pid{os.getpid()}-", dir=SCRATCH))
+    seen: dict[str, str] = {}  # "pid_ns": the root's PID namespace, once its init said
     try:
         root = scratch / "root"
         t1 = time.monotonic()
@@ -337,24 +336,27 @@ def run(suite: str, commit: str = "HEAD", commands: tuple[str, ...] = QUICK_STAR
                          "OVLRUN_SLURM_PORT_BASE": str(SLURM_PORT_BASE[suite]), "OVLRUN_SLURM_STATE": SLURM_STATE},
         }
         logfile = LOGS / f"{suite}-{short}.log"
-        _run_in_namespaces(spec, steps, stages, logfile)
+        _run_in_namespaces(spec, steps, stages, logfile, seen)
         result = Result(suite, short, steps, stages, logfile)
         # Progress lines redrawn with \r (dpkg's "Reading database ...") count once.
         lines = [line.rsplit("\r", 1)[-1] for line in logfile.read_bytes().decode(errors="replace").split("\n")]
         result.tail = "\n".join(lines[-40:])
     finally:
-        # The namespace is gone (init exited or was killed): nothing can be mounted here,
-        # and no process can live in it.
-        left = processes_rooted_under(scratch)
-        if left:
-            raise RuntimeError(f"processes still rooted in {scratch}: {left}")
+        # Init has exited or been killed: the kernel kills the rest of its PID namespace
+        # (asynchronously), and with the last process the mount namespace and its mounts go.
+        if "pid_ns" in seen:
+            deadline = time.monotonic() + 60
+            while (left := processes_in(seen["pid_ns"])) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if left:
+                raise RuntimeError(f"processes of the fresh root still alive: {left}")
         remove_scratch(scratch)
     stages.append(("total", time.monotonic() - t0))
     return result
 
 
 def _run_in_namespaces(spec: dict[str, object], steps: list[Step], stages: list[tuple[str, float]],
-                       logfile: Path) -> None:
+                       logfile: Path, seen: dict[str, str]) -> None:
     # Linux hands out mount namespace ids from per-CPU batches, and mount(2) refuses to
     # bind a namespace file whose id is not larger than the caller's namespace's: the
     # namespaces Slurm's job_container/tmpfs and the tests pin inside the root must all
@@ -393,6 +395,9 @@ def _run_in_namespaces(spec: dict[str, object], steps: list[Step], stages: list[
                     line = raw.decode(errors="replace")
                     if line.startswith(MARK):
                         words = line.split()
+                        if words[1] == "pidns":
+                            seen["pid_ns"] = words[2]
+                            continue
                         i = int(words[2])
                         if words[1] == "start":
                             step_started = now
@@ -438,6 +443,10 @@ def init(spec: dict[str, object]) -> int:
     def sh(*argv: str) -> None:
         subprocess.run(argv, check=True)
 
+    def say(text: str) -> None:
+        os.write(1, f"\n{MARK} {text}\n".encode())
+
+    say(f"pidns {os.readlink('/proc/self/ns/pid')}")  # the host checks it is empty at the end
     sh("mount", "--bind", root, root)  # pivot_root needs a mount point
     sh("mount", "-t", "proc", "-o", "nosuid,nodev,noexec", "proc", f"{root}/proc")
     sh("mount", "--rbind", "/sys", f"{root}/sys")
@@ -456,9 +465,6 @@ def init(spec: dict[str, object]) -> int:
         raise OSError(ctypes.get_errno(), "umount /.oldroot")
     os.rmdir("/.oldroot")
     os.chdir("/")
-
-    def say(text: str) -> None:
-        os.write(1, f"\n{MARK} {text}\n".encode())
 
     status = 0
     for i, command in enumerate(spec["steps"]):  # type: ignore[attr-defined]
