@@ -207,7 +207,8 @@ def snapshot_entries(world: World, path: str | Path) -> dict[bytes, Entry]:
 # fresh root (tests/freshroot.py sets OVLRUN_NESTED=1) they skip: the host runs them in
 # the same CI run.  `make test-fast` deselects them (-m "not environment").
 ENVIRONMENT_TESTS = ("tests/test_vm_kernels.py", "tests/slurm2411/",
-                     "tests/test_quickstart.py::test_quick_start_on_fresh_debian")
+                     "tests/test_quickstart.py::test_quick_start_on_fresh_debian",
+                     "tests/test_quickstart.py::test_fresh_root_dies_with_its_runner")
 NESTED = os.environ.get("OVLRUN_NESTED") == "1"
 
 

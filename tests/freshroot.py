@@ -26,7 +26,7 @@ What a new user does on a fresh Debian 12 or 13 machine, as root: get a checkout
 
 Command line (e.g. to run an older commit)::
 
-    python -m tests.freshroot [--commit REV] [--no-test] bookworm|trixie ...
+    python -m tests.freshroot [--commit REV] [--no-test] [--command CMD] [--echo] bookworm|trixie ...
 """
 
 from __future__ import annotations
@@ -307,8 +307,10 @@ def _die_with_parent() -> Callable[[], None]:
     return set_pdeathsig
 
 
-def run(suite: str, commit: str = "HEAD", commands: tuple[str, ...] = QUICK_START) -> Result:
-    """Unpack a fresh ``suite`` root, run :data:`PREREQUISITE` and ``commands`` in it; clean up."""
+def run(suite: str, commit: str = "HEAD", commands: tuple[str, ...] = QUICK_START, *,
+        prerequisite: bool = True, echo: bool = False) -> Result:
+    """Unpack a fresh ``suite`` root, run :data:`PREREQUISITE` and ``commands`` in it; clean up.
+    ``echo``: copy the root's output to our stdout as it comes (the log gets it anyway)."""
     if os.geteuid() != 0:
         raise PermissionError("needs root")
     LOGS.mkdir(parents=True, exist_ok=True)
@@ -326,7 +328,7 @@ def run(suite: str, commit: str = "HEAD", commands: tuple[str, ...] = QUICK_STAR
         prepare_root(root, suite, tarball)
         short = source_archive(commit, root / CHECKOUT.lstrip("/"))
         stages.append(("unpack root + git archive", time.monotonic() - t1))
-        steps = [Step(PREREQUISITE), *(Step(c) for c in commands)]
+        steps = [Step(c) for c in ((PREREQUISITE,) if prerequisite else ()) + commands]
         spec = {
             "root": str(root), "hostname": f"ovlfresh{SUITES[suite]}", "binds": cache_binds(suite),
             "tmpfs_tmp": SUITES[suite] >= 13,  # Debian 13 mounts a tmpfs on /tmp
@@ -336,7 +338,7 @@ def run(suite: str, commit: str = "HEAD", commands: tuple[str, ...] = QUICK_STAR
                          "OVLRUN_SLURM_PORT_BASE": str(SLURM_PORT_BASE[suite]), "OVLRUN_SLURM_STATE": SLURM_STATE},
         }
         logfile = LOGS / f"{suite}-{short}.log"
-        _run_in_namespaces(spec, steps, stages, logfile, seen)
+        _run_in_namespaces(spec, steps, stages, logfile, seen, echo)
         result = Result(suite, short, steps, stages, logfile)
         # Progress lines redrawn with \r (dpkg's "Reading database ...") count once.
         lines = [line.rsplit("\r", 1)[-1] for line in logfile.read_bytes().decode(errors="replace").split("\n")]
@@ -356,7 +358,7 @@ def run(suite: str, commit: str = "HEAD", commands: tuple[str, ...] = QUICK_STAR
 
 
 def _run_in_namespaces(spec: dict[str, object], steps: list[Step], stages: list[tuple[str, float]],
-                       logfile: Path, seen: dict[str, str]) -> None:
+                       logfile: Path, seen: dict[str, str], echo: bool) -> None:
     # Linux hands out mount namespace ids from per-CPU batches, and mount(2) refuses to
     # bind a namespace file whose id is not larger than the caller's namespace's: the
     # namespaces Slurm's job_container/tmpfs and the tests pin inside the root must all
@@ -387,6 +389,9 @@ def _run_in_namespaces(spec: dict[str, object], steps: list[Step], stages: list[
                 if not chunk:
                     break
                 out.write(chunk)
+                if echo:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
                 out.flush()
                 buf += chunk
                 *lines, buf = buf.split(b"\n")
@@ -498,10 +503,14 @@ def main() -> int:
     parser.add_argument("suites", nargs="+", choices=sorted(SUITES))
     parser.add_argument("--commit", default="HEAD", help="the commit to git archive (default HEAD)")
     parser.add_argument("--no-test", action="store_true", help="only make demo")
+    parser.add_argument("--command", action="append", help="run this instead of make demo/test, without the "
+                        "prerequisite (repeatable)")
+    parser.add_argument("--echo", action="store_true", help="show the root's output as it comes")
     args = parser.parse_args()
     ok = True
     for suite in args.suites:
-        result = run(suite, args.commit, QUICK_START[:1] if args.no_test else QUICK_START)
+        commands = tuple(args.command) if args.command else QUICK_START[:1] if args.no_test else QUICK_START
+        result = run(suite, args.commit, commands, prerequisite=not args.command, echo=args.echo)
         print(result.tail)
         print(result.report())
         ok = ok and result.ok

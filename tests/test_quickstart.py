@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -51,3 +54,40 @@ def test_quick_start_on_fresh_debian(suite: str) -> None:
     # run() removed the root after checking no process is rooted in it; nothing it
     # mounted reached this namespace.
     assert freshroot.mounts_under(freshroot.SCRATCH) == before
+
+
+@requires_root
+def test_fresh_root_dies_with_its_runner() -> None:
+    """A runner killed outright (no cleanup code runs) takes every process of its root
+    with it, daemons that left their session included; nothing was ever mounted here; the
+    next run removes the scratch root it left."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: the fresh roots get a git archive of HEAD")
+    before = freshroot.mounts_under(freshroot.SCRATCH)
+    daemon = "setsid sleep 600 </dev/null >/dev/null 2>&1 & echo READY; exec sleep 600"
+    runner = subprocess.Popen([sys.executable, "-m", "tests.freshroot", "--echo", "--command", daemon, "bookworm"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert runner.stdout is not None
+    pid_ns = ""
+    try:
+        for line in runner.stdout:
+            if line.startswith(f"{freshroot.MARK} pidns "):
+                pid_ns = line.split()[2]
+            if line.strip() == "READY":
+                break
+        assert pid_ns, "the root's init never said which PID namespace it is"
+        scratch = [p for p in freshroot.SCRATCH.glob(f"{freshroot.SCRATCH_PREFIX}bookworm-pid{runner.pid}-*")]
+        assert len(scratch) == 1, scratch
+        # init, the step's shell (now sleep) and the daemon
+        assert len(freshroot.processes_in(pid_ns)) >= 3
+    finally:
+        runner.kill()
+        runner.wait()
+    deadline = time.monotonic() + 60
+    while freshroot.processes_in(pid_ns) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the kernel empties a PID namespace asynchronously
+    assert freshroot.processes_in(pid_ns) == []
+    assert freshroot.mounts_under(freshroot.SCRATCH) == before
+    assert scratch[0].exists()
+    freshroot.remove_stale_scratch()
+    assert not scratch[0].exists()
