@@ -221,12 +221,23 @@ start_clean() {
     else
         start_munged
     fi
-    # setsid: the daemons outlive this script.  -D keeps them in the foreground, and
-    # nsenter execs them, so $! is the daemon's own pid.
-    setsid "${in_ns[@]}" slurmctld -D -c -i >"$hstate/log/slurmctld.out" 2>&1 </dev/null &
-    echo $! >"$pids/slurmctld.pid"
-    setsid "${in_ns[@]}" slurmd -D >"$hstate/log/slurmd.out" 2>&1 </dev/null &
-    echo $! >"$pids/slurmd.pid"
+    start_daemon slurmctld -D -c -i
+    start_daemon slurmd -D
+}
+
+start_daemon() {  # $1 = name, then its options
+    # setsid: the daemon outlives this script.  -D keeps it in the foreground, and setsid
+    # and nsenter exec it, so $! becomes the daemon's own pid once they have: wait for
+    # that (on a loaded machine it takes a while), so that the pid file names the daemon.
+    local name="$1" pid deadline=$((SECONDS + 10))
+    setsid "${in_ns[@]}" "$@" >"$hstate/log/$name.out" 2>&1 </dev/null &
+    pid=$!
+    echo "$pid" >"$pids/$name.pid"
+    until alive "$pids/$name.pid"; do
+        # Died (wait_idle says so, with its log) or not exec'd in time.
+        kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ] || return 0
+        sleep 0.05
+    done
 }
 
 wait_idle() {  # $1 = seconds; sets st; false on timeout

@@ -59,9 +59,9 @@ def slurm(request: pytest.FixtureRequest, slurm_world: World) -> Iterator[Slurm]
     instance = INSTANCES[name]
     if instance is TRIXIE and (reason := _trixie_skip_reason()):
         pytest.skip(reason)
-    instance.start(mode)
     hook_env = instance.host_path(instance.state / "hook.env")
     try:
+        instance.start(mode)  # may skip (this slurmd lacks the mode), or fail half-started
         if instance.root is not None:
             _ensure_user_in_root(instance)
         log = slurm_world.base / f"hooks-{name}.log"

@@ -227,7 +227,7 @@ def test_enter_without_job_container(slurm_world: World, job_id: str) -> None:
         assert hook("epilog", env).returncode == 0
     assert not holder.exists() and not holder.parent.exists()
     assert record(job_id) is None
-    assert mounts_under(RUNDIR) == []
+    assert mounts_under(RUNDIR / job_id) == []  # this job's: other suites may run jobs meanwhile
     r = HOST.enter(slurm_world, job_id, TEST_UID, *probe)
     assert r.returncode == 125 and "no ovlrun namespace" in r.stderr
 
@@ -309,4 +309,6 @@ def test_one_job_on_two_slurmd_nodes_of_one_host_keeps_two_records(slurm_world: 
     finally:
         for env in envs.values():
             assert hook("epilog", env).returncode == 0
-    assert mounts_under(RUNDIR) == []
+    for node in envs:  # this job's: other suites may run jobs meanwhile
+        assert mounts_under(RUNDIR / node / job_id) == []
+        assert not (RUNDIR / node / job_id).exists()

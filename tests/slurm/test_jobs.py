@@ -59,14 +59,20 @@ def assert_clean(slurm: Slurm, job: Job) -> None:
     instance = slurm.instance
     slurm.wait_job_gone(job.job_id)
     jc = instance.state / "jc"  # the job_container BasePath
-    poll("job directory removal", lambda: not any(instance.host_path(jc).glob(f"*/{job.job_id}")), timeout=10)
+    info = instance.slurmd_mountinfo()
+
+    def job_directory() -> list[object]:
+        """The job directory, and its binds on the host and in slurmd's namespace (no
+        .ns either).  The plugin removes them after the Epilog (24.11: the extern step's
+        teardown), so they may still be going when the Epilog is done."""
+        return [*instance.host_path(jc).glob(f"*/{job.job_id}"), *mounts_under(instance.host_path(jc)),
+                *mounts_under(jc, info)]
+
+    poll("the job directory and its mounts to go", lambda: not job_directory(), timeout=10)
     assert not instance.record_path(job.job_id).with_suffix(".messages").exists()
     # The host: nothing of the job (in a root, jobs mount only in its private namespace).
     assert mounts_under(slurm.world.base) == []
-    assert mounts_under(instance.host_path(jc)) == []
-    # slurmd's namespace: no job directory bind, no .ns, no overlay it did not have before.
-    info = instance.slurmd_mountinfo()
-    assert mounts_under(jc, info) == []
+    # slurmd's namespace: nothing in the world, no overlay it did not have before.
     assert mounts_under(slurm.world.base, info) == []
     assert slurm.overlays_in_slurmd_ns() == slurm.overlays_at_start
     state = slurm.node_state()
