@@ -1,7 +1,7 @@
 # Sourced by ci/slurm-setup.sh (the host's own Slurm), ci/slurm2411-setup.sh (Debian
 # 13's Slurm 24.11 in a debootstrapped root) and their stop scripts: the one slurm.conf /
 # job_container.conf / cgroup.conf, the generated hooks, and how the daemons are started,
-# waited for and stopped.  Nothing here runs when sourced.
+# waited for and stopped.  Sourcing only defines (and sets who, for messages).
 #
 # The caller sets, before calling slurm_up (the stop functions need nothing):
 #   root       host path of the instance's root directory ("" for the host itself)
@@ -24,9 +24,11 @@
 #                         runinjob for 24.05 and later, contain before.  A mode the slurmd
 #                         cannot do exits 77 (the tests skip on it) with the reason.
 #   OVLRUN_SLURM_TIMEOUT  seconds to wait for the node to become idle (60)
+#   OVLRUN_SLURM_STOP_TIMEOUT  seconds a daemon gets to stop before SIGKILL (20)
 #   OVLRUN_SLURM_PROLOG, OVLRUN_SLURM_EPILOG, OVLRUN_SLURM_TASK_PROLOG: hooks to use
 #                         instead of the generated ones (paths in the instance)
 # shellcheck shell=bash
+# shellcheck disable=SC2154 # the variables above are the caller's
 
 who="$(basename "$0" .sh)"  # the script that sourced this: prefix of its messages
 log() { printf '%s: %s\n' "$who" "$*" >&2; }

@@ -81,6 +81,7 @@ if [ ! -e "$root/.ovlrun-debootstrap-done" ]; then
 fi
 
 in_root_tmp() {  # run a command chrooted in $root with /proc and /dev, in a throw-away namespace
+    # shellcheck disable=SC2016 # expanded by the inner shell
     unshare --mount --propagation private /bin/sh -ec '
         r="$1"; shift
         mount -t proc proc "$r/proc"
@@ -102,6 +103,7 @@ if [ "$(cat "$pkg_stamp" 2>/dev/null)" != "${pkgs[*]}" ]; then
         || { tail -n 30 "$(dirname "$root")/apt-install.log" >&2; die "apt-get install failed"; }
     in_root_tmp apt-get clean
     printf '%s\n' "${pkgs[*]}" >"$pkg_stamp"
+    # shellcheck disable=SC2016 # a dpkg-query format, not a shell expansion
     log "packages installed after $((SECONDS - t0))s: $(in_root_tmp dpkg-query -W -f='${Version}' slurmd) slurmd"
 fi
 
