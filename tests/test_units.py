@@ -109,3 +109,33 @@ def test_bounded_worker_keeps_error_class_and_status() -> None:
     with pytest.raises(BuildError, match="the walk failed") as info:
         run_bounded(fail, timeout=60, what="a test walk")
     assert info.value.status == 3
+
+
+def test_namespace_helper_keeps_the_childs_error_class_and_status() -> None:
+    """A failure in a namespace helper arrives as the child raised it (issue 15): the
+    caller adds its context once, from the error's fields, never from its text."""
+    import errno
+
+    from ovlrun.linux import namespaces
+    from ovlrun.linux.children import ChildFailed
+    from ovlrun.linux.syscalls import SyscallError
+    from ovlrun.store.build import BuildError
+
+    def raising(e: BaseException) -> object:
+        def rest() -> dict[str, list[str]]:
+            raise e
+        return rest
+
+    with pytest.raises(SyscallError) as syscall:
+        namespaces.run_in_child(lambda: None, raising(SyscallError(errno.EPERM, "mount", "/sw/a", "detail")))
+    e = syscall.value
+    assert (e.errno, e.call, e.filename, e.detail, str(e)) == (
+        errno.EPERM, "mount", "/sw/a", "detail", "mount(/sw/a): Operation not permitted (detail)")
+    with pytest.raises(BuildError) as build:
+        namespaces.run_in_child(lambda: None, raising(BuildError("no walk", status=3)))
+    assert build.value.status == 3 and build.value.message == "no walk"
+    with pytest.raises(FileNotFoundError):
+        namespaces.run_in_child(lambda: None, raising(FileNotFoundError(errno.ENOENT, "gone", "/x")))
+    with pytest.raises(ChildFailed, match="ZeroDivisionError"):
+        namespaces.run_in_child(lambda: None, raising(ZeroDivisionError()))
+    assert namespaces.run_in_child(lambda: None, lambda: {"a": ["b"]}) == {"a": ["b"]}

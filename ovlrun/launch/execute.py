@@ -151,8 +151,14 @@ def run(plan: JobPlan, command: list[str], *, store: str, identity: Identity | N
         # the network and mount namespaces are independent.
         from ovlrun.linux.network import isolate_network  # pyroute2 is slow to import: only here
 
-        isolate_network()
-    enter_private_namespace()
+        try:
+            isolate_network()
+        except OSError as e:
+            raise OvlrunError(f"cannot create a private network namespace: {e}") from None
+    try:
+        enter_private_namespace()
+    except OSError as e:
+        raise OvlrunError(f"cannot create a private mount namespace: {e}") from None
     try:
         mount_items(plan.items, store, strict=strict, warn=warn_stderr, missing_root=plan.missing_root)
     except TreeRootMissing as e:

@@ -50,7 +50,6 @@ import posixpath
 import re
 import secrets
 import shutil
-import signal
 import stat
 import time
 from collections.abc import Iterator
@@ -59,6 +58,7 @@ from typing import Any, NamedTuple
 
 from ovlrun.errors import OvlrunError
 from ovlrun.linux.files import NOT_WRITABLE, trust_problem, write_atomic
+from ovlrun.linux.privileges import Identity, drop_to
 from ovlrun.profile.parse import Profile
 from ovlrun.store import layout
 from ovlrun.store.bounded import StallError, run_bounded
@@ -230,20 +230,13 @@ def _flock(dir_fd: int, directory: str) -> int:
 
 def _become(owner: Owner) -> None:
     """In a worker: write DIR as the image owner (root is squashed on most NFS exports,
-    and what root wrote there would be owned by nobody and refused by every node)."""
+    and what root wrote there would be owned by nobody and refused by every node).  The
+    one verified drop (:func:`ovlrun.linux.privileges.drop_to`: no supplementary groups,
+    the owner's gid and uid, no capabilities, no_new_privs), which keeps the worker's
+    parent-death signal armed."""
     if os.geteuid() != 0 or owner.uid == 0:
         return
-    parent = os.getppid()
-    os.setgroups([])
-    os.setresgid(owner.gid, owner.gid, owner.gid)
-    os.setresuid(owner.uid, owner.uid, owner.uid)
-    # A change of credentials clears PR_SET_PDEATHSIG: set it again, so an abandoned
-    # worker still dies with its parent.
-    import prctl
-
-    prctl.set_pdeathsig(signal.SIGKILL)
-    if os.getppid() != parent:
-        os._exit(1)
+    drop_to(Identity(owner.name, owner.uid, owner.gid, (), "/", "/bin/sh"))
 
 
 # ---------------------------------------------------------------------------- publish
