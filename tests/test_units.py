@@ -139,3 +139,61 @@ def test_namespace_helper_keeps_the_childs_error_class_and_status() -> None:
     with pytest.raises(ChildFailed, match="ZeroDivisionError"):
         namespaces.run_in_child(lambda: None, raising(ZeroDivisionError()))
     assert namespaces.run_in_child(lambda: None, lambda: {"a": ["b"]}) == {"a": ["b"]}
+
+
+def test_open_trusted_opens_only_what_root_may_trust(tmp_path: os.PathLike[str]) -> None:
+    """One opener for every file root acts on: no symlink followed, no FIFO waited for,
+    type, owner and mode checked on the fd."""
+    import errno
+    import stat
+
+    from ovlrun.linux.files import UntrustedError, open_trusted
+
+    base = str(tmp_path)
+    good, fifo, link, loose = (os.path.join(base, n) for n in ("good", "fifo", "link", "loose"))
+    for path in (good, loose):
+        with open(path, "w") as f:
+            f.write("x")
+    os.chmod(good, 0o644)
+    os.chmod(loose, 0o666)
+    os.mkfifo(fifo)
+    os.symlink(good, link)
+    fd = open_trusted(good, uid=os.getuid(), owner="me")
+    assert os.get_blocking(fd) and stat.S_ISREG(os.fstat(fd).st_mode)
+    os.close(fd)
+    with pytest.raises(UntrustedError) as refused:
+        open_trusted(fifo, uid=os.getuid())  # returns at once: O_NONBLOCK
+    assert refused.value.wrong_type and refused.value.problem == "not a regular file"
+    with pytest.raises(OSError) as loop:
+        open_trusted(link, uid=os.getuid())
+    assert loop.value.errno == errno.ELOOP
+    os.close(open_trusted(link, uid=os.getuid(), follow_symlinks=True))
+    with pytest.raises(UntrustedError, match="writable by group or others") as writable:
+        open_trusted(loose, uid=os.getuid())
+    assert not writable.value.wrong_type
+    with pytest.raises(UntrustedError, match="owned by uid"):
+        open_trusted(good, uid=os.getuid() + 1, owner="someone else")
+    os.close(open_trusted(loose, uid=None))  # the owner rule left to the caller
+    with pytest.raises(NotADirectoryError):  # O_DIRECTORY: the open itself refuses
+        open_trusted(good, directory=True, uid=os.getuid())
+    dir_fd = open_trusted(base, directory=True, uid=os.getuid())
+    try:
+        os.close(open_trusted("good", dir_fd=dir_fd, uid=os.getuid()))
+    finally:
+        os.close(dir_fd)
+
+
+def test_site_configuration_that_is_a_fifo_is_refused_at_once(tmp_path: os.PathLike[str]) -> None:
+    """The openers root used before open_trusted waited forever on a FIFO planted under a
+    trusted name (only fleet's did not)."""
+    import subprocess
+    import sys
+
+    conf = os.path.join(str(tmp_path), "ovlrun.toml")
+    os.mkfifo(conf, 0o644)
+    code = ("import sys; from ovlrun.errors import OvlrunError; from ovlrun.store.siteconfig import load_site_config\n"
+            "try:\n    load_site_config(sys.argv[1])\nexcept OvlrunError as e:\n    print(e)")
+    r = subprocess.run([sys.executable, "-c", code, conf], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+    assert r.stdout.strip() == f"site configuration {conf} is not a regular file", r
+

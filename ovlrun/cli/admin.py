@@ -283,13 +283,21 @@ def profile_check(name: Annotated[str, typer.Argument(help="Profile name or path
     """Validate a profile (the submit-time check) as launches and Slurm jobs would use it;
     prints what it would localise.  Exits 1 if sudo launches and Slurm jobs would refuse
     it.  Needs no root: run it as yourself."""
-    from ovlrun.profile.locate import check_trusted_profile, is_path_spec
-    from ovlrun.profile.parse import load_profile
+    from pathlib import Path
+
+    from ovlrun.profile.locate import is_path_spec, open_profile
+    from ovlrun.profile.parse import parse_profile
     from ovlrun.store.index import Store
 
     # Runs with the caller's own rights (users run it directly, never through sudo): the
-    # profile and the store index are read as whoever asks.
-    profile = load_profile(name)
+    # profile and the store index are read as whoever asks.  The trust rule is applied
+    # to the very file that was parsed.
+    located = open_profile(name)
+    try:
+        path = Path(located.path)
+        profile = parse_profile(path, path.stem, fd=located.fd)
+    finally:
+        located.close()
     print(f"{profile.name}: {profile.file} OK ({profile.description or 'no description'})")
     try:
         index = Store.open().read_index()
@@ -303,10 +311,10 @@ def profile_check(name: Annotated[str, typer.Argument(help="Profile name or path
         return
     # The same trust rule a sudo launch and the Slurm prolog apply: a pass here must
     # not be a refusal there.
-    try:
-        check_trusted_profile(str(profile.file))
-    except OvlrunError as e:
-        raise OvlrunError(f"sudo launches and Slurm jobs would refuse it: {e}", status=1) from None
+    problem = located.trust_problem()
+    if problem:
+        raise OvlrunError(f"sudo launches and Slurm jobs would refuse it: refusing profile {located.path}: "
+                          f"{problem}", status=1)
 
 
 @app.command("doctor")

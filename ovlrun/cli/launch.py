@@ -115,18 +115,22 @@ def launch(argv: list[str]) -> int:
     from ovlrun.launch.caller import resolve_caller
     from ovlrun.launch.mount import warn_stderr
     from ovlrun.launch.plancache import load_cached
-    from ovlrun.profile.locate import locate_profile
+    from ovlrun.profile.locate import open_profile
     from ovlrun.store.layout import store_dir
 
     own_env = dict(os.environ)
     caller = resolve_caller(own_env, args.profile, args.user, warn_stderr)
-    profile_file = locate_profile(args.profile, trusted_only=caller.is_sudo)
+    # Opened once: trust-checked (sudo callers), cache key and parse, all on this fd.
+    profile = open_profile(args.profile, trusted_only=caller.is_sudo)
     store = store_dir(own_env)
-    plan = load_cached(profile_file, store)
-    if plan is None:
-        from ovlrun.launch.planner import plan_job
+    try:
+        plan = load_cached(profile, store)
+        if plan is None:
+            from ovlrun.launch.planner import plan_job
 
-        plan = plan_job(profile_file, store)
+            plan = plan_job(profile, store)
+    finally:
+        profile.close()
     # $SHELL is the user's own unless --user picked someone else from a root environment.
     return execute.run(plan, args.command, store=store, identity=caller.identity, strict=args.strict,
                        environ=caller.job_env, login=args.login, env_shell=args.user is None)

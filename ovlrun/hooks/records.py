@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ovlrun.errors import OvlrunError
-from ovlrun.linux.files import NOT_WRITABLE, trust_problem, write_atomic
+from ovlrun.linux.files import UntrustedError, open_trusted, write_atomic
 
 DEFAULT_RUNDIR = "/run/ovlrun/jobs"
 
@@ -124,17 +123,14 @@ class JobRecord:
     @classmethod
     def _load_path(cls, path: Path) -> JobRecord | None:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = open_trusted(str(path))  # only a record root wrote: the run directory could be misconfigured
         except FileNotFoundError:
             return None
         except OSError as e:
             raise OvlrunError(f"{path}: {e.strerror}") from None
+        except UntrustedError as e:
+            raise OvlrunError(f"{path}: {e.problem}; refusing to use it") from None
         with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            # Only trust a record root wrote: the run directory could be misconfigured.
-            problem = "not a regular file" if not stat.S_ISREG(st.st_mode) else trust_problem(st, NOT_WRITABLE)
-            if problem:
-                raise OvlrunError(f"{path}: {problem}; refusing to use it")
             data = json.loads(f.read())
         return cls(**data)
 

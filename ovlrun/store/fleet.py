@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ovlrun.errors import OvlrunError
-from ovlrun.linux.files import NOT_WRITABLE, trust_problem, write_atomic
+from ovlrun.linux.files import UntrustedError, open_trusted, write_atomic
 from ovlrun.linux.privileges import Identity, drop_to
 from ovlrun.profile.parse import Profile
 from ovlrun.store import layout
@@ -118,33 +118,21 @@ def _refuse(what: str, problem: str) -> OvlrunError:
 
 
 def _open_checked(name: str, dir_fd: int | None, owner: Owner, what: str, *, directory: bool) -> int:
-    """Open ``name`` (relative to ``dir_fd``) without following a symlink and check the
-    fd's owner, mode and type: the checks apply to what is read, not to a name."""
-    # O_NONBLOCK for files: a FIFO planted under the name must not block the open; the
-    # type check below refuses it, and a regular file is switched back to blocking.
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_DIRECTORY if directory else os.O_NONBLOCK)
+    """Open ``name`` (relative to ``dir_fd``) as root opens every file it trusts
+    (:func:`ovlrun.linux.files.open_trusted`: no symlink followed, no FIFO waited for, the
+    owner, mode and type checked on the fd that is then read), the owner being the image
+    owner; ``what`` names it in the messages."""
     try:
-        fd = os.open(name, flags, dir_fd=dir_fd)
+        return open_trusted(name, dir_fd=dir_fd, directory=directory, uid=owner.uid,
+                            owner=f"by the image owner {owner.name} (uid {owner.uid})")
+    except UntrustedError as e:
+        raise _refuse(what, e.problem) from None
     except OSError as e:
         if e.errno == errno.ELOOP or (e.errno == errno.ENOTDIR and directory and _is_symlink(name, dir_fd)):
             raise _refuse(what, "it is a symlink") from None
         if e.errno == errno.ENOENT:
             raise FileNotFoundError(e.errno, f"{what} does not exist") from None
         raise OvlrunError(f"cannot open {what}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        kind_ok = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
-        if not kind_ok:
-            raise _refuse(what, "not a directory" if directory else "not a regular file")
-        problem = trust_problem(st, NOT_WRITABLE, owner.uid, f"by the image owner {owner.name} (uid {owner.uid})")
-        if problem:
-            raise _refuse(what, problem)
-        if not directory:
-            os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def _is_symlink(name: str, dir_fd: int | None) -> bool:
