@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ovlrun.cli.launch import LaunchArgs, parse_launch
 from ovlrun.errors import OvlrunError
@@ -111,6 +114,40 @@ def test_bounded_worker_keeps_error_class_and_status() -> None:
     assert info.value.status == 3
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+                    # any character, and the lone surrogates undecodable bytes become in paths
+                    | st.text(st.characters() | st.sampled_from([chr(c) for c in range(0xDC80, 0xDD00)])),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=12))
+def test_job_record_json_is_what_json_writes(value: object) -> None:
+    """Records are written without the json module (the launch path does not import it):
+    the text must be json.dumps's, and read back to the same value."""
+    from ovlrun.jobs.records import encode
+
+    assert encode(value) == json.dumps(value)
+    assert json.loads(encode(value)) == value
+
+
+def test_job_record_round_trips_and_refuses_what_is_not_one() -> None:
+    from ovlrun.jobs.records import JobRecord, encode, valid_record_id
+
+    record = JobRecord("launch-12-34", 1000, 1000, "alice", kind="launch", profile="p", state="localised",
+                       localised=["/sw/a\udcff", "/sw/b\n"], messages=['say "hi"'], pid=12, pid_start=34,
+                       ns_ino=4026531840, started=1.5, stats={"lookups": 3, "paths": {"/sw/a": [1, 2.5, None]}})
+    assert JobRecord.from_dict(json.loads(encode(record.to_dict()))) == record
+    assert valid_record_id("123") and valid_record_id("launch-12-34")
+    for bad_id in ("", "../x", "launch-12", "launch-1-2-3", "12a", "\u00b2", "launch-1-\u00b2"):
+        assert not valid_record_id(bad_id), bad_id
+    data = record.to_dict()
+    for key, value in (("uid", "1000"), ("uid", True), ("ns_owned", 1), ("localised", [1]), ("stats", [])):
+        with pytest.raises(ValueError):
+            JobRecord.from_dict({**data, key: value})
+    with pytest.raises(ValueError):
+        JobRecord.from_dict({k: v for k, v in data.items() if k != "user"})
+    assert JobRecord.from_dict({**data, "from_a_newer_ovlrun": 1}) == record
+
+
 def test_namespace_helper_keeps_the_childs_error_class_and_status() -> None:
     """A failure in a namespace helper arrives as the child raised it (issue 15): the
     caller adds its context once, from the error's fields, never from its text."""
@@ -196,4 +233,3 @@ def test_site_configuration_that_is_a_fifo_is_refused_at_once(tmp_path: os.PathL
     r = subprocess.run([sys.executable, "-c", code, conf], capture_output=True, text=True, timeout=30,
                        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
     assert r.stdout.strip() == f"site configuration {conf} is not a regular file", r
-

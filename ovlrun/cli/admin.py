@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Annotated, Any
 
 import typer
@@ -166,6 +167,8 @@ def snapshot_gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only li
     """Remove snapshots a newer one replaced and those whose source is gone, never one a
     running job uses; clean up leftovers of killed builds.  With --published DIR: remove
     published versions DIR's index stopped naming at least --grace seconds ago."""
+    from ovlrun.jobs import records
+    from ovlrun.jobs.inuse import snapshot_ids_in_use
     from ovlrun.store.index import Store
     from ovlrun.store.lifecycle import gc
 
@@ -174,16 +177,25 @@ def snapshot_gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only li
     if published is not None:
         _gc_published(published, grace, dry_run, as_json, timeout)
         return
-    report, leftovers = gc(Store.open(), dry_run=dry_run, grace=60.0 if grace is None else grace, timeout=timeout)
+    # Which snapshots running jobs use is the jobs' business (ovlrun.jobs.inuse), not the
+    # store's: handed in, and asked under the store's index lock.
+    report, leftovers = gc(Store.open(), snapshot_ids_in_use, dry_run=dry_run,
+                           grace=60.0 if grace is None else grace, timeout=timeout)
+    # The node's other garbage: records of launches that ended a while ago (a launch
+    # execs its command, so nobody else removes them).
+    pruned = 0 if dry_run else records.prune_ended(records.LAUNCH_RECORD_KEEP, time.time())
     if as_json:
-        json.dump({"snapshots": [r.__dict__ for r in report], "leftovers_removed": leftovers}, sys.stdout, indent=1)
+        json.dump({"snapshots": [r.__dict__ for r in report], "leftovers_removed": leftovers,
+                   "launch_records_removed": pruned}, sys.stdout, indent=1)
         print()
         return
     for r in report:
         print(f"{r.action}: {r.directory}  ({r.reason}: {r.path})")
     if leftovers:
         print(f"removed {leftovers} leftover(s) of killed builds")
-    if not report and not leftovers:
+    if pruned:
+        print(f"removed {pruned} record(s) of ended launches")
+    if not report and not leftovers and not pruned:
         print("nothing to collect")
 
 
@@ -353,6 +365,8 @@ def doctor(as_json: JsonOpt = False) -> None:
 def status(as_json: JsonOpt = False) -> None:
     """Inside a job: the profile and each localised path with its snapshot.  Exits 1
     outside a job."""
+    from ovlrun.jobs.status import job_status
+
     info = job_status()
     inside = bool(info["profile"] or info["localised"])
     if as_json:
@@ -361,51 +375,10 @@ def status(as_json: JsonOpt = False) -> None:
         print("not inside an ovlrun job (no localised paths, OVLRUN_PROFILE unset)")
     else:
         print(f"profile: {info['profile'] or '(unknown)'}")
-        for m in info["localised"]:
+        for m in info["localised"]:  # type: ignore[attr-defined]
             print(f"  {m['path']}  <- {m['snapshot']}  ({m['mode']})")
     if not inside:
         raise typer.Exit(1)
-
-
-def job_status() -> dict[str, Any]:
-    """What this process's mount namespace localises, read back from the kernel.
-
-    The mount table is the truth (not what the launcher meant to do): every overlay one
-    of whose layers is a snapshot tree is a localised path.
-    """
-    from ovlrun.linux import mountinfo
-    from ovlrun.store.layout import snapshot_of_layer, store_dir
-
-    localised = []
-    for m in mountinfo.read():
-        if m.fstype != "overlay":
-            continue
-        for layer in mountinfo.overlay_layers(m.super_options):
-            if snapshot_of_layer(layer) is not None:
-                data_only = "datadir+" in m.super_options or "::" in m.super_options
-                mode = "data-only" if data_only else "fallback (shared tree as regular lower layer)"
-                # A store path too long for the kernel's string interfaces was given
-                # relative to the store root, snapshots/KEY/ID/tree (linux/layerpaths.py).
-                snapshot = os.path.dirname(layer.rstrip("/"))
-                if not snapshot.startswith("/"):
-                    snapshot = os.path.join(store_dir(), snapshot)
-                localised.append({"path": m.point, "snapshot": snapshot, "mode": mode})
-                break
-    return {"profile": os.environ.get("OVLRUN_PROFILE", "") or _slurm_job_profile(), "localised": localised}
-
-
-def _slurm_job_profile() -> str:
-    """In a Slurm job without the TaskProlog's exports: the profile its record names."""
-    from ovlrun.hooks.records import JobRecord, valid_job_id
-
-    job_id = os.environ.get("SLURM_JOB_ID", "")
-    if not valid_job_id(job_id):
-        return ""
-    try:
-        record = JobRecord.load(job_id, os.environ.get("SLURMD_NODENAME"))
-    except (OvlrunError, ValueError, TypeError):
-        return ""
-    return record.profile or "" if record is not None and record.state == "localised" else ""
 
 
 def _usage_error(e: Exception) -> int | None:
