@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from ovlrun.errors import OvlrunError
 
+LAUNCH_USAGE = "ovlrun --profile NAME [--user USER] [--strict] [--login] [--] [CMD [ARGS...]]"
+# The launch's part of `ovlrun --help`; the other commands' lines come from the command
+# table (ovlrun/cli/app.py: help_text).
 LAUNCH_HELP = """\
 Run CMD (or, with none, your shell) in a private mount namespace where the release
 paths the profile localises are served from local metadata snapshots: lookups there,
@@ -27,16 +30,6 @@ Options:
   --strict            fail if a localised path cannot be localised
   --login             with no CMD: start the shell as a login shell (re-reads
                       /etc/profile, which may reset PATH); default: $SHELL, non-login
-
-Other commands (see ovlrun COMMAND --help):
-  snapshot build|list|verify|refresh|gc   manage the snapshot store (root)
-  profile check NAME                      validate a profile (submit-time check)
-  doctor                                  what the kernel supports, how ovlrun mounts
-  status                                  inside a job: what is localised
-  enter JOBID [-- CMD]                    join the namespace a prolog prepared (sudo)
-  slurm prolog|epilog|clone-ns            Slurm hooks (see docs/slurm.md)
-Environment (root callers only): OVLRUN_PROFILE_PATH (profile directories,
-colon-separated), OVLRUN_STORE (snapshot store, default /var/lib/ovlrun).
 """
 
 
