@@ -97,7 +97,7 @@ def fetch_missing_images(profile: Profile, store: Store, log: Callable[[str, str
     messages for the job record.  Never raises: a job whose images could not be fetched
     runs with what the node has (unlocalised where nothing is), as without fleets."""
     try:
-        from ovlrun.store.fleet import fetch_for_job
+        from ovlrun.store.fleet.fetch import fetch_for_job
         from ovlrun.store.siteconfig import load_site_config
 
         config = load_site_config()

@@ -179,7 +179,7 @@ def snapshot_gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only li
 
 
 def _gc_published(directory: str, grace: float | None, dry_run: bool, as_json: bool, timeout: float) -> None:
-    from ovlrun.store.fleet import DEFAULT_PUBLISHED_GRACE, gc_published
+    from ovlrun.store.fleet.publish import DEFAULT_PUBLISHED_GRACE, gc_published
     from ovlrun.store.siteconfig import load_site_config
 
     owner = load_site_config().image_owner
@@ -225,7 +225,7 @@ def snapshot_publish(to: Annotated[str | None, typer.Option("--to", metavar="DIR
     """Copy the current snapshot images (and manifests) of the selected paths into DIR
     for nodes to fetch; atomic, idempotent, older versions kept until
     'ovlrun snapshot gc --published DIR'.  Writes as the site's image_owner."""
-    from ovlrun.store.fleet import publish
+    from ovlrun.store.fleet.publish import publish
     from ovlrun.store.index import Store
 
     require_root("snapshot publish", "the store is readable by root only")
@@ -251,7 +251,7 @@ def snapshot_fetch(from_: Annotated[str | None, typer.Option("--from", metavar="
     """Copy the published images this node lacks into the local store (checked against
     their manifests' sha256) and make them current, as if built here.  Idempotent; a DIR
     that cannot be reached leaves the store as it is.  Exits 1 if anything failed."""
-    from ovlrun.store.fleet import fetch
+    from ovlrun.store.fleet.fetch import fetch
     from ovlrun.store.index import Store
 
     require_root("snapshot fetch")
