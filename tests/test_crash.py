@@ -165,7 +165,7 @@ def test_thousand_short_jobs_some_sigkilled_leave_no_mounts(world: World) -> Non
     assert host_mounts() == before
     # No job namespace is left with our overlays either.  Only this store's snapshots:
     # other ovlrun jobs on the machine (another suite's, a user's) may use their own.
-    from ovlrun.store.inuse import snapshot_ids_in_use
+    from ovlrun.jobs.inuse import snapshot_ids_in_use
 
     ours = {(d.parent.name, d.name) for d in (world.store / "snapshots").glob("*/*")}
     assert len(ours) == 2, ours

@@ -1,4 +1,4 @@
-"""Fleets: publish images once, fetch them on every node (ovlrun/store/fleet.py), the
+"""Fleets: publish images once, fetch them on every node (ovlrun/store/fleet/), the
 site configuration (ovlrun/store/siteconfig.py) and the Prolog's fetch step."""
 
 from __future__ import annotations
@@ -557,3 +557,28 @@ def test_fetch_waits_for_a_running_build_of_the_path_only_until_its_deadline(fle
         holder.communicate("")
     assert fleet.fetch().returncode == 0
     fleet.assert_nothing_partial()
+
+
+def test_publish_worker_drops_to_the_image_owner_the_verified_way() -> None:
+    """The worker that writes DIR becomes the image owner with the launch's own verified
+    drop (no capabilities, no_new_privs, no groups) and still dies with its parent."""
+    import signal
+
+    from ovlrun.store.bounded import run_bounded
+    from ovlrun.store.fleet.directory import become
+    from ovlrun.store.siteconfig import Owner
+
+    def work() -> tuple[dict[str, str], int]:
+        import prctl
+
+        become(Owner("nobody", NOBODY, NOBODY))
+        with open("/proc/self/status") as f:
+            fields = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+        return {k: fields[k].strip() for k in ("Uid", "Gid", "Groups", "NoNewPrivs", "CapBnd", "CapEff")}, \
+            prctl.get_pdeathsig()
+
+    status, death = run_bounded(work, timeout=60, what="dropping to the image owner")
+    assert status["Uid"].split() == [str(NOBODY)] * 4 and status["Gid"].split() == [str(NOBODY)] * 4
+    assert (status["Groups"], status["NoNewPrivs"], int(status["CapBnd"], 16), int(status["CapEff"], 16)) == (
+        "", "1", 0, 0)
+    assert death == signal.SIGKILL

@@ -41,7 +41,7 @@ try:
     absent = "exists"
 except FileNotFoundError:
     absent = "ENOENT"
-from ovlrun.store.inuse import snapshot_ids_in_use
+from ovlrun.jobs.inuse import snapshot_ids_in_use
 print(json.dumps({"options": options, "names": names, "data": data, "absent": absent,
                   "in_use": sorted(snapshot_ids_in_use())}))
 """

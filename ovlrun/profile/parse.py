@@ -63,15 +63,22 @@ class Profile(NamedTuple):
 
 
 def load_profile(spec: str, dirs: list[Path] | None = None, *, trusted_only: bool = False) -> Profile:
-    """Locate (:func:`ovlrun.profile.locate.locate_profile`) and parse a profile."""
+    """Locate (:func:`ovlrun.profile.locate.open_profile`) and parse a profile, from the
+    fd that was checked."""
     search = None if dirs is None else [str(d) for d in dirs]
-    path = Path(locate.locate_profile(spec, search, trusted_only=trusted_only))
-    return parse_profile(path, path.stem)
-
-
-def parse_profile(path: Path, name: str | None = None) -> Profile:
+    located = locate.open_profile(spec, search, trusted_only=trusted_only)
     try:
-        with open(path, "rb") as f:
+        path = Path(located.path)
+        return parse_profile(path, path.stem, fd=located.fd)
+    finally:
+        located.close()
+
+
+def parse_profile(path: Path, name: str | None = None, *, fd: int | None = None) -> Profile:
+    """Parse the profile file ``path``, read from ``fd`` if given (one already opened and
+    checked: see :class:`ovlrun.profile.locate.ProfileFile`), else opened by name."""
+    try:
+        with open(path, "rb") if fd is None else open(fd, "rb", closefd=False) as f:
             # Capped: a profile is a few lines, and a huge (or sparse) file must not make
             # whoever checks it (a submit filter, a prolog) exhaust its memory.
             raw = f.read(MAX_PROFILE_BYTES + 1)
