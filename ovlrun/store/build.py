@@ -10,13 +10,20 @@ written straight from the walk, with no intermediate tree:
   layer, the kernel finds the data there (Documentation/filesystems/overlayfs.rst,
   "Data-only lower layers");
 - symlinks as symlinks with owner and mtime;
+- files stored whole, as ordinary files with their data in the image: empty files, and
+  the files the tree's ``inline`` patterns select (at most ``inline_max`` bytes each;
+  :class:`ovlrun.profile.parse.Inline`).  Their data is read during the walk (opened
+  without following symlinks, checked against the walk's lstat before and after the
+  read) into a spool beside the image, so the walk holds no file data in memory.  A file
+  that cannot be read (root squashed on NFS) or changes while being read stays metacopy,
+  with a warning;
 - sockets, FIFOs and device nodes are skipped with a warning: a software release has no
   business shipping them and the overlay is mounted ``nodev`` anyway.
 
 The walk uses directory file descriptors (openat with O_NOFOLLOW), so a symlink swapped in
 during the walk cannot lead it outside S, and costs one readdir per directory and one
-lstat per entry on the shared tree; it reads no file data and no xattrs (so file
-capabilities in ``security.capability`` are not carried over).  Names are handled as
+lstat per entry on the shared tree; it reads no xattrs (so file capabilities in
+``security.capability`` are not carried over) and no file data but that of inlined files.  Names are handled as
 opaque bytes (newline, ':', ',', '\\' and non-UTF-8 all work).
 """
 
@@ -24,23 +31,28 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import shutil
 import stat
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from ovlrun.errors import OvlrunError
 from ovlrun.linux import syscalls
 from ovlrun.linux.kernel import redirect_max
-from ovlrun.profile.parse import Profile, Tree, check_within_root
-from ovlrun.profile.patterns import Pattern, is_glob
+from ovlrun.profile.parse import Inline, Profile, Tree, check_within_root
+from ovlrun.profile.patterns import Pattern, PatternError, is_glob
 from ovlrun.store import layout
 from ovlrun.store.bounded import DEFAULT_TIMEOUT, run_bounded
-from ovlrun.store.image import ImageError, Node, read_image, write_image
+from ovlrun.store.image.reader import read_image
+from ovlrun.store.image.tree import ImageError, ImageStats, Node
+from ovlrun.store.image.writer import write_image
 from ovlrun.store.index import Manifest, Snapshot, Store, format_time, new_snapshot_id
 
 MAX_WARNINGS_KEPT = 50
@@ -167,6 +179,47 @@ def _node(st: os.stat_result, **kw: object) -> Node:
     return Node(st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, **kw)  # type: ignore[arg-type]
 
 
+_READ_PIECE = 1 << 20
+
+
+def _spool_file(name: str, src_fd: int, rel: bytes, st: os.stat_result, state: _WalkState,
+                spool: BinaryIO) -> int:
+    """Copy the file ``name`` (lstat'ed as ``st``) into ``spool``; returns where it starts
+    there, or -1 (with a warning) if it cannot be read or is not what the walk saw."""
+    where = "/" + os.fsdecode(rel)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=src_fd)
+    except OSError as e:
+        state.warn(f"{where}: cannot be read to inline it ({e.strerror}); stored as a redirect")
+        return -1
+    start = spool.seek(0, os.SEEK_END)
+    try:
+        before = os.fstat(fd)
+        copied = 0
+        if (before.st_ino, before.st_size, before.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns) \
+                and stat.S_ISREG(before.st_mode):
+            while copied <= st.st_size:  # one read past the end: the file must not have grown
+                piece = os.read(fd, min(_READ_PIECE, st.st_size - copied + 1))
+                if not piece:
+                    break
+                spool.write(piece)
+                copied += len(piece)
+        after = os.fstat(fd)
+    except OSError as e:
+        state.warn(f"{where}: cannot be read to inline it ({e.strerror}); stored as a redirect")
+        copied, after = -1, st
+    finally:
+        os.close(fd)
+    if copied != st.st_size or (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+        if copied >= 0:
+            state.warn(f"{where}: changed while being inlined; stored as a redirect")
+        spool.truncate(start)
+        return -1
+    state.counts["inlined"] = state.counts.get("inlined", 0) + 1
+    state.counts["inlined_bytes"] = state.counts.get("inlined_bytes", 0) + copied
+    return start
+
+
 def _file_node(rel: bytes, st: os.stat_result, state: _WalkState, limit: int) -> Node:
     redirect = b"/" + rel
     if len(redirect) > state.max_redirect:
@@ -182,9 +235,11 @@ def _file_node(rel: bytes, st: os.stat_result, state: _WalkState, limit: int) ->
 _Frame = tuple[int, Node | None, bytes, list[str]]
 
 
-def _walk(src_root_fd: int, root: Node | None, state: _WalkState, limit: int) -> None:
+def _walk(src_root_fd: int, root: Node | None, state: _WalkState, limit: int,
+          inline: Inline | None = None, spool: BinaryIO | None = None) -> None:
     """Walk the directory ``src_root_fd`` iteratively (deep trees are fine) into the node
-    tree ``root`` (made from the root's stat by the caller).
+    tree ``root`` (made from the root's stat by the caller); the files ``inline`` selects
+    are copied into ``spool``.
 
     With ``root`` None nothing is built: the walk only fingerprints and records
     (``snapshot verify``), at the same cost on the source as a build.
@@ -217,6 +272,9 @@ def _walk(src_root_fd: int, root: Node | None, state: _WalkState, limit: int) ->
             if st.st_nlink > 1:
                 state.counts["hardlinked"] += 1
             new = _file_node(child, st, state, limit) if node is not None else None
+            if (new is not None and spool is not None and inline is not None and st.st_size
+                    and inline.selects(os.fsdecode(child), st.st_size)):
+                new.data_at = _spool_file(name, src_fd, child, st, state, spool)
         elif stat.S_ISLNK(st.st_mode):
             target = os.fsencode(_link_target(name, src_fd, child, st, state))
             _fingerprint(state, child, st, target)
@@ -268,29 +326,40 @@ def open_source(source_root: str, source: str, flags: int = os.O_RDONLY | os.O_D
         os.close(root_fd)
 
 
-def build_image(source_root: str, source: str, image: Path) -> WalkSummary:
+def build_image(source_root: str, source: str, image: Path, inline: Inline | None = None) -> WalkSummary:
     """Walk ``source`` (opened as a launch will) and write its snapshot image to ``image``
-    (a new file)."""
+    (a new file), storing the files ``inline`` selects whole."""
     state = _WalkState()
     limit = redirect_max()
     src_fd = open_source(source_root, source)
+    # The inlined files' data, until the image is written (unnamed: gone with the worker).
+    spool = tempfile.TemporaryFile(dir=image.parent) if inline is not None else None
     try:
         root = _node(os.fstat(src_fd), children={})
-        _walk(src_fd, root, state, limit)
-    finally:
+        _walk(src_fd, root, state, limit, inline, spool)
         os.close(src_fd)
-    fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        try:
-            stats = write_image(root, out, build_time=int(time.time()))
-        except ImageError as e:
-            raise BuildError(f"cannot write the snapshot image of {source}: {e}") from None
-        out.flush()
-        os.fsync(out.fileno())
+        src_fd = -1
+        fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            stats = _write(root, out, spool, source)
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        if src_fd >= 0:
+            os.close(src_fd)
+        if spool is not None:
+            spool.close()
     summary = WalkSummary.of(state)
     summary.image_bytes = stats.bytes
     summary.image_sha256 = file_sha256(str(image))
     return summary
+
+
+def _write(root: Node, out: BinaryIO, spool: BinaryIO | None, source: str) -> ImageStats:
+    try:
+        return write_image(root, out, spool)
+    except ImageError as e:
+        raise BuildError(f"cannot write the snapshot image of {source}: {e}") from None
 
 
 def file_sha256(path: str) -> str:
@@ -303,8 +372,8 @@ def file_sha256(path: str) -> str:
 
 def image_records(image: Path) -> dict[bytes, Record]:
     """The record of every entry in a snapshot image (local: no request to the shared tree)."""
-    with open(image, "rb") as f:
-        root = read_image(f.read())
+    with open(image, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as data:
+        root = read_image(data)
     records: dict[bytes, Record] = {}
     stack: list[tuple[bytes, Node]] = [(b"", root)]
     while stack:
@@ -331,9 +400,25 @@ def walk_records(directory: str, known: dict[bytes, Record] | None = None, sourc
     return WalkSummary.of(state)
 
 
+def inline_of(manifest: Manifest) -> Inline | None:
+    """The inline rule a snapshot was built with (None: none)."""
+    if not manifest.inline:
+        return None
+    try:
+        return Inline.of(manifest.inline, manifest.inline_max)
+    except (ValueError, PatternError) as e:
+        raise BuildError(f"snapshot {manifest.id} of {manifest.path} records an invalid inline rule: {e}") from None
+
+
+def _inline_fields(inline: Inline | None) -> tuple[list[str], int]:
+    return ([p.text for p in inline.patterns], inline.max_bytes) if inline else ([], 0)
+
+
 def build_one(store: Store, path: str, source: str, *, rebuild: bool = False,
-              timeout: float = DEFAULT_TIMEOUT, root: str = "") -> BuildResult:
-    """Build (or confirm) the snapshot serving ``path``, whose real path is ``source``.
+              timeout: float = DEFAULT_TIMEOUT, root: str = "", inline: Inline | None = None) -> BuildResult:
+    """Build (or confirm) the snapshot serving ``path``, whose real path is ``source``,
+    storing the files ``inline`` selects whole.  A snapshot built with other inline
+    settings is rebuilt.
 
     The walk runs in a bounded worker (:mod:`ovlrun.store.bounded`): a stalled source fails this
     snapshot after ``timeout`` seconds instead of hanging the builder.
@@ -351,7 +436,10 @@ def build_one(store: Store, path: str, source: str, *, rebuild: bool = False,
             old = None  # a directory snapshot (before images): replaced by an image
         # A snapshot without a recorded source identity (built by an older ovlrun) cannot
         # be mounted any more (launch checks the identity): rebuild it.
-        if old is not None and old.manifest.source == source and old.manifest.source_ino and not rebuild:
+        fields = _inline_fields(inline)
+        same_inline = old is not None and (old.manifest.inline, old.manifest.inline_max) == fields
+        if old is not None and old.manifest.source == source and old.manifest.source_ino and not rebuild \
+                and same_inline:
             return BuildResult(path, "exists", old, f"built {format_time(old.manifest.built)}; "
                                "'ovlrun snapshot refresh' rebuilds changed sources")
         build_dir = store.new_build_dir(path)
@@ -359,11 +447,12 @@ def build_one(store: Store, path: str, source: str, *, rebuild: bool = False,
             started = time.monotonic()
             image = build_dir / layout.IMAGE
             source_root = source_root_of(source, root or (old.manifest.root if old else ""))
-            state = run_bounded(lambda: build_image(source_root, source, image), timeout=timeout,
+            state = run_bounded(lambda: build_image(source_root, source, image, inline), timeout=timeout,
                                 what=f"building snapshot of {path}", close_fds=(lock_fd,))
             fingerprint = state.fingerprint
             if (old is not None and old.manifest.source == source and old.manifest.fingerprint == fingerprint
-                    and old.manifest.source_ino == state.root_ino and old.manifest.source_root == source_root):
+                    and old.manifest.source_ino == state.root_ino and old.manifest.source_root == source_root
+                    and same_inline):
                 shutil.rmtree(build_dir)
                 return BuildResult(path, "up-to-date", old, "source unchanged")
             manifest = Manifest(path=path, source=source, id=new_snapshot_id(), built=time.time(),
@@ -371,7 +460,8 @@ def build_one(store: Store, path: str, source: str, *, rebuild: bool = False,
                                 long_redirects=state.long_redirects, redirect_max=redirect_max(),
                                 warnings=state.warnings, root=root or (old.manifest.root if old else ""),
                                 image_bytes=state.image_bytes, image_sha256=state.image_sha256,
-                                source_root=source_root, source_ino=state.root_ino)
+                                source_root=source_root, source_ino=state.root_ino, inline=fields[0],
+                                inline_max=fields[1])
             snapshot = store.publish(build_dir, manifest)
         except BaseException as e:
             shutil.rmtree(build_dir, ignore_errors=True)
@@ -428,7 +518,8 @@ def build_profile(profile: Profile, store: Store, *, rebuild: bool = False,
                 try:
                     if source is None:
                         raise OvlrunError(why)
-                    result = build_one(store, path, source, rebuild=rebuild, timeout=timeout, root=tree.root)
+                    result = build_one(store, path, source, rebuild=rebuild, timeout=timeout, root=tree.root,
+                                       inline=tree.inline)
                 except OvlrunError as e:
                     result = BuildResult(path, "failed", None, str(e))
                 results.append(result)
