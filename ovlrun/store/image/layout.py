@@ -48,6 +48,7 @@ class Layout(NamedTuple):
     data_blocks: int
     any_chunked: bool
     epoch_ns: int  # the superblock's build time: compact inodes' mtime
+    shared_redirects: int  # bytes of redirect entries in the shared xattr area
 
 
 def check_name(name: bytes) -> None:
@@ -133,6 +134,10 @@ def _check(node: Node) -> None:
         raise ImageError(f"mode {node.mode:o} or mtime {node.mtime_ns} out of range")
 
 
+def _slots(size: int) -> int:
+    return (size + SLOT_SIZE - 1) & ~(SLOT_SIZE - 1)
+
+
 def _record(node: Node, epoch: int) -> tuple[int, bool, int]:
     """Decide ``node``'s inode kind and data layout: (record bytes, whether the record must
     stay within one block, data blocks)."""
@@ -155,6 +160,7 @@ def _record(node: Node, epoch: int) -> tuple[int, bool, int]:
     base = COMPACT_SIZE if compact else EXTENDED_SIZE
     node._inline = False
     node._blocks = node._entries = 0
+    node._xshared = False
     if fmt == stat.S_IFDIR:
         starts = node._starts
         tail = tail_bytes(node._names, starts[-1])
@@ -178,14 +184,18 @@ def _record(node: Node, epoch: int) -> tuple[int, bool, int]:
         inline = node._inline = bool(tail) and base + tail <= BLOCK_SIZE
         node._blocks = (size >> BLOCK_BITS) if inline else -(-size // BLOCK_SIZE)
         return (base + tail if inline else base), inline, node._blocks
-    record = base + XATTR_HEADER.size
+    node._entries, node._chunkfmt = chunk_layout(size)
+    record = base + XATTR_HEADER.size + 4 * node._entries
     redirect = node.redirect
     if redirect is not None:
         if not redirect or len(redirect) > MAX_XATTR_VALUE:
             raise ImageError(f"a redirect of {len(redirect)} bytes cannot be stored")
-        record += redirect_entry_size(redirect)
-    node._entries, node._chunkfmt = chunk_layout(size)
-    return record + 4 * node._entries, False, 0
+        # Inline after the inode, or in the shared xattr area (dense, 4-byte aligned) with
+        # a 4-byte id: whichever costs fewer bytes once the record is padded to its slots.
+        entry = redirect_entry_size(redirect)
+        node._xshared = _slots(record + 4) + entry < _slots(record + entry)
+        record += 4 if node._xshared else entry
+    return record, False, 0
 
 
 def place(root: Node) -> Layout:
@@ -198,6 +208,7 @@ def place(root: Node) -> Layout:
     used = 0
     data_blocks = 0
     any_chunked = False
+    shared = 0
 
     def room() -> int:
         return BLOCK_SIZE - (pos & (BLOCK_SIZE - 1))
@@ -227,6 +238,9 @@ def place(root: Node) -> Layout:
         size, contained, blocks = _record(node, epoch)
         data_blocks += blocks
         any_chunked = any_chunked or node._entries > 0
+        if node._xshared:
+            assert node.redirect is not None
+            shared += redirect_entry_size(node.redirect)
         used += size
         if contained and size > room():
             if len(pending) >= MAX_DEFERRED:  # give up filling this block
@@ -243,4 +257,4 @@ def place(root: Node) -> Layout:
         if waiting[1] > room():
             pad_to_block()
         put(*waiting)
-    return Layout(placed, pos, used, data_blocks, any_chunked, epoch)
+    return Layout(placed, pos, used, data_blocks, any_chunked, epoch, shared)

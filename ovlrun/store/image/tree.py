@@ -29,7 +29,7 @@ class Node:
     """
 
     __slots__ = ("_blocks", "_chunkfmt", "_compact", "_entries", "_inline", "_names", "_nid", "_parent", "_starts",
-                 "children", "data_at", "gid", "mode", "mtime_ns", "redirect", "size", "target", "uid")
+                 "_xshared", "children", "data_at", "gid", "mode", "mtime_ns", "redirect", "size", "target", "uid")
 
     def __init__(self, mode: int, uid: int = 0, gid: int = 0, mtime_ns: int = 0, size: int = 0,
                  target: bytes | None = None, redirect: bytes | None = None,
@@ -46,7 +46,8 @@ class Node:
         # Filled in by the layout (ovlrun.store.image.layout): the nid, compact or
         # extended, and per type the layout.  Directories: parent, sorted names ("." and
         # ".." included), index of the first name of each block, whether the last block
-        # is inline.  Metacopy files: block map entries and chunk format.  Symlinks and
+        # is inline.  Metacopy files: block map entries, chunk format, whether the
+        # redirect is a shared xattr (_xshared).  Symlinks and
         # stored files: whether the last (partial) block is inline.  All: data blocks.
         self._nid = 0
         self._compact = False
@@ -57,6 +58,7 @@ class Node:
         self._entries = 0
         self._chunkfmt = 0
         self._blocks = 0
+        self._xshared = False
 
     @property
     def stored(self) -> bool:

@@ -12,6 +12,7 @@ each record goes: :mod:`.layout`.
 from __future__ import annotations
 
 import stat
+import struct
 from typing import BinaryIO
 
 from ovlrun.store.image.format import (
@@ -114,7 +115,7 @@ def write_image(root: Node, out: BinaryIO, data: BinaryIO | None = None) -> Imag
     xattr_blkaddr = meta_end >> BLOCK_BITS
     metacopy_id = (meta_end & (BLOCK_SIZE - 1)) >> 2
     opaque_id = metacopy_id + len(METACOPY_ENTRY) // 4
-    data_start = (meta_end + len(SHARED_XATTRS) + BLOCK_SIZE - 1) >> BLOCK_BITS
+    data_start = (meta_end + len(SHARED_XATTRS) + lay.shared_redirects + BLOCK_SIZE - 1) >> BLOCK_BITS
     total_blocks = data_start + lay.data_blocks
     epoch_sec, epoch_nsec = divmod(lay.epoch_ns, 1_000_000_000)
 
@@ -137,6 +138,9 @@ def write_image(root: Node, out: BinaryIO, data: BinaryIO | None = None) -> Imag
     with_blocks: list[Node] = []
     dir_xattrs = XATTR_HEADER.pack(0, 1, opaque_id)  # h_name_filter 0: no filter (feature off)
     file_xattrs = XATTR_HEADER.pack(0, 1, metacopy_id)
+    # Redirects stored as shared xattrs follow metacopy and opaque, in placement order.
+    next_shared = ((meta_end & (BLOCK_SIZE - 1)) + len(SHARED_XATTRS)) >> 2
+    shared_entries: list[bytes] = []
     dirs = files = symlinks = compact = stored = stored_bytes = 0
     for ino, node in enumerate(placed, 1):
         at = node._nid << 5
@@ -164,7 +168,16 @@ def write_image(root: Node, out: BinaryIO, data: BinaryIO | None = None) -> Imag
         elif fmt == stat.S_IFREG:
             files += 1
             redirect = node.redirect
-            xattrs = file_xattrs if redirect is None else file_xattrs + redirect_entry(redirect)
+            if redirect is None:
+                xattrs = file_xattrs
+            elif node._xshared:
+                # Two shared ids: metacopy, then this file's redirect entry.
+                xattrs = XATTR_HEADER.pack(0, 2, metacopy_id) + struct.pack("<I", next_shared)
+                entry = redirect_entry(redirect)
+                shared_entries.append(entry)
+                next_shared += len(entry) >> 2
+            else:
+                xattrs = file_xattrs + redirect_entry(redirect)
             icount = (len(xattrs) - XATTR_HEADER_SIZE) // 4 + 1  # erofs_xattr_ibody_size()
             # i_u is erofs_inode_chunk_info {format, reserved}; 4-byte block map entries
             # follow the xattrs (already 4-aligned), all EROFS_NULL_ADDR.
@@ -188,6 +201,10 @@ def write_image(root: Node, out: BinaryIO, data: BinaryIO | None = None) -> Imag
     if out_w.offset > meta_end:
         raise AssertionError("metadata overran its layout")
     out_w.write(bytes(meta_end - out_w.offset) + SHARED_XATTRS)
+    for entry in shared_entries:
+        out_w.write(entry)
+    if out_w.offset != meta_end + len(SHARED_XATTRS) + lay.shared_redirects:
+        raise AssertionError("shared xattr area does not match its layout")
     out_w.write(bytes((data_start << BLOCK_BITS) - out_w.offset))
 
     # Data blocks, in the order they were numbered.
