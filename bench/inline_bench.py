@@ -21,7 +21,6 @@ the stand-in at ``--latency-us`` (1 ms).  Parts:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -259,7 +258,8 @@ def tables(res: dict[str, object]) -> str:
     b = res.get("build")
     if isinstance(b, dict):
         n = b["entries"]
-        parts.append(f"Build of {b['release']} ({n:,} entries) through the stand-in at {b['latency_us']} us:\n\n" + table(
+        head = f"Build of {b['release']} ({n:,} entries) through the stand-in at {b['latency_us']} us:\n\n"
+        parts.append(head + table(
             ["rule", "wall s", "remote requests", "of which reads", "image bytes", "B/entry", "files inlined",
              "bytes inlined"],
             [[r["rule"], f"{r['elapsed']:.2f}", f"{r['requests']:,}", f"{r['reads']:,}", f"{r['image_bytes']:,}",
