@@ -21,9 +21,9 @@ from __future__ import annotations
 import os
 import posixpath
 import tomllib
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from ovlrun.errors import OvlrunError
 from ovlrun.profile import locate
@@ -32,6 +32,7 @@ from ovlrun.profile.patterns import FilePattern, Pattern, PatternError, overlap
 NETWORK_MODES = ("host", "none")
 MISSING_ROOT_MODES = ("fail", "unlocalised")
 MAX_PROFILE_BYTES = 1 << 20
+_P = TypeVar("_P", Pattern, FilePattern)
 DEFAULT_INLINE_MAX = 256 << 10
 MAX_INLINE_MAX = 1 << 30  # a file stored whole is read at build time and held in every node's image
 _UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
@@ -209,20 +210,26 @@ def _validate_tree(table: dict[str, object], path: Path, where: str) -> Tree:
     patterns = table.get("localise")
     if patterns is None:
         raise _fail(path, f"{where}.localise", "missing")
-    if not isinstance(patterns, list):
-        raise _fail(path, f"{where}.localise", f"must be an array of strings, not {_type_name(patterns)}")
-    if not patterns:
-        raise _fail(path, f"{where}.localise", "empty: name at least one release path to localise")
+    parsed = _parse_list(patterns, Pattern.parse, path, f"{where}.localise",
+                         "empty: name at least one release path to localise")
+    return Tree(root=root, patterns=parsed, inline=_validate_inline(table, path, where))
+
+
+def _parse_list(value: object, parse: Callable[[str], _P], path: Path, key: str, empty: str) -> tuple[_P, ...]:
+    """A non-empty array of pattern strings, each parsed (errors name its index)."""
+    if not isinstance(value, list):
+        raise _fail(path, key, f"must be an array of strings, not {_type_name(value)}")
+    if not value:
+        raise _fail(path, key, empty)
     parsed = []
-    for j, text in enumerate(patterns):
-        key = f"{where}.localise[{j}]"
+    for j, text in enumerate(value):
         if not isinstance(text, str):
-            raise _fail(path, key, f"must be a string, not {_type_name(text)}")
+            raise _fail(path, f"{key}[{j}]", f"must be a string, not {_type_name(text)}")
         try:
-            parsed.append(Pattern.parse(text))
+            parsed.append(parse(text))
         except PatternError as e:
-            raise _fail(path, key, str(e)) from None
-    return Tree(root=root, patterns=tuple(parsed), inline=_validate_inline(table, path, where))
+            raise _fail(path, f"{key}[{j}]", str(e)) from None
+    return tuple(parsed)
 
 
 def _validate_inline(table: dict[str, object], path: Path, where: str) -> Inline | None:
@@ -232,24 +239,13 @@ def _validate_inline(table: dict[str, object], path: Path, where: str) -> Inline
         if limit is not None:
             raise _fail(path, f"{where}.inline_max", "set without inline (name the files to store whole)")
         return None
-    if not isinstance(texts, list):
-        raise _fail(path, f"{where}.inline", f"must be an array of strings, not {_type_name(texts)}")
-    if not texts:
-        raise _fail(path, f"{where}.inline", "empty: name files to store whole, or leave inline out")
-    patterns = []
-    for j, text in enumerate(texts):
-        key = f"{where}.inline[{j}]"
-        if not isinstance(text, str):
-            raise _fail(path, key, f"must be a string, not {_type_name(text)}")
-        try:
-            patterns.append(FilePattern.parse(text))
-        except PatternError as e:
-            raise _fail(path, key, str(e)) from None
+    patterns = _parse_list(texts, FilePattern.parse, path, f"{where}.inline",
+                           "empty: name files to store whole, or leave inline out")
     try:
         max_bytes = DEFAULT_INLINE_MAX if limit is None else parse_size(limit)
     except ValueError as e:
         raise _fail(path, f"{where}.inline_max", str(e)) from None
-    return Inline(tuple(patterns), max_bytes)
+    return Inline(patterns, max_bytes)
 
 
 def _check_overlaps(trees: tuple[Tree, ...], path: Path) -> None:

@@ -25,12 +25,7 @@ class Pattern(NamedTuple):
 
     @classmethod
     def parse(cls, text: str) -> Pattern:
-        if not text:
-            raise PatternError("empty pattern")
-        if "\0" in text:
-            raise PatternError("NUL byte in pattern")
-        if text.startswith("/"):
-            raise PatternError(f"{text!r} is absolute; patterns are relative to the tree's root")
+        _check_text(text, "the tree's root")
         components = tuple(text.rstrip("/").split("/"))
         for comp in components:
             if comp in ("", ".", ".."):
@@ -49,6 +44,15 @@ class Pattern(NamedTuple):
 
     def component_matches(self, index: int, name: str) -> bool:
         return self.regexes[index].fullmatch(name) is not None
+
+
+def _check_text(text: str, relative_to: str) -> None:
+    if not text:
+        raise PatternError("empty pattern")
+    if "\0" in text:
+        raise PatternError("NUL byte in pattern")
+    if text.startswith("/"):
+        raise PatternError(f"{text!r} is absolute; patterns are relative to {relative_to}")
 
 
 def is_glob(component: str) -> bool:
@@ -94,12 +98,7 @@ class FilePattern(NamedTuple):
 
     @classmethod
     def parse(cls, text: str) -> FilePattern:
-        if not text:
-            raise PatternError("empty pattern")
-        if "\0" in text:
-            raise PatternError("NUL byte in pattern")
-        if text.startswith("/"):
-            raise PatternError(f"{text!r} is absolute; inline patterns are relative to the localised release")
+        _check_text(text, "the localised release")
         if text.endswith("/"):
             raise PatternError(f"{text!r} ends with '/'; inline patterns name files")
         out = []
