@@ -2,7 +2,7 @@
 
 verify
     Re-walks each current snapshot's source with the builder's own walk, writing
-    nothing (:func:`ovlrun.store.build.walk_records`: one readdir per directory, one lstat per
+    nothing (:func:`ovlrun.store.walk.walk_records`: one readdir per directory, one lstat per
     entry; a symlink whose lstat is unchanged is not readlink'ed again), reads the
     snapshot image's records (local: the image carries exactly the fingerprint inputs)
     and compares the two record sets:
@@ -33,9 +33,10 @@ from ovlrun.errors import OvlrunError
 from ovlrun.profile.parse import Profile
 from ovlrun.store import layout
 from ovlrun.store.bounded import DEFAULT_TIMEOUT, run_bounded
-from ovlrun.store.build import Record, build_one, image_records, inline_of, walk_records
+from ovlrun.store.build import build_one, inline_of
 from ovlrun.store.index import Snapshot, SnapshotMissing, Store
 from ovlrun.store.inuse import snapshot_ids_in_use
+from ovlrun.store.walk import Record, image_records, walk_records
 
 LISTED_MAX = 100  # names kept per category in a report (counts are always complete)
 DEFAULT_GRACE = 60.0
