@@ -139,3 +139,57 @@ def test_inline_rule_matching() -> None:
     assert not FilePattern.parse("*.pyc").matches("a/b.pyc")  # '*' stays in one component
     assert [parse_size(v) for v in (1, "1", "10 B", "256KiB", "1 MiB", "1GiB")] == \
         [1, 1, 10, 256 << 10, 1 << 20, 1 << 30]
+
+
+def _spool(tmp_dir: Path, name: str, st: os.stat_result) -> tuple[int, list[str], bytes]:
+    import io
+
+    from ovlrun.store.walk import WalkState, _spool_file
+    state = WalkState()
+    spool = io.BytesIO()
+    fd = os.open(tmp_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        at = _spool_file(name, fd, name.encode(), st, state, spool)
+    finally:
+        os.close(fd)
+    return at, state.warnings, spool.getvalue()
+
+
+def test_a_fifo_swapped_in_after_the_lstat_is_never_opened(tmp_path: Path) -> None:
+    """Between the walk's lstat and the read, a writable release could swap the file for
+    a FIFO (or a device node): the builder, root, must not open it.  A writer blocked on
+    the FIFO would be released by any open for reading."""
+    (tmp_path / "m.pyc").write_bytes(b"pyc data")
+    st = os.lstat(tmp_path / "m.pyc")
+    os.unlink(tmp_path / "m.pyc")
+    os.mkfifo(tmp_path / "m.pyc")
+    import threading
+    opened = threading.Event()
+
+    def writer() -> None:
+        fd = os.open(tmp_path / "m.pyc", os.O_WRONLY)  # blocks until someone opens it for reading
+        opened.set()
+        os.close(fd)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    at, warnings, data = _spool(tmp_path, "m.pyc", st)
+    assert at == -1 and data == b"" and any("changed while being inlined" in w for w in warnings), warnings
+    assert not opened.wait(0.5), "the builder opened the FIFO"
+    os.close(os.open(tmp_path / "m.pyc", os.O_RDONLY | os.O_NONBLOCK))  # release the writer
+    thread.join(timeout=10)
+
+
+def test_a_file_replaced_or_grown_after_the_lstat_stays_a_redirect(tmp_path: Path) -> None:
+    (tmp_path / "a.pyc").write_bytes(b"12345")
+    st = os.lstat(tmp_path / "a.pyc")
+    at, warnings, data = _spool(tmp_path, "a.pyc", st)
+    assert (at, warnings, data) == (0, [], b"12345")
+    (tmp_path / "a.pyc").write_bytes(b"123456")  # grew (and its mtime moved)
+    at, warnings, data = _spool(tmp_path, "a.pyc", st)
+    assert at == -1 and data == b"" and warnings
+    (tmp_path / "b.pyc").write_bytes(b"12345")
+    os.utime(tmp_path / "b.pyc", ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.rename(tmp_path / "b.pyc", tmp_path / "a.pyc")  # same size and mtime, another inode
+    at, warnings, data = _spool(tmp_path, "a.pyc", st)
+    assert at == -1 and data == b"" and warnings

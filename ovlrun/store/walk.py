@@ -115,36 +115,51 @@ def node_of(st: os.stat_result, **kw: object) -> Node:
 _READ_PIECE = 1 << 20
 
 
+def _open_regular(name: str, src_fd: int, st: os.stat_result) -> int:
+    """Open the regular file ``name`` for reading, only if it is still the inode the walk
+    lstat'ed as ``st``: an O_PATH open first (it opens nothing: a device node or FIFO
+    swapped in meanwhile is never opened for reading by root), checked, then reopened
+    through /proc/self/fd, which opens that very inode rather than the name again."""
+    path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_fd)
+    try:
+        now = os.fstat(path_fd)
+        if not stat.S_ISREG(now.st_mode) or (now.st_ino, now.st_size, now.st_mtime_ns) != (
+                st.st_ino, st.st_size, st.st_mtime_ns):
+            return -1
+        return os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    finally:
+        os.close(path_fd)
+
+
 def _spool_file(name: str, src_fd: int, rel: bytes, st: os.stat_result, state: WalkState,
                 spool: BinaryIO) -> int:
     """Copy the file ``name`` (lstat'ed as ``st``) into ``spool``; returns where it starts
     there, or -1 (with a warning) if it cannot be read or is not what the walk saw."""
     where = "/" + os.fsdecode(rel)
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=src_fd)
+        fd = _open_regular(name, src_fd, st)
     except OSError as e:
         state.warn(f"{where}: cannot be read to inline it ({e.strerror}); stored as a redirect")
         return -1
     start = spool.seek(0, os.SEEK_END)
-    try:
-        before = os.fstat(fd)
-        copied = 0
-        if (before.st_ino, before.st_size, before.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns) \
-                and stat.S_ISREG(before.st_mode):
+    copied, after = -2, st  # -2: replaced since the walk's lstat
+    if fd >= 0:
+        try:
+            copied = 0
             while copied <= st.st_size:  # one read past the end: the file must not have grown
                 piece = os.read(fd, min(_READ_PIECE, st.st_size - copied + 1))
                 if not piece:
                     break
                 spool.write(piece)
                 copied += len(piece)
-        after = os.fstat(fd)
-    except OSError as e:
-        state.warn(f"{where}: cannot be read to inline it ({e.strerror}); stored as a redirect")
-        copied, after = -1, st
-    finally:
-        os.close(fd)
+            after = os.fstat(fd)
+        except OSError as e:
+            state.warn(f"{where}: cannot be read to inline it ({e.strerror}); stored as a redirect")
+            copied = -1
+        finally:
+            os.close(fd)
     if copied != st.st_size or (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
-        if copied >= 0:
+        if copied != -1:
             state.warn(f"{where}: changed while being inlined; stored as a redirect")
         spool.truncate(start)
         return -1
