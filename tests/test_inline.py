@@ -163,21 +163,26 @@ def test_a_fifo_swapped_in_after_the_lstat_is_never_opened(tmp_path: Path) -> No
     st = os.lstat(tmp_path / "m.pyc")
     os.unlink(tmp_path / "m.pyc")
     os.mkfifo(tmp_path / "m.pyc")
-    import threading
-    opened = threading.Event()
-
-    def writer() -> None:
-        fd = os.open(tmp_path / "m.pyc", os.O_WRONLY)  # blocks until someone opens it for reading
-        opened.set()
-        os.close(fd)
-
-    thread = threading.Thread(target=writer, daemon=True)
-    thread.start()
-    at, warnings, data = _spool(tmp_path, "m.pyc", st)
-    assert at == -1 and data == b"" and any("changed while being inlined" in w for w in warnings), warnings
-    assert not opened.wait(0.5), "the builder opened the FIFO"
-    os.close(os.open(tmp_path / "m.pyc", os.O_RDONLY | os.O_NONBLOCK))  # release the writer
-    thread.join(timeout=10)
+    import select
+    import sys
+    import time
+    writer = subprocess.Popen([sys.executable, "-c", "import os, sys; os.open(sys.argv[1], os.O_WRONLY); print('opened')",
+                               str(tmp_path / "m.pyc")], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # wait until the writer is blocked in openat(2) (syscall 257 on x86-64)
+            with open(f"/proc/{writer.pid}/syscall") as f:
+                if f.read().split()[0] in ("257", "2"):
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        at, warnings, data = _spool(tmp_path, "m.pyc", st)
+        assert at == -1 and data == b"" and any("changed while being inlined" in w for w in warnings), warnings
+        assert writer.stdout is not None
+        assert select.select([writer.stdout], [], [], 0.5)[0] == [], "the builder opened the FIFO"
+    finally:
+        os.close(os.open(tmp_path / "m.pyc", os.O_RDONLY | os.O_NONBLOCK))  # release the writer
+        writer.wait(timeout=10)
 
 
 def test_a_file_replaced_or_grown_after_the_lstat_stays_a_redirect(tmp_path: Path) -> None:
