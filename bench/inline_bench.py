@@ -188,19 +188,24 @@ def measure_fetch(nodes: int, log: Log = print) -> dict[str, object]:
             s.snapshot_build(profile_name(rule))
             shutil.rmtree(published, ignore_errors=True)
             published.mkdir(mode=0o755)
-            subprocess.run([*s.command(), "snapshot", "publish", "--to", str(published), "--profile",
-                            profile_name(rule)], env=s.env(), check=True, capture_output=True, cwd="/")
+            proc = subprocess.run([*s.command(), "snapshot", "publish", "--to", str(published), "--profile",
+                                   profile_name(rule)], env=s.env(), capture_output=True, text=True, cwd="/")
+            if proc.returncode != 0:
+                raise RuntimeError(f"publish failed: {proc.stderr[-2000:]}")
             for i in range(nodes):
                 for ra in (1024, 128):
                     node = Side(f"node{i}", ovlrun_cli.REPO, BENCH_CACHE / "fetch-nodes" / f"node{i:02d}")
                     shutil.rmtree(node.store, ignore_errors=True)
+                    node.store.parent.mkdir(parents=True, exist_ok=True)
                     shared.cold(read_ahead_kb=ra)
                     set_read_ahead_kb(SHARED_ROOT, ra)
                     before = shared.counters()
                     t0 = time.perf_counter()
-                    subprocess.run([*node.command(), "snapshot", "fetch", "--from", str(SHARED_ROOT / PUBLISHED),
-                                    "--profile", profile_name(rule)], env=node.env(), check=True,
-                                   capture_output=True, cwd="/")
+                    proc = subprocess.run([*node.command(), "snapshot", "fetch", "--from",
+                                           str(SHARED_ROOT / PUBLISHED), "--profile", profile_name(rule)],
+                                          env=node.env(), capture_output=True, text=True, cwd="/")
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"fetch failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
                     took = time.perf_counter() - t0
                     c = diff(shared.counters(), before)
                     rows.append({"rule": rule, "node": i, "read_ahead_kb": ra, "elapsed": took,
