@@ -90,7 +90,9 @@ def test_inlined_file_changed_in_place_reads_the_snapshot_until_refresh(world: W
 
 @requires_root
 def test_images_are_deterministic_and_rebuilt_when_the_rule_changes(world: World) -> None:
-    rel, _ = inline_release(world)
+    rel, files = inline_release(world)
+    built = world.ovlrun("snapshot", "build", "--profile", "inl", "--rebuild")
+    assert "up-to-date" in built.stderr, built.stderr
     first = (current_dir(world, rel) / "image.erofs").read_bytes()
     shutil.rmtree(world.store)
     world.build("inl")
@@ -100,7 +102,7 @@ def test_images_are_deterministic_and_rebuilt_when_the_rule_changes(world: World
     # Other inline settings: the snapshot is rebuilt with them (here: none).
     world.write_profile("inl", f'[[tree]]\nroot = "{world.sw}"\nlocalise = ["app/2.0"]\n')
     r = world.ovlrun("snapshot", "build", "--profile", "inl")
-    assert r.returncode == 0 and "built:" in r.stderr, r.stderr
+    assert r.returncode == 0 and "built:" in r.stderr and "inline settings changed" in r.stderr, r.stderr
     nodes = image_nodes(world, rel)
     assert [p for p, n in nodes.items() if n.stored] == ["lib/python/pkg/__init__.py"]  # type: ignore[attr-defined]
 

@@ -216,7 +216,8 @@ def inline_release(world: World) -> tuple[Path, dict[str, bytes]]:
     os.chown(rel / "lib" / "libbar.so.1.2", 70000, 70001)  # 32-bit ids: an extended inode
     world.write_profile("inl", f'[[tree]]\nroot = "{world.sw}"\nlocalise = ["app/2.0"]\n'
                                'inline = ["**/*.pyc", "**/*.so*"]\ninline_max = "256KiB"\n')
-    world.build("inl")
+    built = world.build("inl")
+    assert f"{len(files) - len(STAYS_METACOPY) - 1} files stored whole" in built.stderr, built.stderr
     return rel, files
 
 

@@ -221,7 +221,13 @@ def build_one(store: Store, path: str, source: str, *, rebuild: bool = False,
             raise
         total = sum(state.counts[k] for k in ("dirs", "files", "symlinks")) + 1
         took = time.monotonic() - started
-        return BuildResult(path, "built", snapshot, f"{total} entries in {took:.2f}s")
+        message = f"{total} entries in {took:.2f}s"
+        if inline is not None:
+            message += (f", {state.counts.get('inlined', 0)} files stored whole "
+                        f"({state.counts.get('inlined_bytes', 0) / 1e6:.1f} MB; {inline.describe()})")
+        if old is not None and not same_inline:
+            message += "; rebuilt: inline settings changed"
+        return BuildResult(path, "built", snapshot, message)
 
 
 def resolve_tree(tree: Tree) -> list[tuple[Pattern, list[tuple[str, str | None, str]]]]:
