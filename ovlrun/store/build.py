@@ -56,7 +56,6 @@ from ovlrun.store.walk import BuildError, WalkState, WalkSummary, node_of, open_
 Reporter = Callable[[str], None]
 
 
-
 @dataclass
 class BuildResult:
     path: str
