@@ -90,7 +90,7 @@ def test_inlined_file_changed_in_place_reads_the_snapshot_until_refresh(world: W
 
 @requires_root
 def test_images_are_deterministic_and_rebuilt_when_the_rule_changes(world: World) -> None:
-    rel, files = inline_release(world)
+    rel, _ = inline_release(world)
     built = world.ovlrun("snapshot", "build", "--profile", "inl", "--rebuild")
     assert "up-to-date" in built.stderr, built.stderr
     first = (current_dir(world, rel) / "image.erofs").read_bytes()
