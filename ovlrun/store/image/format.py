@@ -1,15 +1,18 @@
 """The EROFS on-disk format, as far as ovlrun's images use it.
 
 Source: Linux ``fs/erofs/erofs_fs.h`` (also erofs-utils ``include/erofs_fs.h``); the
-comments name the structures and the kernel code each choice follows.  Checked against
-the 6.1 and 6.12 sources and the current one, and by mounting on those kernels.  Images
-use only what every kernel from 6.1 on reads: no compression, no long xattr prefixes
-(6.4+), no xattr name filter (6.5+); the one incompat feature is CHUNKED_FILE (5.15+).
+comments name the structures and the kernel code each choice follows.  Checked by
+mounting (tests/test_erofs.py, tests/test_mount.py) on Debian's 6.1 and 6.12 in the VM
+tests and on 6.18, and with fsck.erofs 1.5 and 1.8.  Images use only what every kernel
+from 6.1 on reads: no compression, no long xattr prefixes (6.4+), no xattr name filter
+(6.5+); the one incompat feature is CHUNKED_FILE (5.15+).  The shared xattr area is
+also where redirects go that do not fit their inode's slot padding (ids are 32-bit
+4-byte offsets from ``xattr_blkaddr``, so the area may span blocks).
 
 Layout of an image::
 
     block 0 ... : 1 KiB zero | erofs_super_block (128 B) at 1024 | inodes (metadata area)
-    ...         : shared xattr area (2 entries), right after the last inode
+    ...         : shared xattr area (metacopy, opaque, then redirects), after the last inode
     data blocks : directory blocks that do not fit inline, long symlink targets, and the
                   blocks of files stored whole
 
@@ -33,7 +36,8 @@ Layout of an image::
   inode, tail packing), with no xattrs.
 * ``trusted.overlay.metacopy`` (empty) and ``trusted.overlay.opaque`` ("y") are stored once
   in the shared xattr area and referenced by id from every metacopy file / directory;
-  ``trusted.overlay.redirect`` is an inline xattr entry.  All use the name index
+  ``trusted.overlay.redirect`` is an inline xattr entry, or a shared one (a 4-byte id)
+  when that takes fewer bytes once the inode record is padded to its 32-byte slots.  All use the name index
   ``EROFS_XATTR_INDEX_TRUSTED`` (so the stored name is "overlay.redirect", etc.).
 * Directories: ``erofs_dirent`` s sorted by name bytes ("." and ".." included, since the
   kernel binary-searches them: ``find_target_block_classic`` / ``find_target_dirent`` in
