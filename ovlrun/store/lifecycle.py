@@ -2,14 +2,15 @@
 
 verify
     Re-walks each current snapshot's source with the builder's own walk, writing
-    nothing (:func:`ovlrun.store.build.walk_records`: one readdir per directory, one lstat per
+    nothing (:func:`ovlrun.store.walk.walk_records`: one readdir per directory, one lstat per
     entry; a symlink whose lstat is unchanged is not readlink'ed again), reads the
     snapshot image's records (local: the image carries exactly the fingerprint inputs)
     and compares the two record sets:
     entries *missing* in the source, entries whose metadata *changed*, *new* entries.
 refresh
-    Rebuilds the snapshots verify finds changed and publishes each new one atomically
-    (``rename(2)`` + index rewrite): running jobs keep the tree they mounted.
+    Rebuilds the snapshots verify finds changed, each with the inline settings it was built
+    with, and publishes each new one atomically (``rename(2)`` + index rewrite): running
+    jobs keep the tree they mounted.
 gc
     Removes snapshots that are no longer current (a newer one replaced them, or a killed
     publish orphaned them), current ones whose source is gone, and directory snapshots
@@ -35,8 +36,9 @@ from ovlrun.errors import OvlrunError
 from ovlrun.profile.parse import Profile
 from ovlrun.store import layout
 from ovlrun.store.bounded import DEFAULT_TIMEOUT, run_bounded
-from ovlrun.store.build import Record, build_one, image_records, walk_records
+from ovlrun.store.build import build_one, inline_of
 from ovlrun.store.index import Snapshot, SnapshotMissing, Store
+from ovlrun.store.walk import Record, image_records, walk_records
 
 LISTED_MAX = 100  # names kept per category in a report (counts are always complete)
 DEFAULT_GRACE = 60.0
@@ -167,6 +169,7 @@ def refresh(store: Store, profile: Profile | None, *, timeout: float = DEFAULT_T
     """Rebuild every snapshot verify finds changed; publish atomically (old ones stay
     mounted by the jobs that use them until gc finds them unused)."""
     out = []
+    current = current_snapshots(store, profile)
     for drift in verify(store, profile, timeout=timeout):
         if drift.status == "clean":
             out.append(Refreshed(drift, "unchanged"))
@@ -176,7 +179,10 @@ def refresh(store: Store, profile: Profile | None, *, timeout: float = DEFAULT_T
             out.append(Refreshed(drift, "failed", message=drift.message))
         else:
             try:
-                result = build_one(store, drift.path, drift.source, rebuild=True, timeout=timeout)
+                # With the settings the snapshot was built with (inline patterns).
+                snapshot = current.get(drift.path)
+                result = build_one(store, drift.path, drift.source, rebuild=True, timeout=timeout,
+                                   inline=inline_of(snapshot.manifest) if snapshot else None)
             except OvlrunError as e:
                 out.append(Refreshed(drift, "failed", message=e.message))
                 continue

@@ -37,6 +37,9 @@ def profile_check(name: Annotated[str, typer.Argument(help="Profile name or path
     finally:
         located.close()
     print(f"{profile.name}: {profile.file} OK ({profile.description or 'no description'})")
+    for tree in profile.trees:
+        if tree.inline:
+            print(f"  {tree.root}: {tree.inline.describe()}")
     try:
         index = Store.open().read_index()
     except OvlrunError as e:

@@ -165,7 +165,8 @@ def _check_manifest(m: Manifest, path: str, root: str | None, key: str, snap_id:
              and all(is_int(v) for v in (m.max_redirect, m.long_redirects, m.redirect_max, m.image_bytes))
              and isinstance(m.built, (int, float)) and not isinstance(m.built, bool)
              and isinstance(m.counts, dict) and all(isinstance(k, str) and is_int(v) for k, v in m.counts.items())
-             and isinstance(m.warnings, list) and all(isinstance(w, str) for w in m.warnings))
+             and isinstance(m.warnings, list) and all(isinstance(w, str) for w in m.warnings)
+             and isinstance(m.inline, list) and all(isinstance(p, str) for p in m.inline) and is_int(m.inline_max))
     if not typed:
         raise bad("a field has the wrong type")
     if m.path != path or m.id != snap_id or source_key(m.source) != key:
