@@ -22,16 +22,16 @@ DEV_VENV = .venv
 DEV_PYTHON = $(DEV_VENV)/bin/python
 # Build and runtime: venv + python-prctl's compiler, headers and libcap.  Tests: FUSE
 # (the NFS stand-in), attr, tmux, sudo, erofs-utils (fsck.erofs); the VM tests: qemu,
-# busybox, cpio, kmod, xz, zstd, and the kernel NFS server's userland (run in the guests
-# from this machine's root; its services are not started here); the Slurm 24.11 tests:
-# debootstrap.
+# busybox, cpio, kmod, xz, zstd, and the kernel NFS server's userland (the guests run it
+# from this machine's root); the Slurm 24.11 tests:
+# debootstrap; lint: shellcheck (ci/).
 RUNTIME_PACKAGES = python3-venv python3-dev gcc libcap-dev sudo
 VM_PACKAGES = qemu-system-x86 busybox-static cpio kmod xz-utils zstd nfs-kernel-server
-TEST_PACKAGES = attr fuse3 libfuse3-dev pkg-config tmux erofs-utils debootstrap $(VM_PACKAGES)
+TEST_PACKAGES = attr fuse3 libfuse3-dev pkg-config tmux erofs-utils debootstrap shellcheck $(VM_PACKAGES)
 APT_STAMP = .apt.stamp
 DEV_STAMP = $(DEV_VENV)/.installed
 
-.PHONY: install uninstall demo test test-fast lint bench vm-test clean
+.PHONY: install uninstall demo test test-fast checkout-readable lint bench vm-test clean
 
 $(APT_STAMP):
 	apt-get update -qq
@@ -85,18 +85,29 @@ $(DEV_STAMP): pyproject.toml | $(APT_STAMP)
 	$(DEV_PYTHON) -m pip install -q -e '.[test]'
 	touch $@
 
-# Everything: the host suite, Slurm 22.05 and 24.11 end to end, and Debian's 6.1 and
-# 6.12 kernels booted under qemu (OVLRUN_VM_TESTS=0 skips those, e.g. for a quick loop).
-test: $(DEV_STAMP)
+# Everything: the host suite, Slurm 22.05 and 24.11 end to end, Debian's 6.1 and 6.12
+# kernels booted under qemu (OVLRUN_VM_TESTS=0 skips those), and README's quick start in
+# fresh Debian 12 and 13 roots (tests/test_quickstart.py).  CI runs this.
+test: checkout-readable $(DEV_STAMP)
 	OVLRUN_VM_TESTS=$${OVLRUN_VM_TESTS:-1} $(DEV_PYTHON) -m pytest -q
 
-# For development only (CI runs `make test`): everything but the VM kernel tests.
-test-fast: $(DEV_STAMP)
-	OVLRUN_VM_TESTS=0 $(DEV_PYTHON) -m pytest -q
+# For development only (CI never uses it): the suite without the tests that build whole
+# environments (qemu kernels, the Slurm 24.11 root, the fresh Debian roots).
+test-fast: checkout-readable $(DEV_STAMP)
+	$(DEV_PYTHON) -m pytest -q -m "not environment"
+
+# The suite runs parts as an unprivileged user (sudo, Slurm jobs, the test user): they
+# execute this checkout's .venv/bin/python.  Checked first: a clone in /root (mode 0700)
+# would otherwise fail a few tests deep into the run.
+checkout-readable:
+	@setpriv --reuid=nobody --regid=nogroup --clear-groups test -r $(CURDIR)/Makefile || { \
+		echo "make: $(CURDIR) is not readable by other users, and the tests run some commands as one:" \
+			"use a checkout outside /root (e.g. /usr/local/src/ovlrun)" >&2; exit 1; }
 
 lint: $(DEV_STAMP)
 	$(DEV_PYTHON) -m ruff check ovlrun tests
 	$(DEV_PYTHON) -m mypy
+	shellcheck -x ci/*.sh
 
 # Debian 12 (6.1) and 13 (6.12) kernels booted under qemu (TCG), the launch subset in
 # each (tests/test_vm_kernels.py).  Kernel packages are fetched once into

@@ -14,12 +14,13 @@ on this machine's root filesystem (9p) with the store on a guest tmpfs:
    ``lookupcache=positive``), and ovlrun on it: build, verify, publish/fetch, job views,
    lookups counted from mountstats, changes on the server (test_nfs).
 
-``make test`` runs them (``OVLRUN_VM_TESTS=0``, e.g. ``make test-fast``, skips them):
-the first run downloads two kernel packages, then both boot at once under TCG, ~9-12
-minutes in all on 2 cores.  ``make vm-test`` runs only these.  Needs root,
-qemu-system-x86, busybox-static, cpio, kmod (depmod, modprobe) and, for the NFS part,
-nfs-kernel-server (its userland runs in the guest from the host's root).  Skipped where
-the fresh-Debian test runs the suite nested (``OVLRUN_NESTED=1``): the host runs them.
+``make test`` runs them (``OVLRUN_VM_TESTS=0`` skips them; ``make test-fast`` deselects
+them with the other "environment" tests, and nested in the fresh-Debian test they skip:
+tests/conftest.py): the first run downloads two kernel packages, then both boot at once
+under TCG, ~9 minutes in all on 2 cores (the NFS part ~4 of them).  ``make vm-test`` runs
+only these.  Needs root, qemu-system-x86, busybox-static, cpio, kmod (depmod, modprobe)
+and, for the NFS part, nfs-kernel-server (its userland runs in the guest from the host's
+root).
 """
 
 from __future__ import annotations
@@ -41,12 +42,8 @@ if TYPE_CHECKING:
     from tests.vm.kernels import Kernel
 
 ENABLED = os.environ.get("OVLRUN_VM_TESTS") == "1"
-NESTED = os.environ.get("OVLRUN_NESTED") == "1"
-pytestmark = [
-    pytest.mark.skipif(NESTED, reason="nested in the fresh-Debian test: the host runs the VM tests"),
-    pytest.mark.skipif(not ENABLED or os.geteuid() != 0,
-                       reason="VM kernel tests: set OVLRUN_VM_TESTS=1 (root, qemu; see make vm-test)"),
-]
+pytestmark = pytest.mark.skipif(not ENABLED or os.geteuid() != 0,
+                                reason="VM kernel tests: set OVLRUN_VM_TESTS=1 (root, qemu; see make vm-test)")
 
 LAUNCH_TESTS = " or ".join((
     "test_reads_data_through_localised_view", "test_data_matches_source_bytes", "test_absent_name_is_enoent",

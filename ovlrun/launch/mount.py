@@ -16,15 +16,14 @@ launch path: imports nothing heavy.
 from __future__ import annotations
 
 import os
-import stat
 import sys
 
 from ovlrun.errors import OvlrunError
 from ovlrun.linux import syscalls
-from ovlrun.linux.erofs import mount_image
-from ovlrun.linux.files import NOT_WRITABLE, trust_problem
+from ovlrun.linux.erofs import ImageMountError, mount_image
+from ovlrun.linux.files import UntrustedError, open_trusted
 from ovlrun.linux.kernel import Features, probe
-from ovlrun.linux.overlay import OverlaySpec, SourceChanged, SourceMissing, mount_overlay
+from ovlrun.linux.overlay import OverlaySetupError, OverlaySpec, SourceChanged, SourceMissing, mount_overlay
 from ovlrun.store.layout import check_snapshot_trusted
 
 TYPE_CHECKING = False
@@ -120,15 +119,11 @@ def open_image(path: str) -> int:
     """The snapshot image, opened without following symlinks and trust-checked on the fd
     that is then mounted (no window to swap the file)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return open_trusted(path)
     except OSError as e:
         raise OvlrunError(f"snapshot image {path}: {e.strerror}") from None
-    st = os.fstat(fd)
-    problem = "not a regular file" if not stat.S_ISREG(st.st_mode) else trust_problem(st, NOT_WRITABLE)
-    if problem:
-        os.close(fd)
-        raise OvlrunError(f"refusing snapshot image {path}: {problem}")
-    return fd
+    except UntrustedError as e:
+        raise OvlrunError(f"refusing snapshot image {path}: {e.problem}") from None
 
 
 def mount_all(items: list[MountItem], image_fds: list[int], features: Features) -> list[BaseException | None]:
@@ -161,10 +156,9 @@ def mount_localised(item: MountItem, image_fd: int, features: Features) -> None:
     """Mount the image (fd ``image_fd``) at ``item.tree`` (made by :func:`mount_all`) and
     the overlay on ``item.source``."""
     try:
-        image_mount = mount_image(f"/proc/self/fd/{image_fd}")
-    except OvlrunError as e:
-        raise OvlrunError(f"cannot mount snapshot image {item.image}: "
-                          f"{e.message.split(': ', 1)[-1]}") from None
+        image_mount = mount_image(image_fd)
+    except ImageMountError as e:
+        raise OvlrunError(f"cannot mount snapshot image {item.image}: {e}") from None
     try:
         try:
             syscalls.move_mount(image_mount, item.tree)
@@ -173,8 +167,13 @@ def mount_localised(item: MountItem, image_fd: int, features: Features) -> None:
         # Resolves the source once, below its tree root without following symlinks, and
         # checks it is the directory the snapshot was built from (SourceChanged: nothing
         # is mounted for it).
-        mount_overlay(OverlaySpec(target=item.source, snapshot_tree=item.tree, data=item.source,
-                                  source_root=item.source_root, source_ino=item.source_ino), features)
+        try:
+            mount_overlay(OverlaySpec(target=item.source, snapshot_tree=item.tree, data=item.source,
+                                      source_root=item.source_root, source_ino=item.source_ino), features)
+        except OverlaySetupError as e:
+            raise OvlrunError(f"cannot set up overlay for {item.source}: {e}") from None
+        except OSError as e:
+            raise OvlrunError(f"cannot mount localised overlay on {item.source}: {e}") from None
     finally:
         os.close(image_mount)
 

@@ -20,10 +20,9 @@ from ovlrun.errors import OvlrunError
 from ovlrun.linux import layerpaths, syscalls
 from ovlrun.linux.kernel import FD, MOUNT_DATA_ONLY, STRING, Features
 
-# fsconfig(2) string values are capped at 256 bytes (incl. NUL); longer layer paths are
-# passed as O_PATH fds (FSCONFIG_SET_FD) where the kernel takes them, else shortened
+# fsconfig(2) string values are capped (syscalls.FSCONFIG_STRING_MAX); longer layer paths
+# are passed as O_PATH fds (FSCONFIG_SET_FD) where the kernel takes them, else shortened
 # (ovlrun.linux.layerpaths).
-FSCONFIG_STRING_MAX = 255
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -50,6 +49,11 @@ def escape_layer(path: str) -> str:
     both and itself (fs/overlayfs/params.c: ovl_parse_param_split_lowerdirs).
     """
     return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+class OverlaySetupError(syscalls.SyscallError):
+    """The kernel refused the overlay's configuration (an fsconfig call); ``detail`` holds
+    what overlayfs logged on the context, which explains most refusals."""
 
 
 class SourceMissing(OvlrunError):
@@ -123,7 +127,7 @@ def _set_string_layer(fs_fd: int, key: str, path: str, path_fd: int | None) -> N
     A snapshot tree becomes ``snapshots/KEY/ID/tree`` relative to the store root (so
     mountinfo still names it for gc); anything else ``/proc/self/fd/N`` (see layerpaths).
     """
-    if len(os.fsencode(path)) <= FSCONFIG_STRING_MAX:
+    if len(os.fsencode(path)) <= syscalls.FSCONFIG_STRING_MAX:
         syscalls.fsconfig_set_string(fs_fd, key, path)
         return
     relative = layerpaths.store_relative(path) if key == "lowerdir+" else None
@@ -167,10 +171,8 @@ def _mount_new_api_at(spec: OverlaySpec, fd_layers: bool, data_fd: int) -> None:
             syscalls.fsconfig_set_string(fs_fd, "redirect_dir", "follow")
             syscalls.fsconfig_create(fs_fd)
         except OSError as e:
-            if e.errno == errno.ESTALE:
-                raise  # mount_overlay: the NFS client's handle of the source went stale
             log = "; ".join(syscalls.read_fs_log(fs_fd))
-            raise OvlrunError(f"cannot set up overlay for {spec.target}: {e}{f' ({log})' if log else ''}") from None
+            raise OverlaySetupError(e.errno or 0, getattr(e, "call", "fsconfig"), e.filename, log) from None
         attrs = syscalls.MOUNT_ATTR_RDONLY | syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
         mnt_fd = syscalls.fsmount(fs_fd, syscalls.FSMOUNT_CLOEXEC, attrs)
     finally:
@@ -258,22 +260,25 @@ def _revalidate(path: str) -> None:
 def mount_overlay(spec: OverlaySpec, features: Features) -> None:
     """Mount ``spec`` in the current mount namespace, best method the kernel offers.
 
+    Raises :class:`SourceMissing` or :class:`SourceChanged` (see :func:`open_source`),
+    :class:`OverlaySetupError` if the kernel refused the overlay's configuration, and the
+    failing call's OSError otherwise; the caller says which localised path it was.
+
     A source deleted on an NFS server while this client still caches it resolves from
     the cache, and the mount then fails with ESTALE (the server no longer knows the
     handle).  That is a missing source (:class:`SourceMissing`, as when the lookup itself
     fails), after one more try once the client has checked the path with the server.
     """
     try:
-        try:
-            _mount(spec, features)
-        except OSError as e:
-            if e.errno != errno.ESTALE:
-                raise
-            _revalidate(spec.data)
-            _mount(spec, features)  # SourceMissing from open_source if it is gone now
-    except OvlrunError:
-        raise
+        _mount(spec, features)
+        return
+    except OSError as e:
+        if e.errno != errno.ESTALE:
+            raise
+    _revalidate(spec.data)
+    try:
+        _mount(spec, features)  # SourceMissing from open_source if it is gone now
     except OSError as e:
         if e.errno == errno.ESTALE:
             raise SourceMissing(f"{spec.data} is missing on the shared tree (stale NFS file handle)") from None
-        raise OvlrunError(f"cannot mount localised overlay on {spec.target}: {e}") from None
+        raise
