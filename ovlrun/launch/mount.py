@@ -201,6 +201,15 @@ def _mount_concurrently(items: list[MountItem], image_fds: list[int],
         for i in range(len(items)):
             mount_one(i)
         return failures
+    # Every thread's walk starts at its tree root, so all would wait for the same first
+    # lookups anyway; walking into each root once first spares a cold NFS client the
+    # same ACCESS sent by several threads at once (each missing its access cache).
+    # Measured on kernel NFS, 21 paths cold: 26-33 ACCESS with the threads, 24 with this.
+    for root in {item.source_root for item in items if item.source_root}:
+        try:
+            os.stat(os.path.join(root, "."))
+        except OSError:
+            pass  # each mount then fails, or not, on its own, as without this
     import threading
 
     pending = list(range(len(items)))

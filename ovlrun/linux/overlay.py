@@ -236,14 +236,49 @@ def _mount_legacy(spec: OverlaySpec, data_only: bool) -> None:
         os.close(data_fd)
 
 
+def _mount(spec: OverlaySpec, features: Features) -> None:
+    if features.method in (FD, STRING):
+        _mount_new_api(spec, fd_layers=features.method == FD)
+    else:
+        _mount_legacy(spec, data_only=features.method == MOUNT_DATA_ONLY)
+
+
+def _revalidate(path: str) -> None:
+    """Make an NFS client ask the server whether ``path`` is still there.
+
+    An open for reading (not O_PATH) makes the client check a directory's attributes with
+    the server (close-to-open); a stale handle then makes it drop its cached entry, so
+    the next lookup asks the server again.  The fd is closed unused: the source is then
+    opened again, checked, by :func:`open_source`.
+    """
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
+    except OSError:
+        pass
+
+
 def mount_overlay(spec: OverlaySpec, features: Features) -> None:
     """Mount ``spec`` in the current mount namespace, best method the kernel offers.
 
     Raises :class:`SourceMissing` or :class:`SourceChanged` (see :func:`open_source`),
     :class:`OverlaySetupError` if the kernel refused the overlay's configuration, and the
     failing call's OSError otherwise; the caller says which localised path it was.
+
+    A source deleted on an NFS server while this client still caches it resolves from
+    the cache, and the mount then fails with ESTALE (the server no longer knows the
+    handle).  That is a missing source (:class:`SourceMissing`, as when the lookup itself
+    fails), after one more try once the client has checked the path with the server.
     """
-    if features.method in (FD, STRING):
-        _mount_new_api(spec, fd_layers=features.method == FD)
-    else:
-        _mount_legacy(spec, data_only=features.method == MOUNT_DATA_ONLY)
+    try:
+        _mount(spec, features)
+        return
+    except OSError as e:
+        if e.errno != errno.ESTALE:
+            raise
+    _revalidate(spec.data)
+    try:
+        _mount(spec, features)  # SourceMissing from open_source if it is gone now
+    except OSError as e:
+        if e.errno == errno.ESTALE:
+            raise SourceMissing(f"{spec.data} is missing on the shared tree (stale NFS file handle)") from None
+        raise
