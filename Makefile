@@ -20,12 +20,13 @@ DEMO_TREE ?= /srv/ovlrun-demo/sw
 # pyproject.toml declares, so an undeclared import fails the suite.
 DEV_VENV = .venv
 DEV_PYTHON = $(DEV_VENV)/bin/python
-# Build and runtime: venv + python-prctl's compiler, headers and libcap.  Tests: FUSE
-# (the NFS stand-in), attr, tmux, sudo, erofs-utils (fsck.erofs); the VM tests: qemu,
-# busybox, cpio, kmod, xz, zstd; the Slurm 24.11 tests: debootstrap.
-RUNTIME_PACKAGES = python3-venv python3-dev gcc libcap-dev sudo
+# Build and runtime: venv + python-prctl's compiler, headers and libcap; the tracers of
+# `ovlrun learn` (bpftrace for root, strace for users).  Tests: FUSE (the NFS stand-in),
+# attr, tmux, sudo, erofs-utils (fsck.erofs), the tracers; the VM tests: qemu, busybox,
+# cpio, kmod, xz, zstd; the Slurm 24.11 tests: debootstrap.
+RUNTIME_PACKAGES = python3-venv python3-dev gcc libcap-dev sudo bpftrace strace
 VM_PACKAGES = qemu-system-x86 busybox-static cpio kmod xz-utils zstd
-TEST_PACKAGES = attr fuse3 libfuse3-dev pkg-config tmux erofs-utils debootstrap $(VM_PACKAGES)
+TEST_PACKAGES = attr fuse3 libfuse3-dev pkg-config tmux erofs-utils debootstrap bpftrace strace $(VM_PACKAGES)
 APT_STAMP = .apt.stamp
 DEV_STAMP = $(DEV_VENV)/.installed
 
