@@ -86,8 +86,11 @@ def strlen_for(ver: tuple[int, ...]) -> int:
 
 def environment(ver: tuple[int, ...], map_keys: int = MAP_KEYS) -> dict[str, str]:
     """bpftrace's settings, under the names this version reads (renamed in 0.20)."""
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", READY: "1",
-           "BPFTRACE_PERF_RB_PAGES": str(PERF_PAGES)}
+    # OVLRUN_LEARN_OF: which learn started it (ps e shows it); OVLRUN_LEARN_PERF_PAGES:
+    # a smaller buffer, to see lost events counted (tests).
+    pages = os.environ.get("OVLRUN_LEARN_PERF_PAGES", "")
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", READY: "1", "OVLRUN_LEARN_OF": str(os.getpid()),
+           "BPFTRACE_PERF_RB_PAGES": pages if pages.isdigit() and int(pages) > 0 else str(PERF_PAGES)}
     if ver >= (0, 20):
         env.update(BPFTRACE_MAX_STRLEN=str(strlen_for(ver)), BPFTRACE_MAX_MAP_KEYS=str(map_keys))
     else:

@@ -27,8 +27,9 @@ TreeOpt = Annotated[list[str] | None, typer.Option("--tree", metavar="ROOT[:DEPT
     "A shared tree to attribute lookups to, optionally with the depth of its release directories "
     "(repeatable; default: the trees of the installed profiles, or of --profile)."))]
 JsonOpt = Annotated[bool, typer.Option("--json", help="The report as JSON.")]
-MinEnoentOpt = Annotated[int, typer.Option("--min-enoent", min=1, metavar="N", help=(
-    "Propose a release directory only if at least N of its lookups failed with ENOENT."))]
+MinEnoentOpt = Annotated[int, typer.Option("--min-enoent", min=0, metavar="N", help=(
+    "Propose a release directory only if at least N of its lookups failed with ENOENT (0: every release "
+    "directory a snapshot would answer lookups for)."))]
 GlobOpt = Annotated[bool, typer.Option("--glob", help="Collapse two or more sibling releases into one 'parent/*' "
                                        "pattern (a build then localises every sibling).")]
 OutputOpt = Annotated[str | None, typer.Option("--output", "-o", metavar="FILE", help=(
@@ -81,8 +82,8 @@ def learn(command: Annotated[list[str], typer.Argument(metavar="-- CMD [ARGS...]
         trees = [TreeSpec(t.root, os.path.realpath(t.root), None, t.patterns) for t in view.profile.trees]
     events_file = _open_out(events) if events else None
     try:
-        outcome = job.run(job.Request(command, trees, tracer, profile, user, events_file), view.prepare, view.run,
-                          mountinfo_of_job=view.own_namespace, warn=_warn)
+        outcome = job.run(job.Request(command, trees, tracer, profile, user, events_file, _map_keys()), view.prepare,
+                          view.run, mountinfo_of_job=view.own_namespace, warn=_warn)
     finally:
         if events_file is not None:
             events_file.close()
@@ -189,6 +190,14 @@ def propose_command(from_: Annotated[str | None, typer.Option("--from", metavar=
     else:
         print(f"proposed profile written to {output} ({len(chosen.chosen)} patterns from {len(found)} nodes)")
     return 0
+
+
+def _map_keys() -> int:
+    """bpftrace's map size: OVLRUN_LEARN_MAP_KEYS makes it smaller (tests: a full map is counted)."""
+    from ovlrun.learn.bpftrace import MAP_KEYS
+
+    value = os.environ.get("OVLRUN_LEARN_MAP_KEYS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else MAP_KEYS
 
 
 def _warn(message: str) -> None:

@@ -2,7 +2,8 @@
 
 A release directory is proposed when at least ``min_enoent`` of its lookups failed
 (the failing lookups of long search paths are what ovlrun exists to take off the
-server), ranked by the lookups a snapshot would answer (every lookup but file opens).
+server; 0: any lookup a snapshot would answer), ranked by the lookups a snapshot would
+answer (every lookup but file opens, whose data still comes from the shared tree).
 Only real release directories are proposed: one that does not exist (its lookups
 failed at the tree's top levels), that leaves the tree through a symlink, or whose name
 a pattern cannot spell ('*', '?', non-UTF-8) is listed as skipped with the reason; a
@@ -73,7 +74,7 @@ def choose(candidates: list[Candidate], trees: list[TreeSpec], *, min_enoent: in
     skipped: list[tuple[str, str]] = []
     for c in candidates:
         label = posixpath.join(c.root, c.release)
-        if c.enoent < max(min_enoent, 1):
+        if c.enoent < min_enoent or c.saved < 1:
             continue
         real, note = release_real_path(by_root[c.root], c.release) if c.root in by_root else (None, "unknown tree")
         problem = "" if real is None else _spellable(real)

@@ -22,18 +22,23 @@ from ovlrun.errors import OvlrunError
 
 
 def find_program(name: str) -> str | None:
-    """``name`` on PATH, or in the sbin directories root's PATH usually has."""
+    """``name`` on PATH, or in the sbin directories root's PATH usually has;
+    ``OVLRUN_LEARN_BPFTRACE``/``OVLRUN_LEARN_STRACE`` name another program (learn runs
+    with its caller's rights and is refused through sudo, so this chooses nothing for
+    anyone else)."""
+    override = os.environ.get(f"OVLRUN_LEARN_{name.upper()}")
+    if override:
+        return shutil.which(override)
     return shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin")
 
 
 def spawn(setup: Callable[[], list[str]], *, env: dict[str, str], stdout: int | None = None,
-          stderr: int | None = None, keep_fds: tuple[int, ...] = (), stdin_null: bool = True) -> int:
+          stderr: int | None = None) -> int:
     """Fork, run ``setup`` in the child, exec the argv it returns; the child's pid.
 
     The child's stdin is /dev/null (a tracer must not compete with the job for the
-    terminal) unless ``stdin_null`` is False (strace starting the job: the job's stdin);
-    ``stdout``/``stderr`` replace the child's (None: inherited).  Every
-    other descriptor is closed except ``keep_fds``.
+    terminal); ``stdout``/``stderr`` replace the child's (None: inherited); every other
+    descriptor is closed, and the signals learn ignores or handles are back to default.
     """
     parent = os.getpid()
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -44,15 +49,15 @@ def spawn(setup: Callable[[], list[str]], *, env: dict[str, str], stdout: int | 
             prctl.set_pdeathsig(signal.SIGKILL)
             if os.getppid() != parent:
                 os._exit(1)  # learn died before the line above: no signal would come
-            if stdin_null:
-                os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE):
+                signal.signal(sig, signal.SIG_DFL)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
             if stdout is not None:
                 os.dup2(stdout, 1)
             if stderr is not None:
                 os.dup2(stderr, 2)
-            for fd in keep_fds:
-                os.set_inheritable(fd, True)
-            _close_all_but(err_w, *keep_fds)
+            os.closerange(3, err_w)
+            os.closerange(err_w + 1, 1 << 20)
             argv = setup()
             os.execve(argv[0], argv, env)
         except OvlrunError as e:
@@ -69,13 +74,3 @@ def spawn(setup: Callable[[], list[str]], *, env: dict[str, str], stdout: int | 
         os.waitpid(pid, 0)
         raise OvlrunError(message.decode(errors="replace"))
     return pid
-
-
-def _close_all_but(*keep: int) -> None:  # pragma: no cover (child only)
-    """Close every descriptor from 3 up but ``keep``: nothing of learn's leaks into a tracer."""
-    low = 3
-    for fd in sorted(set(keep)):
-        if fd >= low:
-            os.closerange(low, fd)
-            low = fd + 1
-    os.closerange(low, 1 << 20)

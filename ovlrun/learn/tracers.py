@@ -1,14 +1,14 @@
 """Starting, reading and stopping the two tracers, behind one interface.
 
-:class:`Bpftrace` follows a job whose first process learn made and holds at a gate
-(:mod:`ovlrun.learn.job`); it is ready when bpftrace says every probe is attached.
-:class:`Strace` either attaches to such a process (``-p``, root) or starts the command
-itself (users without root: no gate, no privileges).  Both are started by
-:func:`ovlrun.learn.spawn.spawn`, die with learn, and, except strace starting the
-command, run in their own session, so a Ctrl-C meant for the job does not stop the
-trace.  strace runs without ``--seccomp-bpf``: with it, a job whose tracer went away
-gets ENOSYS from every traced syscall (measured here), and learn's tracer must be able
-to go away (killed with learn, or stopped when CMD exits) without breaking the job.
+Both tracers follow a job whose first process learn made and holds at a gate
+(:mod:`ovlrun.learn.job`): :class:`Bpftrace` is ready when bpftrace says every probe is
+attached, :class:`Strace` when strace says it attached (``-p``).  Both are started by
+:func:`ovlrun.learn.spawn.spawn`, die with learn, and run in a session of their own, so
+a Ctrl-C meant for the job does not stop the trace.  strace runs without
+``--seccomp-bpf`` (which only works for a command strace starts itself, and with which a
+job whose tracer went away gets ENOSYS from every traced syscall, measured here): learn's
+tracer must be able to go away (killed with learn, or stopped when CMD exits) without
+breaking the job.
 """
 
 from __future__ import annotations
@@ -175,22 +175,19 @@ class Strace(Tracer):
         self.parser = strace.Parser()
         self.sequence = 0
 
-    def _output(self) -> tuple[int, int, str]:
+    def attach(self, pid: int) -> None:
         # strace opens its output by name: our own pipe's write end, through /proc.  It
         # gets a descriptor of its own (close-on-exec, so the job never holds it) and
         # learn keeps its end until strace has exited.
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        return out_r, out_w, f"/proc/{os.getpid()}/fd/{out_w}"
-
-    def attach(self, pid: int) -> None:
-        out_r, out_w, name = self._output()
+        name = f"/proc/{os.getpid()}/fd/{out_w}"
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
             def setup() -> list[str]:
                 _new_session()
-                return strace.command(self.program, name, pid=pid)
+                return strace.command(self.program, name, pid)
 
-            tracer = spawn(setup, env=dict(os.environ), stderr=err_w)
+            tracer = spawn(setup, env={**os.environ, "OVLRUN_LEARN_OF": str(os.getpid())}, stderr=err_w)
         finally:
             os.close(err_w)
         self._started(tracer, out_r, err_r, out_w)
@@ -206,14 +203,6 @@ class Strace(Tracer):
             if want in text:
                 return
             self.stderr_tail += [line for line in text.splitlines() if line.strip()][-10:]
-
-    def run(self, command: list[str]) -> None:
-        out_r, out_w, name = self._output()
-        # Same session and process group as learn: the job keeps the terminal, and strace
-        # (which blocks fatal signals while it runs a command with -o) survives a Ctrl-C.
-        pid = spawn(lambda: strace.command(self.program, name, cmd=command), env=dict(os.environ),
-                    stdin_null=False)
-        self._started(pid, out_r, -1, out_w)
 
     def parse(self, line: bytes) -> Event | None:
         record = self.parser.feed(line.decode(errors="surrogateescape"))
