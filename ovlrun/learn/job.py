@@ -314,6 +314,7 @@ def _follow(req: Request, gate: Gate, tracer: Tracer, localised: list[str]) -> O
                     tracer.stop()
     for _, _, record in sorted(pending):
         deliver(record)
+    tally.finish()
     complete = not notes and not counters["lost"] and not counters["missed"] and not resolver.untracked
     return Outcome(status, tracer.name, tally, _notes(notes, counters, resolver, tally, tracer, gate.pid), complete)
 

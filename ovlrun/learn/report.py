@@ -27,7 +27,7 @@ class Counts:
         self.lookups = self.enoent = self.errors = self.opens = 0
         self.local = self.remote = self.remote_enoent = 0
 
-    def add(self, lookup: Lookup, local: bool | None) -> None:
+    def add(self, lookup: Lookup) -> None:
         self.lookups += 1
         if lookup.error == ENOENT:
             self.enoent += 1
@@ -35,15 +35,18 @@ class Counts:
             self.errors += 1
         if lookup.data_open:
             self.opens += 1
-        if local is True:
-            self.local += 1
-        elif local is False:
-            self.remote += 1
-            self.remote_enoent += lookup.error == ENOENT
 
-    def merge(self, other: Counts) -> None:
+    def merge(self, other: Counts, local: bool | None = None) -> None:
+        """Add ``other``; with ``local`` also say where its lookups were answered: by a
+        snapshot (all but the file opens) or by the shared tree (all of them)."""
         for name in self.__slots__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        if local is True:
+            self.local += other.saved
+            self.remote += other.opens
+        elif local is False:
+            self.remote += other.lookups
+            self.remote_enoent += other.enoent
 
     def to_json(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -56,38 +59,51 @@ class Counts:
 
 
 class Tally:
-    """Every lookup of one job, by where it falls (see :class:`Place`)."""
+    """Every lookup of one job, by where it falls (see :class:`Place`).
+
+    Lookups are counted per path as they come; :meth:`finish` attributes the paths once
+    all are known (the tree's shape is learned from all of them, see
+    :class:`~ovlrun.learn.trees.Attributor`).
+    """
 
     def __init__(self, trees: list[TreeSpec], localised: list[str] | None = None) -> None:
         self.attributor = Attributor(trees)
         self.localised = set(localised or ())
         self.total = Counts()
-        self.outside = Counts()  # not under any tree
         self.unattributed = Counts()  # relative paths learn could not resolve, unreadable ones
         self.truncated = 0
+        self.pids: set[int] = set()
+        self.paths: dict[str, Counts] = {}
+        self.outside = Counts()  # not under any tree
         self.releases: dict[tuple[str, str], Counts] = {}
         self.top: dict[str, Counts] = {}  # per tree root: lookups at the top levels
         self.unrecognised: dict[tuple[str, str], Counts] = {}  # no release level found
-        self.pids: set[int] = set()
         self._real: dict[tuple[str, str], str] = {}
 
     def add(self, lookup: Lookup) -> None:
         self.pids.add(lookup.pid)
         self.truncated += lookup.truncated
-        place = self.attributor.place(self._attributable(lookup)) if lookup.path.startswith("/") else None
+        self.total.add(lookup)
         if not lookup.path.startswith("/"):
-            self.unattributed.add(lookup, None)
-        elif place is None:
-            self.outside.add(lookup, None)
-        else:
-            local = self._is_local(place, lookup) if self.localised else None
-            self._bucket(place).add(lookup, local)
-        self.total.add(lookup, None)
+            self.unattributed.add(lookup)
+            return
+        # A truncated path's last component may be cut: it is counted as "somewhere in" its
+        # directory (the trailing '/' keeps it apart from a lookup of the directory itself).
+        key = posixpath.dirname(lookup.path) + "/" if lookup.truncated else lookup.path
+        counts = self.paths.get(key)
+        if counts is None:
+            counts = self.paths[key] = Counts()
+        counts.add(lookup)
 
-    @staticmethod
-    def _attributable(lookup: Lookup) -> str:
-        # A truncated path's last component may be cut: attribute by what is whole.
-        return posixpath.dirname(lookup.path) if lookup.truncated else lookup.path
+    def finish(self) -> None:
+        self.attributor.learn(list(self.paths))
+        for path, counts in self.paths.items():
+            place = self.attributor.place(path)
+            if place is None:
+                self.outside.merge(counts)
+                continue
+            self._bucket(place).merge(counts, self._is_local(place, path) if self.localised else None)
+        self.paths = {}
 
     def _bucket(self, place: Place) -> Counts:
         root = place.tree.root
@@ -97,10 +113,7 @@ class Tally:
             return self.top.setdefault(root, Counts())
         return self.releases.setdefault((root, place.release), Counts())
 
-    def _is_local(self, place: Place, lookup: Lookup) -> bool:
-        if lookup.data_open:
-            return False  # the open walks the redirect to the shared tree
-        path = lookup.path
+    def _is_local(self, place: Place, path: str) -> bool:
         if place.release:
             # Through a symlinked release (app/latest -> 1.0) the lookup lands in 1.0's overlay.
             key = (place.tree.root, place.release)

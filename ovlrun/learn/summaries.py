@@ -73,6 +73,7 @@ def add_interval(summary: dict[str, Any], maps: dict[str, dict[str, int]], count
     ``@rel`` and ``@missed``."""
     problems = summary["problems"]
     counted = 0
+    attributor.learn([p for paths in maps.values() for p in paths])
     for what, paths in maps.items():
         for path, n in paths.items():
             counted += n

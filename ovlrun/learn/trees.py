@@ -6,8 +6,10 @@ levels that keep gaining releases.  For each path learn finds that depth, in ord
 1. given per tree (``--tree /sw:2``);
 2. from the installed profiles' patterns for that root: a pattern ``app/1.0`` says the
    directories next to ``1.0`` under ``app`` are releases, whatever their names;
-3. from the path's shape: the first component that looks like a version (``1.0``,
-   ``v2``, ``2024a``, ``gcc-11.2.0``) ends the release directory.
+3. from the tree's shape as the job's (or the node's) paths show it: the first component
+   that looks like a version (``1.0``, ``v2``, ``2024a``, ``gcc-11.2.0``) ends a release
+   directory, and its siblings are releases too (``app/current``), while its parent
+   (``app``) is a top level.
 
 A lookup strictly below a release directory is what a snapshot of it answers; one of the
 release directory itself, or above it, is at the tree's *top levels*, which a profile
@@ -99,13 +101,15 @@ def make_trees(options: list[str]) -> list[TreeSpec]:
     return trees
 
 
-def _release_depth(tree: TreeSpec, parts: list[str]) -> int | None:
-    if tree.depth is not None:
-        return tree.depth
+def _pattern_depth(tree: TreeSpec, parts: list[str]) -> int | None:
     for pattern in sorted(tree.patterns, key=lambda p: -len(p.components)):
         n = len(pattern.components)
         if len(parts) >= n - 1 and all(pattern.component_matches(i, parts[i]) for i in range(n - 1)):
             return n
+    return None
+
+
+def _version_depth(parts: list[str]) -> int | None:
     for i, part in enumerate(parts):
         if VERSION.search(part):
             return i + 1
@@ -113,25 +117,67 @@ def _release_depth(tree: TreeSpec, parts: list[str]) -> int | None:
 
 
 class Attributor:
-    """Maps absolute paths to :class:`Place` (or None: outside every tree)."""
+    """Maps absolute paths to :class:`Place` (or None: outside every tree).
+
+    :meth:`learn` first shows it the paths to come: a release directory recognised by its
+    version (``lib5/1.0``) makes its parent (``lib5``) a known level, so the lookup of
+    ``lib5`` itself is at the top levels and ``lib5/current/x`` is in release
+    ``lib5/current``, whatever order the lookups came in.
+    """
 
     def __init__(self, trees: list[TreeSpec]) -> None:
         self.trees = trees
         # Longest root first: nested roots attribute to the innermost.
         self._prefixes = sorted(((p.rstrip("/") + "/", t) for t in trees for p in {t.root, t.real}),
                                 key=lambda item: -len(item[0]))
+        self._parents: dict[str, set[tuple[str, ...]]] = {t.root: set() for t in trees}  # releases' parents
+        self._above: dict[str, set[tuple[str, ...]]] = {t.root: set() for t in trees}  # and their ancestors
 
-    def place(self, path: str) -> Place | None:
+    def _split(self, path: str) -> tuple[TreeSpec, list[str]] | None:
         for prefix, tree in self._prefixes:
             if path.startswith(prefix) or path == prefix[:-1]:
-                parts = [p for p in path[len(prefix):].split("/") if p]
-                depth = _release_depth(tree, parts) if parts else 0
-                if depth is None:
-                    return Place(tree, None, parts[0] if parts else "")
-                if len(parts) <= depth:
-                    return Place(tree, "")
-                return Place(tree, "/".join(parts[:depth]))
+                return tree, [p for p in path[len(prefix):].split("/") if p]
         return None
+
+    def learn(self, paths: list[str]) -> None:
+        for path in paths:
+            found = self._split(path)
+            if found is None:
+                continue
+            tree, parts = found
+            if tree.depth is not None or _pattern_depth(tree, parts) is not None:
+                continue
+            depth = _version_depth(parts)
+            if depth is not None:
+                parent = tuple(parts[:depth - 1])
+                self._parents[tree.root].add(parent)
+                self._above[tree.root].update(parent[:k] for k in range(len(parent) + 1))
+
+    def _depth(self, tree: TreeSpec, parts: list[str]) -> int | None:
+        if tree.depth is not None:
+            return tree.depth
+        depth = _pattern_depth(tree, parts)
+        if depth is not None:
+            return depth
+        parents = self._parents[tree.root]
+        for k in range(len(parts)):
+            if tuple(parts[:k]) in parents:
+                return k + 1
+        if tuple(parts) in self._above[tree.root]:
+            return len(parts)  # above a known release level: the top levels
+        return _version_depth(parts)
+
+    def place(self, path: str) -> Place | None:
+        found = self._split(path)
+        if found is None:
+            return None
+        tree, parts = found
+        depth = self._depth(tree, parts) if parts else 0
+        if depth is None:
+            return Place(tree, None, parts[0] if parts else "")
+        if len(parts) <= depth:
+            return Place(tree, "")
+        return Place(tree, "/".join(parts[:depth]))
 
 
 def localised_paths(mountinfo_file: str = "/proc/self/mountinfo") -> list[str]:
