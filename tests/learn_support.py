@@ -37,7 +37,9 @@ def rows(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def events(path: Path) -> list[tuple[str, str, str]]:
-    return sorted((e["syscall"], e["path"], e["result"]) for e in map(json.loads, path.read_text().splitlines()))
+    """Every lookup of an ``--events`` file, one entry per time it was made, sorted."""
+    return sorted((e["syscall"], e["path"], e["result"]) for e in map(json.loads, path.read_text().splitlines())
+                  for _ in range(e["count"]))
 
 
 def children(pid: int) -> dict[int, str]:

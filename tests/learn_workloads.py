@@ -85,6 +85,7 @@ def pathsearch(sw: Path, entries: int = 50) -> Workload:
 
 
 BUILDERS = {"libsearch": libsearch, "imports": imports, "pathsearch": pathsearch}
+WORKLOADS = tuple(BUILDERS)
 
 
 def build(name: str, sw: Path) -> Workload:

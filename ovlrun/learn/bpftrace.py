@@ -45,7 +45,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from ovlrun.errors import OvlrunError
-from ovlrun.learn.events import AT_EMPTY_PATH, LOOKUP_SYSCALLS, O_DIRECTORY, O_PATH, Raw
+from ovlrun.learn.events import AT_EMPTY_PATH, LOOKUP_SYSCALLS, O_CLOEXEC, O_DIRECTORY, O_PATH, Raw
 from ovlrun.linux import syscalls
 from ovlrun.linux.namespaces import enter_private_namespace
 
@@ -81,7 +81,9 @@ def version(program: str) -> tuple[int, ...]:
 
 
 def strlen_for(ver: tuple[int, ...]) -> int:
-    return 4096 if ver >= (0, 21) else 200
+    # 0.21 lifted the 200-byte cap; 512 bytes keep the kernel-side map keys (and their hashing) small,
+    # and a longer path is still attributed by its beginning.
+    return 512 if ver >= (0, 21) else 200
 
 
 def environment(ver: tuple[int, ...], map_keys: int = MAP_KEYS) -> dict[str, str]:
@@ -133,6 +135,29 @@ def _format_fields(tracing: str, event: str) -> dict[str, str] | None:
     return out
 
 
+F_DUPFD, F_DUPFD_CLOEXEC = 0, 1030
+
+
+def dup_probes(tracing: str) -> list[str]:
+    """Probes for the calls that copy a descriptor (fts walks a tree through
+    ``fcntl(F_DUPFD_CLOEXEC)`` copies of directory fds): ``P`` lines let the resolver
+    know what a copy names."""
+    lines = []
+    for name, old, cloexec in (("dup", "fildes", "0"), ("dup2", "oldfd", "0"),
+                               ("dup3", "oldfd", f"(args->flags & {O_CLOEXEC}) != 0"),
+                               ("fcntl", "fd", f"args->cmd == {F_DUPFD_CLOEXEC}")):
+        fields = _format_fields(tracing, f"syscalls/sys_enter_{name}")
+        if fields is None or old not in fields:
+            continue
+        only = f" && (args->cmd == {F_DUPFD} || args->cmd == {F_DUPFD_CLOEXEC})" if name == "fcntl" else ""
+        lines.append(f"tracepoint:syscalls:sys_enter_{name} /@job[tid]{only}/ {{ @d[tid] = ((int64)1, "
+                     f"(int64)args->{old}, (int64)({cloexec})); }}")
+        lines.append(f"tracepoint:syscalls:sys_exit_{name} /@job[tid] && @d[tid].0/ {{ $d = @d[tid]; delete(@d[tid]); "
+                     "if (args->ret >= 0) { printf(\"P %llu %d %d %d %d %d\\n\", nsecs, pid, tid, $d.1, args->ret, "
+                     "$d.2); } }")
+    return lines
+
+
 def read_fields(tracing: str) -> list[Fields]:
     """The lookup syscalls this kernel has tracepoints for, with their argument names."""
     found = []
@@ -168,16 +193,32 @@ def _not_fd_only(f: Fields) -> str:
     return f"($a.2 & {AT_EMPTY_PATH}) == 0 || *(uint8 *)$a.0 != 0" if f.syscall in AT_FLAGS else "1"
 
 
-def job_program(fields: list[Fields], pid: int) -> str:
-    """Every lookup of process ``pid`` and its descendants, one line each (see parse)."""
+EXECVE = next(i for i, s in enumerate(LOOKUP_SYSCALLS) if s.name == "execve")
+
+
+def job_program(fields: list[Fields], pid: int, extra: list[str] | None = None) -> str:
+    """The lookups of process ``pid`` and its descendants.
+
+    A lookup of an absolute path is counted in the kernel, per (syscall, result, path),
+    in ``@l`` (``@n`` counts them all, so a full map shows), and printed at the end: a
+    lookup storm then costs the job a map update per lookup, not a wake-up of bpftrace.
+    What the resolver needs in order (relative lookups, chdir, directory opens that a
+    later ``openat(dirfd, ...)`` may name, forks, exits) is printed as it happens, one
+    line each (see :func:`parse`).
+    """
+    def aggregate(code: str, result: str, path: str) -> str:
+        return f"@n = count(); @l[{code}, {result}, {path}] = count();"
+
     lines = [f"BEGIN {{ @job[{pid}] = 1; }}",
              "tracepoint:sched:sched_process_fork /@job[args->parent_pid]/ { @job[args->child_pid] = 1; "
              "if (@job[args->child_pid]) { printf(\"F %llu %d %d %d\\n\", nsecs, pid, args->parent_pid, "
              "args->child_pid); } else { printf(\"U %llu %d %d\\n\", nsecs, pid, args->child_pid); } }",
              "tracepoint:sched:sched_process_exit /@job[tid]/ { delete(@job[tid]); delete(@a[tid]); "
              "printf(\"X %llu %d %d\\n\", nsecs, pid, tid); }",
-             "tracepoint:sched:sched_process_exec /@job[tid]/ { $a = @a[tid]; delete(@a[tid]); "
-             "printf(\"E %llu %d %d %d %s\\n\", nsecs, $a.0 != 0 ? $a.3 : -2, pid, tid, str(args->filename)); }"]
+             f"tracepoint:sched:sched_process_exec /@job[tid]/ {{ $a = @a[tid]; delete(@a[tid]); "
+             f"$c = $a.0 != 0 ? $a.3 : {EXECVE}; if (strncmp(str(args->filename), \"/\", 1) == 0) {{ "
+             f"{aggregate('$c', '0', 'str(args->filename)')} }} else {{ printf(\"E %llu %d %d %d %s\\n\", nsecs, $c, "
+             f"pid, tid, str(args->filename)); }} }}"]
     for f in fields:
         lines.append(_enter(f, "/@job[tid]/ "))
         if f.syscall == "fchdir":
@@ -185,12 +226,21 @@ def job_program(fields: list[Fields], pid: int) -> str:
                          "printf(\"C %llu %d %d %d %d\\n\", nsecs, pid, tid, args->ret, $a.1); }")
             continue
         exec_ok = " && args->ret != 0" if f.syscall in ("execve", "execveat") else ""
+        event = (f"printf(\"L %llu {f.code} %d %d %d %d %d %s\\n\", nsecs, pid, tid, args->ret, $a.1, $a.2, "
+                 "str($a.0));")
+        if f.syscall == "chdir":
+            counted = "0"  # the resolver follows every working directory
+        elif f.syscall in ("open", "openat", "openat2", "creat"):
+            counted = f"(args->ret < 0 || ($a.2 & {O_DIRECTORY | O_PATH}) == 0)"  # a directory opened: an event
+        else:
+            counted = "1"
         lines.append(
             f"tracepoint:syscalls:sys_exit_{f.tracepoint} /@job[tid]{exec_ok}/ {{ $a = @a[tid]; delete(@a[tid]); "
             f"if ($a.0 == 0) {{ printf(\"M %llu {f.code} %d %d\\n\", nsecs, pid, tid); }} else {{ "
-            f"if ({_not_fd_only(f)}) {{ printf(\"L %llu {f.code} %d %d %d %d %d %s\\n\", nsecs, pid, tid, "
-            f"args->ret, $a.1, $a.2, str($a.0)); }} }} }}")
-    lines.append("END { clear(@job); clear(@a); }")
+            f"if ({_not_fd_only(f)}) {{ if (*(uint8 *)$a.0 == 47 && {counted}) {{ "
+            f"{aggregate(str(f.code), 'args->ret < 0 ? args->ret : 0', 'str($a.0)')} }} else {{ {event} }} }} }} }}")
+    lines += extra or []
+    lines.append("END { clear(@job); clear(@a); clear(@d); print(@l); print(@n); clear(@l); clear(@n); }")
     return "\n".join(lines) + "\n"
 
 
@@ -230,15 +280,16 @@ def watch_program(fields: list[Fields], prefixes: list[str], interval: int) -> s
     return "\n".join(lines) + "\n"
 
 
-def child_setup(program: str, make: Callable[[list[Fields]], str],
+def child_setup(program: str, make: Callable[[list[Fields], str], str],
                 before: Callable[[], None] | None = None) -> Callable[[], list[str]]:
-    """What the tracer's child does before it execs bpftrace (see :mod:`ovlrun.learn.spawn`)."""
+    """What the tracer's child does before it execs bpftrace (see :mod:`ovlrun.learn.spawn`):
+    ``make`` gets the kernel's syscalls and the tracefs directory, and writes the program."""
     def setup() -> list[str]:
         if before is not None:
             before()
         enter_private_namespace()
-        fields = read_fields(ensure_tracefs())
-        return [program, "-f", "json", "-e", make(fields)]
+        tracing = ensure_tracefs()
+        return [program, "-f", "json", "-e", make(read_fields(tracing), tracing)]
     return setup
 
 
@@ -270,7 +321,7 @@ def parse(line: bytes, strlen: int) -> tuple[int, Raw | Control]:
     tag, _, rest = text.partition(" ")
     if tag == "D":
         return 0, Control("dump")
-    if tag not in ("L", "E", "F", "X", "C", "U", "M"):
+    if tag not in ("L", "E", "F", "X", "C", "U", "M", "P"):
         return 0, Control("other", data)
     ns, _, rest = rest.partition(" ")
     return int(ns), _record(tag, rest, strlen)
@@ -294,4 +345,6 @@ def _record(tag: str, rest: str, strlen: int) -> Raw | Control:
         return Raw("fchdir", "fchdir", fields[0], fields[1], fields[2], fields[3])
     if tag == "U":
         return Raw("untracked", "clone", fields[0], fields[0], fields[1])
+    if tag == "P":  # a descriptor copied: pid tid old new close-on-exec
+        return Raw("dup", "dup", fields[0], fields[1], fields[3], fields[2], O_CLOEXEC if fields[4] else 0)
     return Control("missed", fields[0])  # M: code pid tid

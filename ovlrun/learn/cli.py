@@ -71,6 +71,7 @@ def learn(command: Annotated[list[str], typer.Argument(metavar="-- CMD [ARGS...]
           report: Annotated[str | None, typer.Option("--report", metavar="FILE", help=(
               "Write the report there instead of stderr."))] = None) -> int:
     from ovlrun.learn import job, propose
+    from ovlrun.learn.nfs import format_lines
     from ovlrun.learn.report import format_table, to_json
     from ovlrun.learn.trees import TreeSpec, make_trees
     from ovlrun.learn.view import job_view
@@ -102,13 +103,16 @@ def learn(command: Annotated[list[str], typer.Argument(metavar="-- CMD [ARGS...]
         if as_json:
             data: dict[str, Any] = {"command": command, "status": outcome.status, "tracer": outcome.tracer,
                                     "complete": outcome.complete, "notes": outcome.notes, **to_json(tally),
+                                    "nfs": outcome.nfs,
                                     "proposal": {"file": output, "patterns": [c._asdict() for c in chosen.chosen],
                                                  "skipped": chosen.skipped, "text": text}}
             out.write(json.dumps(data, indent=1) + "\n")
         else:
             header = (f"ovlrun learn: {' '.join(command)[:80]} exited with {outcome.status}; "
-                      f"{tally.total.lookups:,} lookups by {len(tally.pids):,} processes, traced by {outcome.tracer}")
+                      f"{tally.total.lookups:,} lookups by {tally.processes:,} processes, traced by {outcome.tracer}")
             out.write(format_table(tally, header) + "\n")
+            for line in format_lines(outcome.nfs or {}):
+                out.write(line + "\n")
             for note in outcome.notes:
                 out.write(f"ovlrun learn: warning: {note}\n")
             if not text:

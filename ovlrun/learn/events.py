@@ -55,8 +55,9 @@ PROCESS_SYSCALLS = ("clone", "clone3", "fork", "vfork")
 class Raw(NamedTuple):
     """One record from a tracer, before paths are resolved.
 
-    ``what`` is "lookup", "fork" (``ret`` is the child's id), "exit", "fchdir" or
-    "untracked" (a child the tracer could not follow).  ``ret`` is the syscall's
+    ``what`` is "lookup", "fork" (``ret`` is the child's id), "exit", "fchdir", "dup"
+    (``ret`` is a copy of descriptor ``dirfd``) or "untracked" (a child the tracer could
+    not follow).  ``ret`` is the syscall's
     return value (a negative errno on failure).  ``dirpath`` is set when the tracer
     itself knew what ``dirfd`` (or, for AT_FDCWD, the working directory) was: strace -y.
     """

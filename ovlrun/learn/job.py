@@ -22,7 +22,6 @@ taking the gate's child and the tracer with it.  SIGKILL takes the tracer with i
 
 from __future__ import annotations
 
-import heapq
 import os
 import selectors
 import signal
@@ -33,15 +32,15 @@ from typing import IO, NamedTuple
 import prctl
 
 from ovlrun.errors import EXIT_OVLRUN, OvlrunError
-from ovlrun.learn import bpftrace, strace
-from ovlrun.learn.events import Raw
-from ovlrun.learn.report import Tally, write_events
+from ovlrun.learn import bpftrace
+from ovlrun.learn.collect import Collector
+from ovlrun.learn.nfs import NfsCounters
+from ovlrun.learn.report import Tally
 from ovlrun.learn.resolve import Resolver
 from ovlrun.learn.spawn import find_program
 from ovlrun.learn.tracers import Bpftrace, Strace, Tracer
 from ovlrun.learn.trees import TreeSpec, localised_paths
 
-REORDER_WINDOW_NS = 2_000_000_000  # bpftrace's per-CPU buffers are read in turns: sort within 2 s
 FORWARDED = (signal.SIGTERM, signal.SIGHUP)
 IGNORED = (signal.SIGINT, signal.SIGQUIT)
 
@@ -62,6 +61,7 @@ class Outcome(NamedTuple):
     tally: Tally
     notes: list[str]  # what made the counts incomplete or uncertain
     complete: bool
+    nfs: dict[str, dict[str, int]] | None = None  # NFS operations per mount during the job (:mod:`.nfs`)
 
 
 class Aborted(Exception):
@@ -173,7 +173,7 @@ def choose_tracer(wanted: str, is_root: bool) -> tuple[str, str, str]:
 def _start(kind: str, program: str, pid: int, map_keys: int) -> Tracer:
     if kind == "bpftrace":
         bt = Bpftrace(program, map_keys)
-        bt.start(lambda fields: bpftrace.job_program(fields, pid))
+        bt.start(lambda fields, tracing: bpftrace.job_program(fields, pid, bpftrace.dup_probes(tracing)))
         bt.wait_ready()
         return bt
     st = Strace(program)
@@ -212,8 +212,10 @@ def run(req: Request, prepare: Callable[[], None], exec_job: Callable[[], int], 
             signal.signal(s, forward)
         for s in IGNORED:
             signal.signal(s, signal.SIG_IGN)
+        nfs = NfsCounters(req.trees)
+        nfs.start()
         gate.open()
-        return _follow(req, gate, tracer, localised)
+        return _follow(req, gate, tracer, localised)._replace(nfs=nfs.finish())
     except Aborted as e:
         raise OvlrunError(f"interrupted by {signal.Signals(e.signum).name} before the job started",
                           status=128 + e.signum) from None
@@ -244,44 +246,11 @@ def _follow(req: Request, gate: Gate, tracer: Tracer, localised: list[str]) -> O
         resolver = Resolver(os.getcwd())  # the job re-enters it by path, as a launch does
     except OSError:
         resolver = Resolver(None)
-    pending: list[tuple[int, int, Raw]] = []  # bpftrace: (time, sequence, record) awaiting order
-    counters = {"lost": 0, "missed": 0, "late": 0, "sequence": 0}
-    done_until = [0]
+    collect = Collector(tally, resolver, req.events, tracer.strlen)
+    ordered = isinstance(tracer, Strace)
     notes: list[str] = []
     status: int | None = None
     out_open = True
-
-    def deliver(raw: Raw) -> None:
-        for lookup in resolver.feed(raw):
-            tally.add(lookup)
-            if req.events is not None:
-                write_events(req.events, lookup)
-
-    def handle(line: bytes) -> None:
-        event = tracer.parse(line)
-        if event is None:
-            return
-        stamp, record = event
-        if isinstance(record, bpftrace.Control):
-            if record.what == "lost" and isinstance(record.data, int):
-                counters["lost"] += record.data
-            elif record.what == "missed":
-                counters["missed"] += 1
-            return
-        if isinstance(record, strace.Exit):
-            deliver(Raw("exit", "exit", record.pid, record.pid, 0))
-            return
-        if isinstance(tracer, Strace):
-            deliver(record)
-            return
-        if stamp < done_until[0]:
-            counters["late"] += 1
-        counters["sequence"] += 1
-        heapq.heappush(pending, (stamp, counters["sequence"], record))
-        while pending and pending[0][0] < stamp - REORDER_WINDOW_NS:
-            done_until[0] = pending[0][0]
-            deliver(heapq.heappop(pending)[2])
-
     with selectors.DefaultSelector() as sel:
         sel.register(tracer.out_r, selectors.EVENT_READ, "out")
         if tracer.err_r >= 0:
@@ -289,14 +258,17 @@ def _follow(req: Request, gate: Gate, tracer: Tracer, localised: list[str]) -> O
         sel.register(tracer.pidfd, selectors.EVENT_READ, "tracer")
         sel.register(gate.pidfd, selectors.EVENT_READ, "job")
         while out_open or tracer.status is None or status is None:
-            for key, _ in sel.select():
+            ready = sel.select(tracer.poll_interval())
+            if not ready:
+                tracer.stop()  # bpftrace missed the signal (see Bpftrace.stop): again
+            for key, _ in ready:
                 if key.data == "out":
                     chunk = os.read(tracer.out_r, 1 << 20)
                     if not chunk:
                         out_open = False
                         sel.unregister(tracer.out_r)
                     for line in tracer.lines(chunk) if chunk else tracer.rest():
-                        handle(line)
+                        collect.take(tracer.parse(line), ordered)
                 elif key.data == "err":
                     if not tracer.read_stderr():
                         sel.unregister(tracer.err_r)
@@ -312,30 +284,35 @@ def _follow(req: Request, gate: Gate, tracer: Tracer, localised: list[str]) -> O
                     code = os.waitstatus_to_exitcode(wait_status)
                     status = code if code >= 0 else 128 - code
                     tracer.stop()
-    for _, _, record in sorted(pending):
-        deliver(record)
+    uncounted = collect.finish()
     tally.finish()
-    complete = not notes and not counters["lost"] and not counters["missed"] and not resolver.untracked
-    return Outcome(status, tracer.name, tally, _notes(notes, counters, resolver, tally, tracer, gate.pid), complete)
+    outlived = sum(1 for pid in resolver.processes if pid != gate.pid and pid not in resolver.exited)
+    tally.processes = len(resolver.exited | {gate.pid}) + outlived
+    complete = not notes and not (collect.lost or collect.missed or uncounted or resolver.untracked)
+    return Outcome(status, tracer.name, tally, _notes(notes, collect, uncounted, resolver, tally, tracer, outlived),
+                   complete)
 
 
 def _describe(code: int) -> str:
     return f"status {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
 
 
-def _notes(notes: list[str], counters: dict[str, int], resolver: Resolver, tally: Tally, tracer: Tracer,
-           first: int) -> list[str]:
-    if counters["lost"]:
-        notes.append(f"{counters['lost']:,} events lost ({tracer.name} could not read its buffers in time): "
+def _notes(notes: list[str], collect: Collector, uncounted: int, resolver: Resolver, tally: Tally,
+           tracer: Tracer, outlived: int) -> list[str]:
+    if collect.lost:
+        notes.append(f"{collect.lost:,} events lost ({tracer.name} could not read its buffers in time): "
                      "counts are lower bounds")
-    if counters["missed"]:
-        notes.append(f"{counters['missed']:,} lookups whose start the tracer could not remember (map full): "
+    if collect.missed:
+        notes.append(f"{collect.missed:,} lookups whose start the tracer could not remember (map full): "
                      "not counted")
+    if uncounted:
+        notes.append(f"{uncounted:,} lookups the kernel could not count (map full; OVLRUN_LEARN_MAP_KEYS "
+                     "raises the limit): not in the table")
     if resolver.untracked:
         notes.append(f"{resolver.untracked:,} processes the tracer could not follow (map full): their lookups "
                      "are missing")
-    if counters["late"]:
-        notes.append(f"{counters['late']:,} events arrived out of order by more than 2 s: relative paths near "
+    if collect.late:
+        notes.append(f"{collect.late:,} events arrived out of order by more than 2 s: relative paths near "
                      "them may be misresolved")
     if resolver.unresolved:
         notes.append(f"{resolver.unresolved:,} relative lookups could not be made absolute (descriptor or "
@@ -345,11 +322,9 @@ def _notes(notes: list[str], counters: dict[str, int], resolver: Resolver, tally
     if tally.truncated:
         notes.append(f"{tally.truncated:,} paths longer than {tracer.name} reads were attributed by their "
                      "beginning")
-    outlived = sum(1 for pid in resolver.processes if pid != first and pid not in resolver.exited)
     if outlived:
         notes.append(f"{outlived:,} processes were still running when CMD exited; their later lookups are "
                      "not counted")
     if isinstance(tracer, Strace) and tracer.parser.unparsed:
         notes.append(f"{tracer.parser.unparsed:,} lines of strace output were not understood")
     return notes
-

@@ -27,14 +27,14 @@ class Counts:
         self.lookups = self.enoent = self.errors = self.opens = 0
         self.local = self.remote = self.remote_enoent = 0
 
-    def add(self, lookup: Lookup) -> None:
-        self.lookups += 1
+    def add(self, lookup: Lookup, times: int = 1) -> None:
+        self.lookups += times
         if lookup.error == ENOENT:
-            self.enoent += 1
+            self.enoent += times
         elif lookup.error:
-            self.errors += 1
+            self.errors += times
         if lookup.data_open:
-            self.opens += 1
+            self.opens += times
 
     def merge(self, other: Counts, local: bool | None = None) -> None:
         """Add ``other``; with ``local`` also say where its lookups were answered: by a
@@ -72,7 +72,7 @@ class Tally:
         self.total = Counts()
         self.unattributed = Counts()  # relative paths learn could not resolve, unreadable ones
         self.truncated = 0
-        self.pids: set[int] = set()
+        self.processes = 0  # set by whoever ran the job (aggregated lookups carry no process)
         self.paths: dict[str, Counts] = {}
         self.outside = Counts()  # not under any tree
         self.releases: dict[tuple[str, str], Counts] = {}
@@ -80,12 +80,11 @@ class Tally:
         self.unrecognised: dict[tuple[str, str], Counts] = {}  # no release level found
         self._real: dict[tuple[str, str], str] = {}
 
-    def add(self, lookup: Lookup) -> None:
-        self.pids.add(lookup.pid)
-        self.truncated += lookup.truncated
-        self.total.add(lookup)
+    def add(self, lookup: Lookup, times: int = 1) -> None:
+        self.truncated += lookup.truncated * times
+        self.total.add(lookup, times)
         if not lookup.path.startswith("/"):
-            self.unattributed.add(lookup)
+            self.unattributed.add(lookup, times)
             return
         # A truncated path's last component may be cut: it is counted as "somewhere in" its
         # directory (the trailing '/' keeps it apart from a lookup of the directory itself).
@@ -93,7 +92,7 @@ class Tally:
         counts = self.paths.get(key)
         if counts is None:
             counts = self.paths[key] = Counts()
-        counts.add(lookup)
+        counts.add(lookup, times)
 
     def finish(self) -> None:
         self.attributor.learn(list(self.paths))
@@ -182,7 +181,7 @@ def to_json(tally: Tally) -> dict[str, Any]:
         share = c.lookups / tally.total.lookups if tally.total.lookups else 0.0
         return {"label": label, "root": root, "release": rel, **c.to_json(), "share": round(share, 4)}
 
-    out: dict[str, Any] = {"lookups": tally.total.lookups, "processes": len(tally.pids),
+    out: dict[str, Any] = {"lookups": tally.total.lookups, "processes": tally.processes,
                            "rows": [entry(*row) for row in tally.rows()],
                            "outside_trees": tally.outside.to_json(), "unattributed": tally.unattributed.to_json(),
                            "truncated_paths": tally.truncated}
@@ -192,12 +191,14 @@ def to_json(tally: Tally) -> dict[str, Any]:
     return out
 
 
-def write_events(stream: Any, lookup: Lookup) -> None:
-    """One lookup as a JSON line (``--events FILE``)."""
+def write_events(stream: Any, lookup: Lookup, times: int = 1) -> None:
+    """A lookup (made ``times`` times) as a JSON line (``--events FILE``); pid 0 for
+    lookups bpftrace counted in the kernel."""
     import json
 
     stream.write(json.dumps({"syscall": lookup.syscall, "kind": lookup.kind, "pid": lookup.pid,
-                             "path": lookup.path, "result": lookup.result, "exact": lookup.exact}) + "\n")
+                             "path": lookup.path, "result": lookup.result, "exact": lookup.exact,
+                             "count": times}) + "\n")
 
 
 def release_dirs_exist(tally: Tally) -> dict[tuple[str, str], tuple[str | None, str]]:

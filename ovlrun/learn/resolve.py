@@ -85,6 +85,14 @@ class Resolver:
         if raw.what == "untracked":
             self.untracked += 1
             return
+        if raw.what == "dup":  # ret: the new descriptor, a copy of dirfd
+            proc = self._process(raw.pid)
+            old = proc.fds.get(raw.dirfd)
+            if old is not None:
+                proc.fds[raw.ret] = (old[0], bool(raw.flags & O_CLOEXEC))
+            else:
+                proc.fds.pop(raw.ret, None)
+            return
         proc = self._process(raw.pid)
         if raw.what == FCHDIR:
             if raw.ret == 0:

@@ -25,6 +25,7 @@ from ovlrun.learn.events import Raw
 from ovlrun.learn.spawn import spawn
 
 ATTACH_TIMEOUT = 120.0  # bpftrace compiles its program first: seconds on a slow node
+STOP_RETRY = 0.5
 # bpftrace's stderr lines that say nothing about failure (this project's hosts print the
 # first: the memlock rlimit cannot be raised, and modern kernels do not need it).
 NOISE = ("couldn't set RLIMIT_MEMLOCK", "WARNING: Addrspace mismatch", bpftrace.READY)
@@ -40,6 +41,7 @@ class Tracer:
     """A running tracer: its process, its output stream, and how to read and stop it."""
 
     name = "tracer"
+    strlen = 1 << 16  # paths this long may have been cut short (bpftrace before 0.21: 200 bytes)
 
     def __init__(self) -> None:
         self.pid = 0
@@ -48,6 +50,7 @@ class Tracer:
         self.err_r = -1  # its stderr (None for strace starting the command: that is the job's)
         self.hold_w = -1  # a write end learn keeps until the tracer exits (strace -o)
         self.status: int | None = None  # its wait status once reaped
+        self.stopping = False
         self.stderr_tail: list[str] = []
         self._partial = b""
 
@@ -91,6 +94,10 @@ class Tracer:
     def stop(self) -> None:
         raise NotImplementedError
 
+    def poll_interval(self) -> float | None:
+        """How long a reader may wait for this tracer before :meth:`stop` is repeated."""
+        return STOP_RETRY if self.stopping and self.status is None else None
+
     def kill(self) -> None:
         """End the tracer now, whatever it is doing (learn is giving up)."""
         if self.pid and self.status is None:
@@ -116,7 +123,7 @@ class Bpftrace(Tracer):
         self.map_keys = map_keys
         self.name = "bpftrace " + ".".join(map(str, self.version))
 
-    def start(self, make: Callable[[list[bpftrace.Fields]], str]) -> None:
+    def start(self, make: Callable[[list[bpftrace.Fields], str], str]) -> None:
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
@@ -159,7 +166,11 @@ class Bpftrace(Tracer):
             return 0, bpftrace.Control("other", line)
 
     def stop(self) -> None:
-        """SIGINT: bpftrace stops its probes, drains its buffers and exits."""
+        """SIGINT: bpftrace stops its probes, drains its buffers and exits.  Repeated by
+        the readers every :data:`STOP_RETRY` seconds until it has: bpftrace (0.17) only
+        notices the signal when it interrupts its epoll_wait, and one that arrives while
+        it formats output is lost (poll_perf_events), leaving it running forever."""
+        self.stopping = True
         if self.pid and self.status is None:
             try:
                 os.kill(self.pid, signal.SIGINT)

@@ -94,7 +94,7 @@ def watch(trees: list[TreeSpec], *, interval: int, directory: str, publish_to: s
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        tracer.start(lambda fields: bpftrace.watch_program(fields, _prefixes(trees), interval))
+        tracer.start(lambda fields, _: bpftrace.watch_program(fields, _prefixes(trees), interval))
         try:
             tracer.wait_ready()
         except OvlrunError:
@@ -110,7 +110,10 @@ def watch(trees: list[TreeSpec], *, interval: int, directory: str, publish_to: s
             sel.register(tracer.err_r, selectors.EVENT_READ, "err")
             out_open = True
             while out_open:
-                for key, _ in sel.select():
+                ready = sel.select(tracer.poll_interval())
+                if not ready:
+                    tracer.stop()  # bpftrace missed the signal (see Bpftrace.stop): again
+                for key, _ in ready:
                     if key.data == "err":
                         if not tracer.read_stderr():
                             sel.unregister(tracer.err_r)
