@@ -116,9 +116,10 @@ def test_a_tracer_that_dies_while_the_job_runs(world: World, tracer: str) -> Non
         assert f.read().strip() == "up"  # the job is running, traced
     tracers = [pid for pid, comm in children(proc.pid).items() if comm == tracer]
     assert len(tracers) == 1
-    os.kill(tracers[0], signal.SIGKILL)
     pidfd = os.pidfd_open(tracers[0])
+    os.kill(tracers[0], signal.SIGKILL)
     assert all_exit([pidfd], 10)
+    os.close(pidfd)
     with open(go, "w") as f:
         f.write("go\n")
     _, stderr = proc.communicate(timeout=60)

@@ -17,9 +17,9 @@ Limits, each accounted for rather than hidden:
 - maps: hash maps are preallocated with a maximum number of keys (4,096 by default,
   BPFTRACE_MAP_KEYS_MAX/BPFTRACE_MAX_MAP_KEYS); an insert into a full map fails
   silently.  learn sizes them (:data:`MAP_KEYS`) and detects every failure: a child that
-  could not be added to the job's set prints ``U``, a syscall whose entry could not be
-  remembered prints ``M`` at its exit; the watcher counts matching lookups separately
-  and compares.
+  could not be added to the job's set prints ``U`` (the per-thread syscall map ``@a``
+  never holds more keys than the job's set, so it cannot fill first); lookups counted in
+  the kernel are also counted in ``@n``, and a difference is what did not fit.
 - the perf buffer: events bpftrace could not read in time are reported by bpftrace
   (``lost_events``) and summed.
 
@@ -190,7 +190,7 @@ def _enter(f: Fields, guard: str) -> str:
 def _not_fd_only(f: Fields) -> str:
     # fstat(fd) is newfstatat(fd, "", AT_EMPTY_PATH): not a lookup, and frequent.
     # Its first byte is read on its own: a second string on the BPF stack would not fit.
-    return f"($a.2 & {AT_EMPTY_PATH}) == 0 || *(uint8 *)$a.0 != 0" if f.syscall in AT_FLAGS else "1"
+    return f"($a.2 & {AT_EMPTY_PATH}) == 0 || *(uint8 *)$a.0 != 0"
 
 
 EXECVE = next(i for i, s in enumerate(LOOKUP_SYSCALLS) if s.name == "execve")
@@ -222,7 +222,7 @@ def job_program(fields: list[Fields], pid: int, extra: list[str] | None = None) 
     for f in fields:
         lines.append(_enter(f, "/@job[tid]/ "))
         if f.syscall == "fchdir":
-            lines.append("tracepoint:syscalls:sys_exit_fchdir /@job[tid]/ { $a = @a[tid]; delete(@a[tid]); "
+            lines.append("tracepoint:syscalls:sys_exit_fchdir /@job[tid]/ { $a = @a[tid]; "
                          "printf(\"C %llu %d %d %d %d\\n\", nsecs, pid, tid, args->ret, $a.1); }")
             continue
         exec_ok = " && args->ret != 0" if f.syscall in ("execve", "execveat") else ""
@@ -234,11 +234,15 @@ def job_program(fields: list[Fields], pid: int, extra: list[str] | None = None) 
             counted = f"(args->ret < 0 || ($a.2 & {O_DIRECTORY | O_PATH}) == 0)"  # a directory opened: an event
         else:
             counted = "1"
-        lines.append(
-            f"tracepoint:syscalls:sys_exit_{f.tracepoint} /@job[tid]{exec_ok}/ {{ $a = @a[tid]; delete(@a[tid]); "
-            f"if ($a.0 == 0) {{ printf(\"M %llu {f.code} %d %d\\n\", nsecs, pid, tid); }} else {{ "
-            f"if ({_not_fd_only(f)}) {{ if (*(uint8 *)$a.0 == 47 && {counted}) {{ "
-            f"{aggregate(str(f.code), 'args->ret < 0 ? args->ret : 0', 'str($a.0)')} }} else {{ {event} }} }} }} }}")
+        # @a holds an entry for every thread of the job (the entry probe overwrites it,
+        # sched_process_exit deletes it) and none for others: no delete at every exit.
+        # (Shallow blocks: LLVM gives each nesting level stack of its own, and the BPF
+        # stack is 512 bytes.)
+        body = (f"if (*(uint8 *)$a.0 == 47 && {counted}) {{ "
+                f"{aggregate(str(f.code), 'args->ret < 0 ? args->ret : 0', 'str($a.0)')} }} else {{ {event} }}")
+        if f.syscall in AT_FLAGS:
+            body = f"if ({_not_fd_only(f)}) {{ {body} }}"
+        lines.append(f"tracepoint:syscalls:sys_exit_{f.tracepoint} /@a[tid].0{exec_ok}/ {{ $a = @a[tid]; {body} }}")
     lines += extra or []
     lines.append("END { clear(@job); clear(@a); clear(@d); print(@l); print(@n); clear(@l); clear(@n); }")
     return "\n".join(lines) + "\n"
@@ -258,8 +262,11 @@ def watch_program(fields: list[Fields], prefixes: list[str], interval: int) -> s
         return (f"@n = count(); if (args->ret >= 0) {{ {open_class} }} else {{ if (args->ret == -{ENOENT}) "
                 f"{{ @noent[{var}] = count(); }} else {{ @err[{var}] = count(); }} }}")
 
+    # @a: one entry per thread that made a traced syscall, overwritten by the next, deleted
+    # when the thread exits (cheaper than a delete at every syscall's exit).
     lines = ["tracepoint:sched:sched_process_exec { $p = str(args->filename); "
-             f"if ({matches('$p')}) {{ @n = count(); @open[$p] = count(); }} }}"]
+             f"if ({matches('$p')}) {{ @n = count(); @open[$p] = count(); }} }}",
+             "tracepoint:sched:sched_process_exit { delete(@a[tid]); }"]
     dump = " ".join(f"print(@{m}); clear(@{m});" for m in (*WATCH_MAPS, "n", "rel", "missed"))
     for f in fields:
         if f.syscall == "fchdir":
@@ -270,9 +277,10 @@ def watch_program(fields: list[Fields], prefixes: list[str], interval: int) -> s
             opened = f"if ($a.2 & {O_DIRECTORY | O_PATH}) {{ @ok[$p] = count(); }} else {{ @open[$p] = count(); }}"
         else:
             opened = "@ok[$p] = count();"
+        lookup = _not_fd_only(f) if f.syscall in AT_FLAGS else "1"
         lines.append(
-            f"tracepoint:syscalls:sys_exit_{f.tracepoint} /tid{exec_ok}/ {{ $a = @a[tid]; delete(@a[tid]); "
-            f"if ($a.0 == 0) {{ @missed = count(); }} else {{ $p = str($a.0); if ({_not_fd_only(f)}) {{ "
+            f"tracepoint:syscalls:sys_exit_{f.tracepoint} /tid{exec_ok}/ {{ $a = @a[tid]; "
+            f"if ($a.0 == 0) {{ @missed = count(); }} else {{ $p = str($a.0); if ({lookup}) {{ "
             f"if ({matches('$p')}) {{ {count('$p', opened)} }} else {{ if (strncmp($p, \"/\", 1) != 0) "
             f"{{ @rel = count(); }} }} }} }} }}")
     lines.append(f"interval:s:{interval} {{ {dump} printf(\"D %llu\\n\", nsecs); }}")
@@ -321,7 +329,7 @@ def parse(line: bytes, strlen: int) -> tuple[int, Raw | Control]:
     tag, _, rest = text.partition(" ")
     if tag == "D":
         return 0, Control("dump")
-    if tag not in ("L", "E", "F", "X", "C", "U", "M", "P"):
+    if tag not in ("L", "E", "F", "X", "C", "U", "P"):
         return 0, Control("other", data)
     ns, _, rest = rest.partition(" ")
     return int(ns), _record(tag, rest, strlen)
@@ -347,4 +355,4 @@ def _record(tag: str, rest: str, strlen: int) -> Raw | Control:
         return Raw("untracked", "clone", fields[0], fields[0], fields[1])
     if tag == "P":  # a descriptor copied: pid tid old new close-on-exec
         return Raw("dup", "dup", fields[0], fields[1], fields[3], fields[2], O_CLOEXEC if fields[4] else 0)
-    return Control("missed", fields[0])  # M: code pid tid
+    raise ValueError(f"unknown record {tag}")

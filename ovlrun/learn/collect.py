@@ -30,7 +30,7 @@ class Collector:
         self.pending: list[tuple[int, int, Raw]] = []  # (kernel time, sequence, record)
         self.sequence = 0
         self.done_until = 0
-        self.lost = self.missed = self.late = 0
+        self.lost = self.late = 0
         self.counted: int | None = None  # bpftrace's @n: lookups it counted in the kernel
         self.aggregated: dict[str, int] = {}
 
@@ -51,8 +51,6 @@ class Collector:
         if isinstance(record, bpftrace.Control):
             if record.what == "lost" and isinstance(record.data, int):
                 self.lost += record.data
-            elif record.what == "missed":
-                self.missed += 1
             elif record.what == "map" and isinstance(record.data, dict):
                 for name, value in record.data.items():
                     if name == "@l" and isinstance(value, dict):

@@ -287,8 +287,8 @@ def _follow(req: Request, gate: Gate, tracer: Tracer, localised: list[str]) -> O
     uncounted = collect.finish()
     tally.finish()
     outlived = sum(1 for pid in resolver.processes if pid != gate.pid and pid not in resolver.exited)
-    tally.processes = len(resolver.exited | {gate.pid}) + outlived
-    complete = not notes and not (collect.lost or collect.missed or uncounted or resolver.untracked)
+    tally.processes = resolver.exits + outlived + (gate.pid not in resolver.exited)
+    complete = not notes and not (collect.lost or uncounted or resolver.untracked)
     return Outcome(status, tracer.name, tally, _notes(notes, collect, uncounted, resolver, tally, tracer, outlived),
                    complete)
 
@@ -299,32 +299,20 @@ def _describe(code: int) -> str:
 
 def _notes(notes: list[str], collect: Collector, uncounted: int, resolver: Resolver, tally: Tally,
            tracer: Tracer, outlived: int) -> list[str]:
-    if collect.lost:
-        notes.append(f"{collect.lost:,} events lost ({tracer.name} could not read its buffers in time): "
-                     "counts are lower bounds")
-    if collect.missed:
-        notes.append(f"{collect.missed:,} lookups whose start the tracer could not remember (map full): "
-                     "not counted")
-    if uncounted:
-        notes.append(f"{uncounted:,} lookups the kernel could not count (map full; OVLRUN_LEARN_MAP_KEYS "
-                     "raises the limit): not in the table")
-    if resolver.untracked:
-        notes.append(f"{resolver.untracked:,} processes the tracer could not follow (map full): their lookups "
-                     "are missing")
-    if collect.late:
-        notes.append(f"{collect.late:,} events arrived out of order by more than 2 s: relative paths near "
-                     "them may be misresolved")
-    if resolver.unresolved:
-        notes.append(f"{resolver.unresolved:,} relative lookups could not be made absolute (descriptor or "
-                     "directory unknown): counted as not attributed")
-    if resolver.unreadable:
-        notes.append(f"{resolver.unreadable:,} paths could not be read by the tracer: counted as not attributed")
-    if tally.truncated:
-        notes.append(f"{tally.truncated:,} paths longer than {tracer.name} reads were attributed by their "
-                     "beginning")
-    if outlived:
-        notes.append(f"{outlived:,} processes were still running when CMD exited; their later lookups are "
-                     "not counted")
-    if isinstance(tracer, Strace) and tracer.parser.unparsed:
-        notes.append(f"{tracer.parser.unparsed:,} lines of strace output were not understood")
-    return notes
+    """What makes the counts incomplete or uncertain, one sentence each."""
+    unparsed = tracer.parser.unparsed if isinstance(tracer, Strace) else 0
+    said = (
+        (collect.lost, "{n:,} events lost ({tracer} could not read its buffers in time): counts are lower bounds"),
+        (uncounted, "{n:,} lookups the kernel could not count (map full; OVLRUN_LEARN_MAP_KEYS raises the limit): "
+                    "not in the table"),
+        (resolver.untracked, "{n:,} processes the tracer could not follow (map full): their lookups are missing"),
+        (collect.late, "{n:,} events arrived out of order by more than 2 s: relative paths near them may be "
+                       "misresolved"),
+        (resolver.unresolved, "{n:,} relative lookups could not be made absolute (descriptor or directory "
+                              "unknown): counted as not attributed"),
+        (resolver.unreadable, "{n:,} paths could not be read by the tracer: counted as not attributed"),
+        (tally.truncated, "{n:,} paths longer than {tracer} reads were attributed by their beginning"),
+        (outlived, "{n:,} processes were still running when CMD exited; their later lookups are not counted"),
+        (unparsed, "{n:,} lines of strace output were not understood"),
+    )
+    return notes + [text.format(n=n, tracer=tracer.name) for n, text in said if n]

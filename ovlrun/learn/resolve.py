@@ -51,6 +51,7 @@ class Resolver:
         self.unreadable = 0  # the tracer could not read the path at all
         self.untracked = 0  # children the tracer could not follow (their lookups are missing)
         self.exited: set[int] = set()
+        self.exits = 0  # processes seen ending (ids are reused: a set would undercount)
 
     def _process(self, pid: int) -> _Process:
         proc = self.processes.get(pid)
@@ -81,6 +82,7 @@ class Resolver:
             self.processes.pop(raw.tid, None)
             if raw.pid == raw.tid:
                 self.exited.add(raw.pid)
+                self.exits += 1
             return
         if raw.what == "untracked":
             self.untracked += 1

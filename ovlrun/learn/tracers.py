@@ -80,8 +80,10 @@ class Tracer:
         return bool(chunk)
 
     def failure(self) -> str:
-        errors = [line for line in self.stderr_tail if "ERROR" in line or "rror" in line] or self.stderr_tail
-        return errors[-1] if errors else "no message"
+        """The most telling line bpftrace or strace wrote (bpftrace splits some errors
+        over several short lines: the longest line that mentions an error wins)."""
+        errors = [line for line in self.stderr_tail if "rror" in line and len(line) > 12] or self.stderr_tail
+        return max(errors, key=len) if errors else "no message"
 
     def reap(self) -> int:
         if self.status is None:
