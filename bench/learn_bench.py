@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.learn_workloads import WORKLOADS, build  # noqa: E402
+from tests.learn_workloads import WORKLOADS, Workload, build  # noqa: E402
 
 LEARN = [sys.executable, "-I", "-m", "ovlrun.learn"]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -73,37 +73,64 @@ def run_job(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, dic
     return elapsed, data
 
 
-def overhead(base: Path, reps: int, rounds: int) -> list[str]:
-    sw = base / "sw"
+def relocate(w: Workload, old: Path, new: Path) -> Workload:
+    """The workload as seen through ``new`` (a stand-in mount of ``old``)."""
+    def fix(text: str) -> str:
+        return text.replace(str(old), str(new))
+    return w._replace(command=[fix(a) for a in w.command], env={k: fix(v) for k, v in w.env.items()})
+
+
+def overhead(base: Path, reps: int, rounds: int, latency_us: int | None) -> list[str]:
+    """The workloads on a local tree, or (``latency_us``) served by the benchnfs stand-in
+    for NFS with that latency per request (bench/standin: 1 s entry/attribute/negative
+    timeouts, as an NFS client caches)."""
+    backing = base / "sw"
     lines = ["| workload | loop of | untraced | bpftrace | overhead | strace | overhead | lookups/run | "
              "learn start (bpftrace) |", "|---|---|---|---|---|---|---|---|---|"]
-    for name in WORKLOADS:
-        w = build(name, sw)
-        times: dict[str, list[float]] = {"none": [], "bpftrace": [], "strace": []}
-        starts: list[float] = []
-        lookups = 0
-        for _ in range(rounds):
-            for config in times:  # interleaved, so drift on a shared machine hits all three alike
-                stamp = base / "elapsed"
-                job = timed_loop(w.command, reps, stamp)
-                env = {**w.env}
-                if config == "none":
-                    total, data = run_job(job, env, base)
-                else:
-                    total, data = run_job([*LEARN, "--tracer", config, "--tree", str(sw), "--json", "--report",
-                                           str(base / "report.json"), "--", *job], env, base)
-                    assert data is not None and data["complete"], data and data["notes"]
-                    lookups = int(data["lookups"]) // reps  # type: ignore[call-overload]
-                job_s = int(stamp.read_text()) / 1e9
-                times[config].append(job_s)
-                if config == "bpftrace":
-                    starts.append(total - job_s)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        lines.append(f"| {name} | {reps} | {med['none']:.3f} s | {med['bpftrace']:.3f} s | "
-                     f"{100 * (med['bpftrace'] / med['none'] - 1):+.1f} % | {med['strace']:.3f} s | "
-                     f"{100 * (med['strace'] / med['none'] - 1):+.1f} % | {lookups:,} | "
-                     f"{statistics.median(starts):.1f} s |")
+    standin = None
+    if latency_us is not None:
+        from bench.standin.server import StandIn
+
+        standin = StandIn(backing, base / "nfs", latency_us=latency_us, counters_path=base / "benchnfs.ctl")
+    try:
+        built = [build(name, backing) for name in WORKLOADS]
+        sw = backing
+        if standin is not None:
+            standin.mount()
+            sw = standin.mountpoint
+            built = [relocate(w, backing, sw) for w in built]
+        for w in built:
+            lines.append(_overhead_row(w, sw, base, reps, rounds))
+    finally:
+        if standin is not None:
+            standin.unmount()
     return lines
+
+
+def _overhead_row(w: Workload, sw: Path, base: Path, reps: int, rounds: int) -> str:
+    times: dict[str, list[float]] = {"none": [], "bpftrace": [], "strace": []}
+    starts: list[float] = []
+    lookups = 0
+    for _ in range(rounds):
+        for config in times:  # interleaved, so drift on a shared machine hits all three alike
+            stamp = base / "elapsed"
+            job = timed_loop(w.command, reps, stamp)
+            if config == "none":
+                total, data = run_job(job, w.env, base)
+            else:
+                total, data = run_job([*LEARN, "--tracer", config, "--tree", str(sw), "--json", "--report",
+                                       str(base / "report.json"), "--", *job], w.env, base)
+                assert data is not None and data["complete"], data and data["notes"]
+                lookups = int(data["lookups"]) // reps  # type: ignore[call-overload]
+            job_s = int(stamp.read_text()) / 1e9
+            times[config].append(job_s)
+            if config == "bpftrace":
+                starts.append(total - job_s)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return (f"| {w.name} | {reps} | {med['none']:.3f} s | {med['bpftrace']:.3f} s | "
+            f"{100 * (med['bpftrace'] / med['none'] - 1):+.1f} % | {med['strace']:.3f} s | "
+            f"{100 * (med['strace'] / med['none'] - 1):+.1f} % | {lookups:,} | "
+            f"{statistics.median(starts):.1f} s |")
 
 
 def rate(base: Path, count: int) -> list[str]:
@@ -213,8 +240,11 @@ def main() -> int:
            + (", --quick: not for the record" if args.quick else "") + ")", ""]
     try:
         if "overhead" in parts:
-            out += ["## Job wall time under each tracer (median of "
-                    f"{rounds}; the job's own loop of {reps} runs)", "", *overhead(base, reps, rounds), ""]
+            head = f"(median of {rounds}; the job's own loop of {reps} runs)"
+            out += [f"## Job wall time under each tracer, local tree {head}", "",
+                    *overhead(base, reps, rounds, None), ""]
+            out += [f"## Job wall time under each tracer, tree served with 1 ms per request {head}", "",
+                    *overhead(base, reps, rounds, 1000), ""]
         if "rate" in parts:
             out += ["## Lookups per second bpftrace sustains", "", *rate(base, count), ""]
         if "watch" in parts:
