@@ -217,6 +217,7 @@ def _usage_error(e: Exception, where: str) -> int | None:
         return None
     if type(e).__name__ == "NoArgsIsHelpError":
         return EXIT_USAGE
+    where = getattr(getattr(e, "ctx", None), "command_path", None) or where
     print(f"{where}: {format_message()} (see '{where} --help')", file=sys.stderr)
     return exit_code
 

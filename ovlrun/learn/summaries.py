@@ -205,6 +205,8 @@ def read_dir(directory: str, owner: Owner) -> list[dict[str, Any]]:
 
 def read_local(path: str) -> dict[str, Any]:
     """This node's own summary (root-owned, as the watcher writes it)."""
+    if not os.path.lexists(path):
+        raise OvlrunError(f"no node summary at {path}: is learn watch running here? (or use --from DIR)")
     fd = open_checked(path, None, Owner("root", 0, 0), directory=False)
     try:
         os.set_blocking(fd, True)
