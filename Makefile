@@ -20,14 +20,14 @@ DEMO_TREE ?= /srv/ovlrun-demo/sw
 # pyproject.toml declares, so an undeclared import fails the suite.
 DEV_VENV = .venv
 DEV_PYTHON = $(DEV_VENV)/bin/python
-# Build and runtime: venv + python-prctl's compiler, headers and libcap.  Tests: FUSE
-# (the NFS stand-in), attr, tmux, sudo, erofs-utils (fsck.erofs); the VM tests: qemu,
-# busybox, cpio, kmod, xz, zstd, and the kernel NFS server's userland (the guests run it
-# from this machine's root); the Slurm 24.11 tests:
-# debootstrap; lint: shellcheck (ci/).
-RUNTIME_PACKAGES = python3-venv python3-dev gcc libcap-dev sudo
+# Build and runtime: venv + python-prctl's compiler, headers and libcap; the tracers of
+# `ovlrun learn` (bpftrace for root, strace for users).  Tests: FUSE (the NFS stand-in),
+# attr, tmux, sudo, erofs-utils (fsck.erofs), the tracers; the VM tests: qemu, busybox,
+# cpio, kmod, xz, zstd, and the kernel NFS server's userland (the guests run it from this
+# machine's root); the Slurm 24.11 tests: debootstrap; lint: shellcheck (ci/).
+RUNTIME_PACKAGES = python3-venv python3-dev gcc libcap-dev sudo bpftrace strace
 VM_PACKAGES = qemu-system-x86 busybox-static cpio kmod xz-utils zstd nfs-kernel-server
-TEST_PACKAGES = attr fuse3 libfuse3-dev pkg-config tmux erofs-utils debootstrap shellcheck $(VM_PACKAGES)
+TEST_PACKAGES = attr fuse3 libfuse3-dev pkg-config tmux erofs-utils debootstrap shellcheck bpftrace strace $(VM_PACKAGES)
 APT_STAMP = .apt.stamp
 DEV_STAMP = $(DEV_VENV)/.installed
 
