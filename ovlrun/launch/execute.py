@@ -17,6 +17,7 @@ import sys
 
 from ovlrun.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, OvlrunError
 from ovlrun.launch.mount import TreeRootMissing, mount_items, report_missing, warn_stderr
+from ovlrun.linux import limits
 from ovlrun.linux.namespaces import enter_private_namespace
 from ovlrun.linux.privileges import Identity, drop_to
 
@@ -51,7 +52,9 @@ def exec_command(argv: list[str], environ: dict[str, str], identity: Identity | 
 
     Root's part ends with the drop: the working directory and the command are resolved
     afterwards, with the user's rights, and nothing is imported or read as root any more.
+    The caller's resource limits, lifted for the root phase, are given back first.
     """
+    limits.restore()
     if identity is not None:
         drop_to(identity)
     enter_working_directory(cwd, identity.home if identity is not None else None)
@@ -138,6 +141,8 @@ def exec_job(command: list[str], env: dict[str, str], identity: Identity | None,
 def run(plan: JobPlan, command: list[str], *, store: str, identity: Identity | None, strict: bool,
         environ: dict[str, str], login: bool = False, env_shell: bool = True) -> int:
     """Set up the job's namespace from ``plan`` and exec ``command`` in it (as root)."""
+    # The caller chose our resource limits; the job gets them back in exec_command.
+    limits.lift()
     env = dict(environ)
     cwd = current_directory()
     report_missing(plan, strict=strict, warn=warn_stderr)

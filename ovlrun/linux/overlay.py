@@ -52,14 +52,61 @@ def escape_layer(path: str) -> str:
     return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
 
 
-class SourceMissing(OvlrunError):
+class PathFailure(OvlrunError):
+    """One localised path cannot be localised (its source, or its snapshot, is not usable):
+    that path stays unlocalised with a warning and the rest of the launch goes on
+    (``--strict`` refuses).  Never raised for what concerns the whole launch (resources,
+    the store's trust, the kernel)."""
+
+
+class SourceMissing(PathFailure):
     """The shared subtree to localise is not there (release deleted, tree not mounted)."""
 
+    # Set by the launch: why the path's tree root looks unmounted ("": it looks fine).
+    root_problem = ""
 
-class SourceChanged(OvlrunError):
+
+class SourceStale(SourceMissing):
+    """NFS said ESTALE: the release was deleted on the server while this client still
+    had it cached.  Opened once more (the handle is then looked up afresh); if that is
+    stale too, it is missing."""
+
+
+class SourceChanged(PathFailure):
     """The localised path is not the directory its snapshot was built from (replaced, or
-    a symlink now on the way below the tree root): mounting there could serve the
-    snapshot's names, with root's access to their data, over any directory."""
+    a symlink now on the way from / to it): mounting there could serve the snapshot's
+    names, with root's access to their data, over any directory."""
+
+
+class SourceUnreachable(PathFailure):
+    """The shared subtree cannot be opened by root: permission denied (root squashed, a
+    user's FUSE mount without allow_other), another file system mounted on the way below
+    the tree root, an I/O error."""
+
+
+# Failures of the launch itself, not of one path: never turned into a per-path warning
+# (under tight resource limits a path must not silently stay unlocalised).
+RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.ENOSPC))
+
+
+def _source_failure(e: OSError, spec: OverlaySpec, where: str) -> OvlrunError:
+    """What an error opening ``spec``'s source means for that path (``where``: "to" or
+    "below" its tree root)."""
+    code = e.errno
+    if code in (errno.ENOENT, errno.ENOTDIR):
+        return SourceMissing(f"{spec.data} is missing on the shared tree")
+    if code == errno.ESTALE:
+        return SourceStale(f"{spec.data} is missing on the shared tree (stale file handle: deleted on the server)")
+    if code == errno.ELOOP:
+        return SourceChanged(f"{spec.data} is not the directory its snapshot was built from "
+                             f"(a symlink on the way {where} its tree root {spec.source_root})")
+    if code == errno.EXDEV:
+        return SourceUnreachable(f"{spec.data}: another file system is mounted on the way below its tree root "
+                                 f"{spec.source_root} (a user's FUSE mount?); only the tree's own directories "
+                                 "are localised")
+    if code in RESOURCE_ERRNOS:
+        return OvlrunError(f"cannot open {spec.data}: {os.strerror(code)}")
+    return SourceUnreachable(f"{spec.data} cannot be opened on the shared tree: {os.strerror(code or 0)}")
 
 
 def open_source(spec: OverlaySpec) -> int:
@@ -69,14 +116,16 @@ def open_source(spec: OverlaySpec) -> int:
     for the mount target) saves remote lookups per localised path on a high-latency
     tree and leaves no window for the path to change between the steps.
 
-    With the snapshot's source identity (every launch): the tree root is opened by path
-    (the administrator's), the rest below it with openat2(RESOLVE_NO_SYMLINKS |
-    RESOLVE_BENEATH) -- the same lookups as a plain open of the whole path, so no extra
+    With the snapshot's source identity (every launch): the tree root is opened from /
+    following no symlink (mount points on the way, such as the tree's own NFS mount, are
+    crossed), the rest below it with openat2(RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH |
+    RESOLVE_NO_XDEV) -- the same lookups as a plain open of the whole path, so no extra
     round trip to the shared tree -- and the directory found must have the inode the
-    snapshot was built from (fstat: attributes the lookup just fetched).  Otherwise
-    :class:`SourceChanged`: a release swapped for a symlink to /etc, or to the launcher's
-    own site-packages, must not get the overlay.  The fd is then both the data layer and
-    the mount target, so nothing is resolved by path again.
+    snapshot was built from (fstat: attributes the lookup just fetched).  Otherwise a
+    :class:`PathFailure`: a release (or a parent of the tree root) swapped for a symlink
+    to /etc or to the launcher's own site-packages, or a FUSE mount a user made on the
+    way, must not get the overlay.  The fd is then both the data layer and the mount
+    target, so nothing is resolved by path again.
     """
     if not spec.source_ino:
         # Callers without an identity (tests of the mount itself); launches always pass one.
@@ -86,31 +135,43 @@ def open_source(spec: OverlaySpec) -> int:
             raise SourceMissing(f"{spec.data} is missing on the shared tree") from None
     changed = f"{spec.data} is not the directory its snapshot was built from"
     prefix = spec.source_root.rstrip("/") + "/"
-    if not spec.data.startswith(prefix):
+    if not spec.data.startswith(prefix) or not spec.source_root.startswith("/"):
         raise SourceChanged(f"{changed} (not below its tree root {spec.source_root})")
+    root_fd = _open_tree_root(spec)
     try:
-        root_fd = os.open(spec.source_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
-        raise SourceMissing(f"{spec.data} is missing on the shared tree") from None
-    try:
-        fd = syscalls.open_beneath(root_fd, spec.data[len(prefix):], os.O_PATH | os.O_DIRECTORY)
+        fd = syscalls.open_beneath(root_fd, spec.data[len(prefix):], os.O_PATH | os.O_DIRECTORY, no_xdev=True)
     except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENOTDIR):
-            raise SourceMissing(f"{spec.data} is missing on the shared tree") from None
-        if e.errno in (errno.ELOOP, errno.EXDEV):
-            raise SourceChanged(f"{changed} (a symlink on the way below {spec.source_root})") from None
-        raise
+        raise _source_failure(e, spec, "below") from None
     finally:
         os.close(root_fd)
     try:
         ino = os.fstat(fd).st_ino
-    except OSError:
+    except OSError as e:
         os.close(fd)
-        raise
+        raise _source_failure(e, spec, "below") from None
     if ino != spec.source_ino:
         os.close(fd)
         raise SourceChanged(f"{changed} (another directory under that name)")
     return fd
+
+
+def _open_tree_root(spec: OverlaySpec) -> int:
+    """O_PATH fd of ``spec.source_root`` (the tree root's real path, recorded at build),
+    opened from / without following any symlink: a parent directory swapped for a
+    symlink (to /, say) must not move the mount."""
+    try:
+        slash = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise _source_failure(e, spec, "to") from None
+    relative = spec.source_root.strip("/")
+    if not relative:
+        return slash
+    try:
+        return syscalls.open_beneath(slash, relative, os.O_PATH | os.O_DIRECTORY)
+    except OSError as e:
+        raise _source_failure(e, spec, "to") from None
+    finally:
+        os.close(slash)
 
 
 def _open_dir(path: str) -> int:
@@ -168,7 +229,8 @@ def _mount_new_api_at(spec: OverlaySpec, fd_layers: bool, data_fd: int) -> None:
             syscalls.fsconfig_create(fs_fd)
         except OSError as e:
             log = "; ".join(syscalls.read_fs_log(fs_fd))
-            raise OvlrunError(f"cannot set up overlay for {spec.target}: {e}{f' ({log})' if log else ''}") from None
+            detail = f"{e} ({log})" if log else str(e)
+            raise _mount_failure(e, spec, f"cannot set up overlay for {spec.target}: {detail}") from None
         attrs = syscalls.MOUNT_ATTR_RDONLY | syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
         mnt_fd = syscalls.fsmount(fs_fd, syscalls.FSMOUNT_CLOEXEC, attrs)
     finally:
@@ -233,7 +295,18 @@ def _mount_legacy(spec: OverlaySpec, data_only: bool) -> None:
 
 
 def mount_overlay(spec: OverlaySpec, features: Features) -> None:
-    """Mount ``spec`` in the current mount namespace, best method the kernel offers."""
+    """Mount ``spec`` in the current mount namespace, best method the kernel offers.
+
+    A stale NFS handle (ESTALE) on the way is retried once from scratch, then the source
+    counts as missing.  Failures that concern this path only are :class:`PathFailure`.
+    """
+    try:
+        _mount_once(spec, features)
+    except SourceStale:
+        _mount_once(spec, features)
+
+
+def _mount_once(spec: OverlaySpec, features: Features) -> None:
     try:
         if features.method in (FD, STRING):
             _mount_new_api(spec, fd_layers=features.method == FD)
@@ -242,4 +315,16 @@ def mount_overlay(spec: OverlaySpec, features: Features) -> None:
     except OvlrunError:
         raise
     except OSError as e:
-        raise OvlrunError(f"cannot mount localised overlay on {spec.target}: {e}") from None
+        raise _mount_failure(e, spec, f"cannot mount localised overlay on {spec.target}: {e}") from None
+
+
+class OverlayRefused(PathFailure):
+    """The kernel refused this path's overlay (its layers, or its mount point)."""
+
+
+def _mount_failure(e: OSError, spec: OverlaySpec, message: str) -> OvlrunError:
+    if e.errno == errno.ESTALE:
+        return SourceStale(f"{spec.data} is missing on the shared tree (stale file handle: deleted on the server)")
+    if e.errno in RESOURCE_ERRNOS:
+        return OvlrunError(message)
+    return OverlayRefused(message)
