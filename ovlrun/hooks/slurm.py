@@ -444,7 +444,7 @@ def epilog(env: Mapping[str, str] | None = None) -> int:
         try:
             namespaces.unpin(Path(record.ns_path))
             namespaces.remove_tree(directory)
-        except OSError as e:
+        except Exception as e:  # whatever it is: an Epilog that fails drains the node
             log("error", f"cleaning {directory}: {e}")
         if directory.exists():
             # Logged, not failed: draining the node would punish the next jobs for
