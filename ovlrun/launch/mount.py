@@ -143,7 +143,6 @@ def _unlocalised(message: str, strict: bool, warn: Warn) -> None:
     warn(f"{message}; it stays unlocalised")
 
 
-MAX_MOUNT_THREADS = 8
 class SnapshotUnusable(PathFailure):
     """This path's snapshot image cannot be opened or mounted (removed by a concurrent gc,
     not a valid image, no loop device free): the path stays unlocalised."""
@@ -273,6 +272,7 @@ def _errno_of(e: BaseException) -> int | None:
     return None
 
 
+MAX_MOUNT_THREADS = 8
 # Descriptors one mount thread holds at most at once (the image's own, the erofs and
 # overlay contexts and mounts, /, the tree root, the source, the snapshot layer).
 FDS_PER_THREAD = 8
