@@ -22,10 +22,10 @@ DEV_VENV = .venv
 DEV_PYTHON = $(DEV_VENV)/bin/python
 # Build and runtime: venv + python-prctl's compiler, headers and libcap.  Tests: FUSE
 # (the NFS stand-in), attr, tmux, sudo, erofs-utils (fsck.erofs); the VM tests: qemu,
-# busybox, cpio, kmod, xz, zstd; the Slurm 24.11 tests: debootstrap.
+# busybox, cpio, kmod, xz, zstd; the Slurm 24.11 tests: debootstrap; lint: shellcheck (ci/).
 RUNTIME_PACKAGES = python3-venv python3-dev gcc libcap-dev sudo
 VM_PACKAGES = qemu-system-x86 busybox-static cpio kmod xz-utils zstd
-TEST_PACKAGES = attr fuse3 libfuse3-dev pkg-config tmux erofs-utils debootstrap $(VM_PACKAGES)
+TEST_PACKAGES = attr fuse3 libfuse3-dev pkg-config tmux erofs-utils debootstrap shellcheck $(VM_PACKAGES)
 APT_STAMP = .apt.stamp
 DEV_STAMP = $(DEV_VENV)/.installed
 
@@ -91,6 +91,7 @@ test: $(DEV_STAMP)
 lint: $(DEV_STAMP)
 	$(DEV_PYTHON) -m ruff check ovlrun tests
 	$(DEV_PYTHON) -m mypy
+	shellcheck -x ci/*.sh
 
 # Debian 12 (6.1) and 13 (6.12) kernels booted under qemu (TCG), the launch subset in
 # each (tests/test_vm_kernels.py).  Kernel packages are fetched once into

@@ -6,6 +6,8 @@
                                               # build, stat, fetch, launch20 (images = the last four)
     python3 bench/run.py --only workloads --configs direct,local --workloads imports
     python3 bench/run.py --only images        # images against directory snapshots (issue 12)
+    python3 bench/run.py --only inline        # files stored whole in images (issue 17): the four
+                                              # parts inline-build, inline-imports, inline-fetch, inline-bpe
 
 Results are printed as markdown and written to bench/results/latest.{json,md}.
 Nothing stays mounted afterwards (checked against /proc/self/mountinfo).
@@ -25,13 +27,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import image_bench, launch_bench, ovlrun_cli, report, snapshot_bench, workload_bench  # noqa: E402
+from bench import image_bench, inline_bench, launch_bench, ovlrun_cli, report, snapshot_bench, workload_bench  # noqa: E402
 from bench.configs import CONFIGS, SHARED_ROOT  # noqa: E402
 from bench.mounts import mounted_at, umount_all_under  # noqa: E402
 from bench.standin.server import RUN_DIR, build_server  # noqa: E402
 from bench.tree import BENCH_CACHE, ensure_tree  # noqa: E402
 
 IMAGE_PARTS = ("build", "stat", "fetch", "launch20")
+INLINE_PARTS = ("inline-build", "inline-imports", "inline-fetch", "inline-bpe")
 PARTS = ("workloads", "launch", *IMAGE_PARTS)  # "snapshot" (pre-image build bench) on request
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,7 +54,7 @@ def leaked_mounts() -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--only", action="append", choices=(*PARTS, "snapshot", "images", "tree"),
+    ap.add_argument("--only", action="append", choices=(*PARTS, *INLINE_PARTS, "snapshot", "images", "inline", "tree"),
                     help="run only this part (repeatable)")
     ap.add_argument("--configs", default=",".join(CONFIGS),
                     help="comma-separated subset of: " + ", ".join(CONFIGS))
@@ -70,10 +73,13 @@ def main() -> int:
     ap.add_argument("--fetch-latency-us", type=int, default=0,
                     help="stand-in latency in the fetch part (request counts do not depend on it)")
     ap.add_argument("--launch-pairs", type=int, default=100, help="timed A/B pairs per comparison (launch20)")
+    ap.add_argument("--inline-reps", type=int, default=3, help="cold+warm import pairs per config (inline-imports)")
+    ap.add_argument("--inline-nodes", type=int, default=3, help="fresh stores that fetch, per rule (inline-fetch)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         ap.error("must run as root (mounts, drop_caches)")
-    parts = [p for o in (args.only or PARTS) for p in (IMAGE_PARTS if o == "images" else (o,))]
+    groups = {"images": IMAGE_PARTS, "inline": INLINE_PARTS}
+    parts = [p for o in (args.only or PARTS) for p in groups.get(o, (o,))]
 
     tree = ensure_tree()
     build_server()
@@ -139,6 +145,17 @@ def main() -> int:
             res = image_bench.measure_launch(tree, args.latency_us, args.launch_pairs)
             results["launch20"] = res
             md += ["### Launch, 20 localised paths: image vs directory", image_bench.launch_text(res)]
+        inline: dict[str, object] = {}
+        for part, run in (("inline-build", lambda: inline_bench.measure_build(args.latency_us)),
+                          ("inline-imports", lambda: inline_bench.measure_imports(args.latency_us, args.inline_reps)),
+                          ("inline-fetch", lambda: inline_bench.measure_fetch(args.inline_nodes)),
+                          ("inline-bpe", inline_bench.measure_bpe)):
+            if part in parts:
+                print(f"== {part}")
+                inline[part.removeprefix("inline-")] = run()
+        if inline:
+            results["inline"] = inline
+            md += ["### Files stored whole in images (issue 17)", inline_bench.tables(inline)]
     finally:
         if leaked_mounts():
             umount_all_under(SHARED_ROOT)

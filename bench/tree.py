@@ -65,6 +65,14 @@ REFERENCE_PINS = [
     "python-dateutil==4.0.0", "pytz==2026.6", "tzdata==2026.6",
 ]
 
+# The Python stack of issue 17 (data inlining): the reference set plus scikit-learn and
+# requests, pip-installed into one release (~15k files): what the import workload of
+# bench/inline_bench.py imports, with and without inlined .pyc/.so data.
+ML_RELEASE = "sw/mlstack/2025.1"
+ML_PINS = [*REFERENCE_PINS, "scikit-learn==1.9.1", "joblib==1.6.0", "threadpoolctl==3.8.0",
+           "requests==2.34.2", "urllib3==2.8.0", "idna==3.20", "certifi==2026.10.19.post1",
+           "charset-normalizer==3.5.3"]
+
 # pip installs the reference set into ~15k entries here, not the issue's 95k; a release
 # of tens of thousands of entries is what the image benchmarks need, so they use a
 # bundle release, as a site's software-stack release (a Spack/conda environment) is:
@@ -90,7 +98,7 @@ TOOLS: dict[str, list[str]] = {
 N_LIB_DIRS = 120
 SYSTEM_LIB_DIR = Path("/usr/lib/x86_64-linux-gnu")
 
-SPEC_VERSION = 5
+SPEC_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,7 @@ def spec_hash() -> str:
         "tools": TOOLS,
         "nlib": N_LIB_DIRS,
         "reference": REFERENCE_PINS,
+        "ml": ML_PINS,
         "bundle": BUNDLE_RELEASE,
         "py": sys.version,
     }
@@ -228,7 +237,7 @@ def ensure_tree(log=print) -> TreeInfo:
 
     all_reqs = sorted({r for rs in PYSTACK_RELEASES.values() for r in rs} | set(PYSTACK_COMMON)
                       | {f"{n}=={v}" for n, vs in TOOLS.items() for v in vs}
-                      | set(REFERENCE_PINS))
+                      | set(REFERENCE_PINS) | set(ML_PINS))
     # pip resolves one version per name per call, so download in batches in
     # which every project name appears once.
     batches: list[dict[str, str]] = []
@@ -251,6 +260,8 @@ def ensure_tree(log=print) -> TreeInfo:
     log(f"  reference release {REFERENCE_RELEASE}")
     _pip_install(sw / REFERENCE_RELEASE.removeprefix("sw/") / "lib" / PY_TAG / "site-packages",
                  REFERENCE_PINS)
+    log(f"  issue 17 stack {ML_RELEASE}")
+    _pip_install(sw / ML_RELEASE.removeprefix("sw/") / "lib" / PY_TAG / "site-packages", ML_PINS)
     for name, versions in TOOLS.items():
         for v in versions:
             _pip_install(sw / "tools" / name / v / "lib" / "python", [f"{name}=={v}"])

@@ -1,44 +1,42 @@
 #!/usr/bin/env bash
-# Install and start a single-node Slurm (Debian 12: Slurm 22.05) for ovlrun's
-# Slurm tests and for developers.  Idempotent: re-running with an unchanged
-# configuration and live daemons only waits for the node to be idle; a changed
-# configuration restarts the daemons.
+# Install and start a single-node Slurm from this machine's own apt (Debian 12: Slurm
+# 22.05; Debian 13: 24.11) for ovlrun's Slurm tests and for developers.  Idempotent: a
+# re-run with an unchanged configuration and live daemons only waits for the node to be
+# idle; a changed configuration restarts the daemons (ci/slurm-lib.sh).
 #
-# PID 1 is not systemd on our machines, so the daemons are started by hand in
-# the foreground mode (-D) in their own sessions, with pid files that
-# ci/slurm-stop.sh uses to stop exactly these processes.
+# PID 1 is not systemd on our machines, so the daemons are started by hand in the
+# foreground mode (-D) in their own sessions, with pid files that ci/slurm-stop.sh uses
+# to stop exactly these processes.
 #
-# Everything Slurm keeps on disk (state, spool, job_container BasePath) lives
-# under $OVLRUN_SLURM_STATE (default /var/spool/ovlrun-slurm), never under
-# /tmp: every job gets a private /tmp, which would hide them.
+# Everything of the instance lives under $OVLRUN_SLURM_STATE, never under /tmp (every job
+# gets a private /tmp): its slurm.conf (in etc/: clients need SLURM_CONF=$state/etc/slurm.conf),
+# state, spool, logs, pid files and job_container BasePath.  With its own state directory
+# and ports, a second instance (say in a container sharing this machine's network) runs
+# beside this one.
 #
-# Environment knobs:
-#   OVLRUN_SLURM_STATE    state directory (default /var/spool/ovlrun-slurm)
-#   OVLRUN_SLURM_PROLOG   Prolog executable (default: generated hook running
-#                         `python -m ovlrun slurm prolog` from this checkout)
-#   OVLRUN_SLURM_EPILOG   Epilog executable (same idea)
-#   OVLRUN_SLURM_TASK_PROLOG  TaskProlog (default contrib/slurm/ovlrun-task-prolog)
-#   OVLRUN_SLURM_PYTHON   interpreter for the generated hooks (default: python3)
-#   OVLRUN_SLURM_TIMEOUT  seconds to wait for the node to become idle (60)
+# Environment knobs (and those of ci/slurm-lib.sh: OVLRUN_SLURM_MODE, ...):
+#   OVLRUN_SLURM_STATE      state directory (default /var/spool/ovlrun-slurm)
+#   OVLRUN_SLURM_PORT_BASE  slurmctld's port; slurmd's is the next one (default 6817)
+#   OVLRUN_SLURM_PYTHON     interpreter for the generated hooks (default: python3)
 #   OVLRUN_SLURM_NO_INSTALL=1  skip apt-get (packages already present)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
-state="${OVLRUN_SLURM_STATE:-/var/spool/ovlrun-slurm}"
-timeout_s="${OVLRUN_SLURM_TIMEOUT:-60}"
-python="${OVLRUN_SLURM_PYTHON:-$(command -v python3)}"
-# The real interpreter, not a pyenv shim: hooks run without PATH or PYENV_*.
-python="$("$python" -c 'import sys; print(sys.executable)')"
-conf_dir=/etc/slurm
-marker="# managed by ovlrun ci/slurm-setup.sh"
-
-log() { printf 'slurm-setup: %s\n' "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+# shellcheck source=ci/slurm-lib.sh
+. "$here/slurm-lib.sh"
 
 [ "$(id -u)" = 0 ] || die "must run as root"
+root="" in_ns=()
+state="${OVLRUN_SLURM_STATE:-/var/spool/ovlrun-slurm}"
+pids="$state/run"
+node="$(hostname -s)"
+cluster=ovlrun
+port_base="${OVLRUN_SLURM_PORT_BASE:-6817}"
+hook_python="${OVLRUN_SLURM_PYTHON:-$(command -v python3)}"
+# The real interpreter, not a pyenv shim: hooks run without PATH or PYENV_*.
+hook_python="$("$hook_python" -c 'import sys; print(sys.executable)')"
 
-# --- packages ---------------------------------------------------------------
 need_pkgs=()
 for p in slurmctld slurmd slurm-client munge; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
@@ -48,180 +46,13 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
     [ "${OVLRUN_SLURM_NO_INSTALL:-0}" = 1 ] && die "missing packages: ${need_pkgs[*]}"
     log "installing ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    # The package scripts try to start services through invoke-rc.d; without
-    # systemd that fails harmlessly (policy-rc.d) or is simply skipped.
+    # The package scripts try to start services through invoke-rc.d; without systemd
+    # that fails harmlessly or is skipped.
     apt-get update -q >/dev/null || apt-get update -q
     apt-get install -y -q --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi
 
-# --- configuration ----------------------------------------------------------
-node="$(hostname -s)"
-cpus="$(nproc)"
-# Single node: if the short host name does not resolve, talk over loopback.
-ctld_host="$node" node_addr=""
-if ! getent hosts "$node" >/dev/null; then
-    ctld_host="$node(127.0.0.1)" node_addr=" NodeAddr=127.0.0.1"
-fi
-mkdir -p "$state"/{ctld,slurmd,jc,log,hooks,run}
-chmod 755 "$state" "$state/hooks"
-
-# Generated hooks: slurmd runs the Prolog/Epilog with an almost empty
-# environment (no PATH to pyenv, no PYTHONPATH), so spell everything out.
-# An optional "$state/hook.env" (written by tests) adds environment such as
-# OVLRUN_PROFILE_PATH / OVLRUN_STORE.
-write_hook() {  # $1 = prolog|epilog, $2 = early-exit test (as in contrib/slurm/)
-    local f="$state/hooks/$1" tmp
-    tmp="$(mktemp "$f.XXXXXX")"
-    cat >"$tmp" <<EOF
-#!/bin/sh
-# Generated by ci/slurm-setup.sh: run ovlrun's Slurm $1 from $repo.
-$2
-[ -r "$state/hook.env" ] && . "$state/hook.env"
-PYTHONPATH="$repo\${PYTHONPATH:+:\$PYTHONPATH}"
-export PYTHONPATH
-exec "$python" -m ovlrun slurm $1
-EOF
-    chmod 755 "$tmp"
-    mv -f "$tmp" "$f"
-}
-# shellcheck disable=SC2016 # expanded by the hook, not here
-write_hook prolog 'case "${SLURM_JOB_COMMENT:-}" in *ovl:*) ;; *) exit 0 ;; esac'
-# shellcheck disable=SC2016
-write_hook epilog '[ -e "${OVLRUN_JOB_RUNDIR:-/run/ovlrun/jobs}/${SLURM_JOB_ID:-none}.json" ] || exit 0'
-install -m 755 "$repo/contrib/slurm/ovlrun-task-prolog" "$state/hooks/task-prolog"
-prolog="${OVLRUN_SLURM_PROLOG:-$state/hooks/prolog}"
-epilog="${OVLRUN_SLURM_EPILOG:-$state/hooks/epilog}"
-task_prolog="${OVLRUN_SLURM_TASK_PROLOG:-$state/hooks/task-prolog}"
-
-new_conf="$(mktemp)"
-new_jc="$(mktemp)"
-trap 'rm -f "$new_conf" "$new_jc"' EXIT
-cat >"$new_conf" <<EOF
-$marker
-ClusterName=ovlrun
-SlurmctldHost=$ctld_host
-# root keeps the state directories simple on a throw-away test node.
-SlurmUser=root
-AuthType=auth/munge
-StateSaveLocation=$state/ctld
-SlurmdSpoolDir=$state/slurmd
-SlurmctldPidFile=$state/run/slurmctld.pid
-SlurmdPidFile=$state/run/slurmd.pid
-SlurmctldLogFile=$state/log/slurmctld.log
-SlurmdLogFile=$state/log/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=debug
-# No cgroups needed: PID 1 is not systemd here.
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-MpiDefault=none
-# cons_tres with CR_CPU lets two one-CPU jobs share the node (concurrency test).
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/backfill
-ReturnToService=2
-# Short timeouts: a broken test job must not hold CI for long.
-KillWait=5
-MessageTimeout=20
-MinJobAge=600
-# ovlrun integration (see docs/slurm.md).
-JobContainerType=job_container/tmpfs
-PrologFlags=Contain
-Prolog=$prolog
-Epilog=$epilog
-TaskProlog=$task_prolog
-NodeName=$node$node_addr CPUs=$cpus State=UNKNOWN
-PartitionName=debug Nodes=$node Default=YES MaxTime=30 State=UP
-EOF
-cat >"$new_jc" <<EOF
-$marker
-AutoBasePath=true
-BasePath=$state/jc
-EOF
-
-for f in slurm.conf job_container.conf; do
-    if [ -e "$conf_dir/$f" ] && ! grep -qxF "$marker" "$conf_dir/$f"; then
-        die "$conf_dir/$f exists and was not written by this script; refusing to overwrite it"
-    fi
-done
-
-same_conf=1
-cmp -s "$new_conf" "$conf_dir/slurm.conf" || same_conf=0
-cmp -s "$new_jc" "$conf_dir/job_container.conf" || same_conf=0
-
-alive() {  # $1 = pid file; true if that pid still runs the daemon named like the file
-    local pid
-    [ -s "$1" ] || return 1
-    pid="$(cat "$1")"
-    # A pid file can outlive its process (machine reused, daemons killed): check the
-    # name too, so a recycled pid is never mistaken for our daemon.
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$(basename "$1" .pid)" ]
-}
-munge_works() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
-
-if [ "$same_conf" = 1 ] && munge_works \
-    && alive "$state/run/slurmctld.pid" && alive "$state/run/slurmd.pid"; then
-    log "daemons already running with this configuration"
-else
-    "$here/slurm-stop.sh"
-    mkdir -p "$conf_dir"
-    install -m 644 "$new_conf" "$conf_dir/slurm.conf"
-    install -m 644 "$new_jc" "$conf_dir/job_container.conf"
-
-    # --- munge ---------------------------------------------------------------
-    if [ ! -s /etc/munge/munge.key ]; then
-        log "creating munge key"
-        install -d -o munge -g munge -m 700 /etc/munge
-        (umask 077; dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 2>/dev/null)
-        chown munge:munge /etc/munge/munge.key
-    fi
-    if munge_works; then
-        log "using the munged already running"  # not ours: slurm-stop.sh leaves it alone
-    else
-        install -d -o munge -g munge -m 755 /run/munge
-        install -d -o munge -g munge -m 700 /var/log/munge /var/lib/munge
-        # munged daemonises itself and writes its own pid file.
-        runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
-        cp /run/munge/munged.pid "$state/run/munged.pid"
-        munge_works || die "munged started but munge/unmunge does not work"
-    fi
-
-    # --- slurm ---------------------------------------------------------------
-    # setsid: the daemons must outlive the shell (and CI step) that started
-    # them.  -D keeps them in the foreground so $! is the daemon's own pid.
-    setsid slurmctld -D -i >"$state/log/slurmctld.out" 2>&1 </dev/null &
-    echo $! >"$state/run/slurmctld.pid"
-    setsid slurmd -D >"$state/log/slurmd.out" 2>&1 </dev/null &
-    echo $! >"$state/run/slurmd.pid"
-fi
-
-# --- wait for the node ------------------------------------------------------
-start=$SECONDS
-deadline=$((SECONDS + timeout_s))
-st=""
-while :; do
-    st="$(sinfo -h -n "$node" -o '%T' 2>/dev/null | head -n1 || true)"
-    case "$st" in
-        idle|mixed|allocated) break ;;
-    esac
-    for d in slurmctld slurmd; do
-        alive "$state/run/$d.pid" || {
-            tail -n 30 "$state/log/$d.out" "$state/log/$d.log" >&2 2>/dev/null || true
-            die "$d died during startup (logs in $state/log)"
-        }
-    done
-    # A node left DOWN/DRAIN by an earlier run (e.g. a failed Prolog) would
-    # never become idle by itself.
-    case "$st" in
-        down*|drain*|fail*) scontrol update NodeName="$node" State=RESUME 2>/dev/null || true ;;
-    esac
-    if [ "$SECONDS" -ge "$deadline" ]; then
-        tail -n 30 "$state/log/slurmctld.log" "$state/log/slurmd.log" >&2 2>/dev/null || true
-        die "node $node not idle after ${timeout_s}s (state: ${st:-unknown})"
-    fi
-    sleep 0.2
-done
-log "node $node is $st after $((SECONDS - start))s (state in $state)"
+instance_stop() { OVLRUN_SLURM_STATE="$state" "$here/slurm-stop.sh"; }
+instance_ok() { true; }
+instance_prepare() { true; }
+slurm_up

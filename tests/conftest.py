@@ -82,6 +82,11 @@ class World:
     def profiles(self) -> Path:
         return self.base / "profiles"
 
+    @property
+    def rundir(self) -> Path:
+        """Where this world's launches and hooks keep their job records."""
+        return self.base / "run" / "jobs"
+
     def write_profile(self, name: str, text: str) -> Path:
         path = self.profiles / f"{name}.toml"
         path.write_text(text)
@@ -103,9 +108,10 @@ class World:
         entry = self.base / "ovlrun-entry"
         if not entry.exists():
             entry.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
-                             "import ovlrun.profile.locate, ovlrun.store.layout\n"
+                             "import ovlrun.profile.locate, ovlrun.store.layout, ovlrun.jobs.records\n"
                              f"ovlrun.store.layout.DEFAULT_STORE = {str(self.store)!r}\n"
                              f"ovlrun.profile.locate.DEFAULT_PROFILE_DIRS = ({str(self.profiles)!r},)\n"
+                             f"ovlrun.jobs.records.DEFAULT_RUNDIR = {str(self.rundir)!r}\n"
                              "from ovlrun.cli.main import main\nsys.exit(main())\n")
             entry.chmod(0o755)
         return entry
@@ -155,7 +161,7 @@ def world() -> Iterator[World]:
     make_release_tree(w.sw)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OVLRUN_", "SUDO_"))}
     env.update({"OVLRUN_STORE": str(w.store), "OVLRUN_PROFILE_PATH": str(w.profiles),
-                "PYTHONPATH": str(REPO), "LC_ALL": "C.UTF-8"})
+                "OVLRUN_JOB_RUNDIR": str(w.rundir), "PYTHONPATH": str(REPO), "LC_ALL": "C.UTF-8"})
     w.env = env
     before = host_mounts() if IS_ROOT else []
     yield w

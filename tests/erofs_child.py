@@ -82,9 +82,17 @@ def main() -> int:
         syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
         if req.get("no_loop_configure"):  # as on kernels before 5.8: an ioctl the loop driver does not know
             erofs_mount.LOOP_CONFIGURE = 0x4C7F
-        method = req["method"]
-        mount = {"file": erofs_mount.mount_file_backed, "loop": erofs_mount.mount_loop,
-                 "auto": erofs_mount.mount_image}[method]
+        how = {"file": erofs_mount.FILE_BACKED, "loop": erofs_mount.LOOP, "auto": erofs_mount.AUTO}[req["method"]]
+
+        def mount(image: str) -> int:
+            image_fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return erofs_mount.mount_image(image_fd, how)
+            except erofs_mount.ImageMountError as e:  # the caller names the image, as a launch does
+                raise erofs_mount.ImageMountError(e.errno, e.call, image, f"cannot mount {image}: {e}") from None
+            finally:
+                os.close(image_fd)
+
         fd = mount(req["image"])
         if req.get("overlay_detached"):  # the overlay's lower layer is the detached mount itself
             merged = tempfile.mkdtemp(prefix="erofs-ovl-")

@@ -8,7 +8,7 @@ import os
 import stat
 from collections.abc import Iterator
 
-from ovlrun.store.image import Node
+from ovlrun.store.image.tree import Node
 
 D, R, L = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
 DIRENT = 12
@@ -137,6 +137,8 @@ def expected_record(node: Node) -> tuple[int, int, int, int, int, int, bytes | N
         subdirs = sum(1 for c in (node.children or {}).values() if stat.S_ISDIR(c.mode))
         return (node.mode, node.uid, node.gid, -1, node.mtime_ns, 2 + subdirs, None,
                 {b"trusted.overlay.opaque": b"y"})
+    if fmt == R and node.stored:  # an ordinary file: no xattrs
+        return (node.mode, node.uid, node.gid, node.size, node.mtime_ns, 1, None, {})
     if fmt == R:
         xattrs = {b"trusted.overlay.metacopy": b""}
         if node.redirect is not None:

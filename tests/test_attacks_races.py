@@ -123,8 +123,8 @@ def test_gc_keeps_snapshots_mounted_in_pinned_namespaces(world: World, test_user
     try:
         assert r.returncode == 0, r.stderr
         # SLURMD_NODENAME is not this host's name: the record is in that node's directory
-        # (hooks/records.py record_dir), which gc reads too.
-        ns = json.loads(Path(f"/run/ovlrun/jobs/attacknode/{job_id}.json").read_text())["ns_path"]
+        # (jobs/records.py record_dir), which gc reads too.
+        ns = json.loads((world.rundir / "attacknode" / f"{job_id}.json").read_text())["ns_path"]
         (rel / "README").write_text("app 1.0, patched in place\n")
         assert world.ovlrun("snapshot", "refresh", "--all").returncode == 0
         gc = world.ovlrun("snapshot", "gc", "--grace", "0")

@@ -228,8 +228,9 @@ from ovlrun.launch.mount import mount_items
 from ovlrun.launch.planner import plan_job
 from ovlrun.linux.kernel import forced
 from ovlrun.linux.namespaces import enter_private_namespace
+from ovlrun.profile.locate import open_profile
 profile, store, method = sys.argv[1:4]
-job = plan_job(profile, store)
+job = plan_job(open_profile(profile), store)
 enter_private_namespace()
 warnings = []
 mounted = mount_items(job.items, store, strict=False, warn=warnings.append, features=forced(method))

@@ -23,7 +23,9 @@ from typing import Any
 
 import pytest
 
-from ovlrun.store.image import ImageError, Node, read_image, write_image
+from ovlrun.store.image.reader import read_image
+from ovlrun.store.image.tree import ImageError, Node
+from ovlrun.store.image.writer import write_image
 from tests.conftest import IS_ROOT
 from tests.erofs_tree import D, L, R, expected_record, iter_tree, odd_tree, random_tree, walk_dir
 
@@ -41,7 +43,7 @@ def tmp() -> Iterator[Path]:
 
 def write(root: Node, path: Path) -> None:
     with open(path, "wb") as f:
-        write_image(root, f, build_time=1_700_000_000)
+        write_image(root, f)
 
 
 def fsck(path: Path) -> None:
@@ -147,15 +149,21 @@ def check_probes(reply: dict[str, Any]) -> None:
 
 
 def test_deterministic(tmp: Path) -> None:
+    """The image is a function of the tree alone: no clock (the superblock's time is the
+    tree's most common mtime, which compact inodes take as theirs)."""
     a, b = io.BytesIO(), io.BytesIO()
-    stats = write_image(odd_tree(), a, build_time=5)
-    write_image(odd_tree(), b, build_time=5)
+    stats = write_image(odd_tree(), a)
+    time.sleep(0.01)
+    write_image(odd_tree(), b)
     assert a.getvalue() == b.getvalue()
     assert len(a.getvalue()) == stats.bytes == stats.blocks * 4096
     assert stats.inodes == sum(1 for _ in iter_tree(odd_tree()))
+    changed = odd_tree()
+    assert changed.children is not None
+    changed.children[b"one"].mtime_ns += 1
     c = io.BytesIO()
-    write_image(odd_tree(), c, build_time=6)
-    assert c.getvalue() != a.getvalue()  # the build time is recorded
+    write_image(changed, c)
+    assert c.getvalue() != a.getvalue()
 
 
 @pytest.mark.parametrize("bad", [
@@ -171,8 +179,8 @@ def test_deterministic(tmp: Path) -> None:
     {b"link": Node(L | 0o777, target=b"")},
     {b"link": Node(L | 0o777, target=b"t" * 4096)},
     {b"uid": Node(R | 0o644, uid=2**32)},
-    {b"redirect": Node(R | 0o644, redirect=b"r" * 65536)},
-    {b"redirect": Node(R | 0o644, redirect=b"")},
+    {b"redirect": Node(R | 0o644, size=1, redirect=b"r" * 65536)},
+    {b"redirect": Node(R | 0o644, size=1, redirect=b"")},
     {b"mode": Node(R | 0o644 | 0x10000)},
     {b"mtime": Node(R | 0o644, mtime_ns=2**100)},
 ])
@@ -198,7 +206,8 @@ def test_small_and_empty_trees_are_compact() -> None:
 
 def records(root: Node) -> dict[bytes, tuple[object, ...]]:
     return {rel: (node.mode, node.uid, node.gid, node.size if stat.S_ISREG(node.mode) else 0, node.mtime_ns,
-                  node.target, node.redirect, sorted(node.children or {}) if stat.S_ISDIR(node.mode) else None)
+                  node.target, None if node.stored else node.redirect, node.stored,
+                  sorted(node.children or {}) if stat.S_ISDIR(node.mode) else None)
             for rel, node in iter_tree(root)}
 
 
@@ -251,8 +260,8 @@ def test_mount_shows_the_tree(tmp: Path, method: str) -> None:
     if method == "loop":
         assert source.startswith("/dev/loop")
         assert reply["loop"] == ("1", "1")  # read-only, autoclear
-    elif method == "file":
-        assert source == str(image)
+    elif method == "file":  # the image as the fd the caller opened and checked
+        assert source.startswith("/proc/self/fd/")
     check_mount(root, reply)
     check_probes(reply)
 
@@ -367,6 +376,61 @@ def test_overlay_serves_the_source(tmp: Path, method: str, detached: bool) -> No
         assert blocks == (st.st_size + 4095) // 4096 * 8, rel
 
 
+def stored_tree() -> tuple[Node, io.BytesIO, dict[bytes, bytes]]:
+    """Files stored whole at every layout boundary, beside compact and extended inodes
+    (the common mtime, other mtimes, 32-bit ids), with metacopy files between them."""
+    import random
+
+    rng = random.Random(5)
+    spool = io.BytesIO()
+    contents: dict[bytes, bytes] = {}
+    ns = 1_700_000_000_123_456_789
+    children: dict[bytes, Node] = {}
+    sizes = (0, 1, 2, 100, 4031, 4032, 4033, 4063, 4064, 4065, 4095, 4096, 4097, 8191, 8192, 8193, 12_000, 300_000)
+    for i, size in enumerate(sizes):
+        for kind, (uid, mtime) in enumerate(((0, ns), (70000, ns), (0, ns + i + 1))):
+            data = bytes(rng.getrandbits(8) for _ in range(size))
+            name = b"s%02d-%d-%d" % (i, kind, size)
+            children[name] = Node(R | 0o644, uid, uid, mtime, size, data_at=spool.tell())
+            spool.write(data)
+            contents[name] = data
+            children[name + b".meta"] = Node(R | 0o755, 0, 0, ns, size + 1, redirect=b"/" + name)
+    children[b"sub"] = Node(D | 0o755, 0, 0, ns, children={b"x": Node(R | 0o600, 5, 5, ns, 3, data_at=spool.tell())})
+    spool.write(b"abc")
+    contents[b"sub/x"] = b"abc"
+    return Node(D | 0o755, 0, 0, ns, children=children), spool, contents
+
+
+@requires_root
+@requires_fsck
+@pytest.mark.parametrize("method", ["file", "loop"])
+def test_stored_files_round_trip(tmp: Path, method: str) -> None:
+    """Files stored whole read back byte for byte through the kernel's erofs, with their
+    mode, owner, size and ns mtime, whether their inode is compact or extended."""
+    root, spool, contents = stored_tree()
+    image = tmp / "stored.img"
+    with open(image, "wb") as f:
+        stats = write_image(root, f, spool)
+    assert stats.stored == len(contents) and stats.compact > len(contents) // 3, stats
+    assert stats.stored_bytes == sum(map(len, contents.values()))
+    fsck(image)
+    read_back = read_image(image.read_bytes())
+    assert records(read_back) == records(root)
+    reply = in_child({"method": method, "raw": [(name, 0, len(data) + 10) for name, data in contents.items()]},
+                     image)
+    assert {name: reply["raw"][(name, 0)] for name in contents} == contents
+    check_mount(root, reply)
+    assert write_image(root, io.BytesIO(), spool).bytes == stats.bytes  # deterministic
+
+
+def test_stored_file_needs_its_data() -> None:
+    root = Node(D | 0o755, children={b"f": Node(R | 0o644, size=10, data_at=0)})
+    with pytest.raises(ImageError, match="data source"):
+        write_image(root, io.BytesIO())
+    with pytest.raises(ImageError, match="holds 5 bytes"):
+        write_image(root, io.BytesIO(), io.BytesIO(b"12345"))
+
+
 # --- a real tree ----------------------------------------------------------------------------
 
 REAL_TREE = "/usr/share"
@@ -384,7 +448,7 @@ def test_real_tree_round_trips(tmp: Path) -> None:
     image = tmp / "real.img"
     started = time.perf_counter()
     with open(image, "wb") as f:
-        stats = write_image(root, f, build_time=1_700_000_000)
+        stats = write_image(root, f)
     took = time.perf_counter() - started
     print(f"\n{REAL_TREE}: {count} entries, {stats.bytes} bytes ({stats.bytes / count:.1f} B/entry), "
           f"written in {took:.2f} s ({count / took:,.0f} entries/s); {stats}")

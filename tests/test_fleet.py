@@ -1,4 +1,4 @@
-"""Fleets: publish images once, fetch them on every node (ovlrun/store/fleet.py), the
+"""Fleets: publish images once, fetch them on every node (ovlrun/store/fleet/), the
 site configuration (ovlrun/store/siteconfig.py) and the Prolog's fetch step."""
 
 from __future__ import annotations
@@ -291,6 +291,32 @@ def test_fetch_is_idempotent_and_costs_a_few_large_reads(fleet: Fleet) -> None:
     assert total_first * 20 < total_walk
 
 
+def test_an_image_with_inlined_data_is_fetched_in_a_few_large_reads(fleet: Fleet) -> None:
+    """Inlined data makes the image bigger, not the fetch chattier: the requests grow with
+    the image's MiB (one READ per readahead window), not with its files."""
+    world = fleet.world
+    rel = world.sw / "app" / "1.0"
+    for i in range(60):  # 60 x 100 KiB of .pyc data to inline
+        (rel / "lib" / "python" / f"m{i:02}.cpython-311.pyc").write_bytes(os.urandom(100 << 10))
+    world.write_profile("p", f'[[tree]]\nroot = "{world.sw}"\nlocalise = ["app/1.0"]\ninline = ["**/*.pyc"]\n')
+    world.build()
+    fleet.publish()
+    mnt = world.base / "mnt-pub"
+    with FaultFS(world.base, fleet.pub, mnt) as fs:
+        c0 = fs.counters()
+        r = fs.ovlrun("snapshot", "fetch", "--from", str(mnt), "--profile", "p", "--json",
+                      env={**world.env, **fleet.node2})
+        assert r.returncode == 0 and json.loads(r.stdout)[0]["status"] == "fetched", r.stderr
+        got = {k: v - c0[k] for k, v in fs.counters().items()}
+    (image,) = fleet.store2.glob("snapshots/*/*/image.erofs")
+    size = image.stat().st_size
+    assert size > 6_000_000
+    print(f"\nfetch of a {size:,}-byte image with 60 inlined files: {got} = {sum(got.values())}")
+    assert got["open"] == 3, got
+    assert got["read"] <= size // (128 << 10) + 8, got  # FUSE's 128 KiB readahead: whole windows
+    assert sum(got.values()) <= 100, got
+
+
 def test_unreachable_or_stalled_dir_keeps_what_the_node_has(fleet: Fleet) -> None:
     world = fleet.world
     world.build()
@@ -557,3 +583,28 @@ def test_fetch_waits_for_a_running_build_of_the_path_only_until_its_deadline(fle
         holder.communicate("")
     assert fleet.fetch().returncode == 0
     fleet.assert_nothing_partial()
+
+
+def test_publish_worker_drops_to_the_image_owner_the_verified_way() -> None:
+    """The worker that writes DIR becomes the image owner with the launch's own verified
+    drop (no capabilities, no_new_privs, no groups) and still dies with its parent."""
+    import signal
+
+    from ovlrun.store.bounded import run_bounded
+    from ovlrun.store.fleet.directory import become
+    from ovlrun.store.siteconfig import Owner
+
+    def work() -> tuple[dict[str, str], int]:
+        import prctl
+
+        become(Owner("nobody", NOBODY, NOBODY))
+        with open("/proc/self/status") as f:
+            fields = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+        return {k: fields[k].strip() for k in ("Uid", "Gid", "Groups", "NoNewPrivs", "CapBnd", "CapEff")}, \
+            prctl.get_pdeathsig()
+
+    status, death = run_bounded(work, timeout=60, what="dropping to the image owner")
+    assert status["Uid"].split() == [str(NOBODY)] * 4 and status["Gid"].split() == [str(NOBODY)] * 4
+    assert (status["Groups"], status["NoNewPrivs"], int(status["CapBnd"], 16), int(status["CapEff"], 16)) == (
+        "", "1", 0, 0)
+    assert death == signal.SIGKILL

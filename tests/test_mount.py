@@ -5,6 +5,7 @@ runs in the VM tests (tests/vm) on Debian's 6.1 and 6.12 kernels."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -41,7 +42,7 @@ try:
     absent = "exists"
 except FileNotFoundError:
     absent = "ENOENT"
-from ovlrun.store.inuse import snapshot_ids_in_use
+from ovlrun.jobs.inuse import snapshot_ids_in_use
 print(json.dumps({"options": options, "names": names, "data": data, "absent": absent,
                   "in_use": sorted(snapshot_ids_in_use())}))
 """
@@ -165,3 +166,79 @@ def test_legacy_options_refuse_more_than_a_page() -> None:
         legacy_options(spec, data_only=True)
     short = OverlaySpec(target="/sw/x", snapshot_tree="/st:ore", data="/sw/x")
     assert legacy_options(short, data_only=True) == "lowerdir=/st\\:ore::/sw/x,metacopy=on,redirect_dir=follow"
+
+
+# --- files stored whole (inline) --------------------------------------------------------
+
+READ_CHILD = r"""
+import hashlib, json, os, sys
+from ovlrun.launch.mount import mount_all, open_image
+from ovlrun.launch.plan import MountItem
+from ovlrun.linux.kernel import forced
+from ovlrun.linux.namespaces import enter_private_namespace
+from ovlrun.linux.overlay import OverlaySpec
+spec = OverlaySpec(**json.loads(sys.argv[1]))
+enter_private_namespace()
+item = MountItem(spec.target, spec.data, os.path.dirname(spec.snapshot_tree), "")
+(failure,) = mount_all([item], [open_image(item.image)], forced(sys.argv[2]))
+if failure is not None:
+    raise failure
+out = {}
+for rel in json.loads(sys.argv[3]):
+    path = os.path.join(spec.target, rel)
+    with open(path, "rb") as f:
+        data = f.read()
+    st = os.stat(path)
+    out[rel] = [hashlib.sha256(data).hexdigest(), len(data), st.st_size, st.st_mtime_ns, st.st_mode]
+print(json.dumps(out))
+"""
+
+# Sizes around every boundary of the stored layouts: tail inline beside a compact or an
+# extended inode, whole blocks only (FLAT_PLAIN), tails too big to sit beside the inode.
+INLINE_SIZES = (1, 100, 4031, 4032, 4063, 4064, 4095, 4096, 4097, 8192, 12000, 70_000, 262_144)
+
+
+def inline_release(world: World) -> tuple[Path, dict[str, bytes]]:
+    """app/2.0 with .pyc and .so files to inline, and files that must stay metacopy."""
+    rel = world.sw / "app" / "2.0"
+    files: dict[str, bytes] = {}
+    for i, size in enumerate(INLINE_SIZES):
+        files[f"lib/python/pkg/__pycache__/m{i}.cpython-311.pyc"] = os.urandom(size)
+    files["lib/libbar.so.1.2"] = os.urandom(9000)
+    files["lib/python/pkg/_ext.cpython-311-x86_64-linux-gnu.so"] = os.urandom(5000)
+    files["lib/python/pkg/big.pyc"] = os.urandom(262_145)  # over inline_max: metacopy
+    files["lib/python/pkg/mod.py"] = b"x = 1\n"  # not matched: metacopy
+    files["lib/python/pkg/__init__.py"] = b""  # empty: always stored
+    files["top.pyc"] = b"top level\n"  # '**' matches no directory too
+    for name, data in files.items():
+        (rel / name).parent.mkdir(parents=True, exist_ok=True)
+        (rel / name).write_bytes(data)
+    os.chown(rel / "lib" / "libbar.so.1.2", 70000, 70001)  # 32-bit ids: an extended inode
+    world.write_profile("inl", f'[[tree]]\nroot = "{world.sw}"\nlocalise = ["app/2.0"]\n'
+                               'inline = ["**/*.pyc", "**/*.so*"]\ninline_max = "256KiB"\n')
+    built = world.build("inl")
+    assert f"{len(files) - len(STAYS_METACOPY) - 1} files stored whole" in built.stderr, built.stderr
+    return rel, files
+
+
+STAYS_METACOPY = ("lib/python/pkg/big.pyc", "lib/python/pkg/mod.py")
+
+
+@requires_root
+@requires_overlay
+@pytest.mark.parametrize("method", METHODS)
+def test_inlined_files_read_the_same_with_every_method(world: World, method: str) -> None:
+    """Files stored whole in the image read byte for byte as their sources through every
+    mount method (the VM tests run this on 6.1 and 6.12 too), with the source's stat."""
+    supported(method)
+    rel, files = inline_release(world)
+    spec = OverlaySpec(target=str(rel), snapshot_tree=snapshot_of(world, rel), data=str(rel))
+    result = subprocess.run([sys.executable, "-c", READ_CHILD, json.dumps({"target": spec.target,
+                             "snapshot_tree": spec.snapshot_tree, "data": spec.data}), method, json.dumps(list(files))],
+                            capture_output=True, text=True, env={"PYTHONPATH": str(REPO)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    for name, data in files.items():
+        st = os.stat(rel / name)
+        assert seen[name] == [hashlib.sha256(data).hexdigest(), len(data), st.st_size, st.st_mtime_ns,
+                              st.st_mode], name

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from ovlrun.errors import OvlrunError
-from ovlrun.profile.locate import locate_profile
+from ovlrun.profile.locate import open_profile
 from ovlrun.profile.parse import parse_profile
 from ovlrun.profile.patterns import Pattern, overlap
 from tests.conftest import World, requires_overlay, requires_root
@@ -111,20 +112,32 @@ def test_pattern_literal_characters() -> None:
     assert not overlap(("sw", "a"), ("sw", "b"))
 
 
+def locate(spec: str, dirs: list[str] | None = None) -> str:
+    located = open_profile(spec, dirs)
+    located.close()
+    return located.path
+
+
 def test_lookup_order(tmp_path: Path) -> None:
     first, second = tmp_path / "one", tmp_path / "two"
     first.mkdir()
     second.mkdir()
     (second / "x.toml").write_text("")
-    assert locate_profile("x", [str(first), str(second)]) == str(second / "x.toml")
+    assert locate("x", [str(first), str(second)]) == str(second / "x.toml")
     (first / "x.toml").write_text("")
-    assert locate_profile("x", [str(first), str(second)]) == str(first / "x.toml")
+    assert locate("x", [str(first), str(second)]) == str(first / "x.toml")
     with pytest.raises(OvlrunError, match="no profile named 'y'"):
-        locate_profile("y", [str(first), str(second)])
+        locate("y", [str(first), str(second)])
     with pytest.raises(OvlrunError, match="invalid profile name"):
-        locate_profile("-rf", [str(first)])
+        locate("-rf", [str(first)])
     with pytest.raises(OvlrunError, match="does not exist"):
-        locate_profile(str(tmp_path / "missing.toml"))
+        locate(str(tmp_path / "missing.toml"))
+    # What is not a regular file is not a profile (and a FIFO is not waited for).
+    (first / "x.toml").unlink()
+    os.mkfifo(first / "x.toml")
+    assert locate("x", [str(first), str(second)]) == str(second / "x.toml")
+    with pytest.raises(OvlrunError, match="does not exist"):
+        locate(str(first / "x.toml"))
 
 
 @requires_root

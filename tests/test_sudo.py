@@ -47,10 +47,11 @@ def test_job_sees_callers_environment_exactly(world: World, sudoers: Path, test_
     # bash sets "_" to the command it runs (env for one, sudo for the other): not compared.
     caller_env = {v for v in (out / "caller.env").read_bytes().split(b"\0") if not v.startswith(b"_=")}
     job_env = {v for v in (out / "job.env").read_bytes().split(b"\0") if not v.startswith(b"_=")}
-    # Exactly the caller's environment plus OVLRUN_PROFILE (and what the job's /bin/sh sets
-    # for itself at start-up: PWD, SHLVL).
+    # Exactly the caller's environment plus OVLRUN_PROFILE and OVLRUN_JOB_ID (and what the
+    # job's /bin/sh sets for itself at start-up: PWD, SHLVL).
+    job_id = next(v for v in job_env if v.startswith(b"OVLRUN_JOB_ID=launch-"))
     assert caller_env - job_env == set()
-    assert job_env - caller_env <= {b"OVLRUN_PROFILE=p", b"SHLVL=1", b"PWD=/"}
+    assert job_env - caller_env <= {b"OVLRUN_PROFILE=p", job_id, b"SHLVL=1", b"PWD=/"}
     assert b"OVLRUN_PROFILE=p" in job_env
     for var in (b"MYVAR=two  spaces", b"LD_LIBRARY_PATH=/opt/x/lib", b"PYTHONPATH=/opt/py", b"PATH=/opt/bin:/usr/bin:/bin"):
         assert var in job_env

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ovlrun.cli.launch import LaunchArgs, parse_launch
 from ovlrun.errors import OvlrunError
@@ -109,3 +112,124 @@ def test_bounded_worker_keeps_error_class_and_status() -> None:
     with pytest.raises(BuildError, match="the walk failed") as info:
         run_bounded(fail, timeout=60, what="a test walk")
     assert info.value.status == 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+                    # any character, and the lone surrogates undecodable bytes become in paths
+                    | st.text(st.characters() | st.sampled_from([chr(c) for c in range(0xDC80, 0xDD00)])),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=12))
+def test_job_record_json_is_what_json_writes(value: object) -> None:
+    """Records are written without the json module (the launch path does not import it):
+    the text must be json.dumps's, and read back to the same value."""
+    from ovlrun.jobs.records import encode
+
+    assert encode(value) == json.dumps(value)
+    assert json.loads(encode(value)) == value
+
+
+def test_job_record_round_trips_and_refuses_what_is_not_one() -> None:
+    from ovlrun.jobs.records import JobRecord, encode, valid_record_id
+
+    record = JobRecord("launch-12-34", 1000, 1000, "alice", kind="launch", profile="p", state="localised",
+                       localised=["/sw/a\udcff", "/sw/b\n"], messages=['say "hi"'], pid=12, pid_start=34,
+                       ns_ino=4026531840, started=1.5, stats={"lookups": 3, "paths": {"/sw/a": [1, 2.5, None]}})
+    assert JobRecord.from_dict(json.loads(encode(record.to_dict()))) == record
+    assert valid_record_id("123") and valid_record_id("launch-12-34")
+    for bad_id in ("", "../x", "launch-12", "launch-1-2-3", "12a", "\u00b2", "launch-1-\u00b2"):
+        assert not valid_record_id(bad_id), bad_id
+    data = record.to_dict()
+    for key, value in (("uid", "1000"), ("uid", True), ("ns_owned", 1), ("localised", [1]), ("stats", [])):
+        with pytest.raises(ValueError):
+            JobRecord.from_dict({**data, key: value})
+    with pytest.raises(ValueError):
+        JobRecord.from_dict({k: v for k, v in data.items() if k != "user"})
+    assert JobRecord.from_dict({**data, "from_a_newer_ovlrun": 1}) == record
+
+
+def test_namespace_helper_keeps_the_childs_error_class_and_status() -> None:
+    """A failure in a namespace helper arrives as the child raised it (issue 15): the
+    caller adds its context once, from the error's fields, never from its text."""
+    import errno
+
+    from ovlrun.linux import namespaces
+    from ovlrun.linux.children import ChildFailed
+    from ovlrun.linux.syscalls import SyscallError
+    from ovlrun.store.build import BuildError
+
+    def raising(e: BaseException) -> object:
+        def rest() -> dict[str, list[str]]:
+            raise e
+        return rest
+
+    with pytest.raises(SyscallError) as syscall:
+        namespaces.run_in_child(lambda: None, raising(SyscallError(errno.EPERM, "mount", "/sw/a", "detail")))
+    e = syscall.value
+    assert (e.errno, e.call, e.filename, e.detail, str(e)) == (
+        errno.EPERM, "mount", "/sw/a", "detail", "mount(/sw/a): Operation not permitted (detail)")
+    with pytest.raises(BuildError) as build:
+        namespaces.run_in_child(lambda: None, raising(BuildError("no walk", status=3)))
+    assert build.value.status == 3 and build.value.message == "no walk"
+    with pytest.raises(FileNotFoundError):
+        namespaces.run_in_child(lambda: None, raising(FileNotFoundError(errno.ENOENT, "gone", "/x")))
+    with pytest.raises(ChildFailed, match="ZeroDivisionError"):
+        namespaces.run_in_child(lambda: None, raising(ZeroDivisionError()))
+    assert namespaces.run_in_child(lambda: None, lambda: {"a": ["b"]}) == {"a": ["b"]}
+
+
+def test_open_trusted_opens_only_what_root_may_trust(tmp_path: os.PathLike[str]) -> None:
+    """One opener for every file root acts on: no symlink followed, no FIFO waited for,
+    type, owner and mode checked on the fd."""
+    import errno
+    import stat
+
+    from ovlrun.linux.files import UntrustedError, open_trusted
+
+    base = str(tmp_path)
+    good, fifo, link, loose = (os.path.join(base, n) for n in ("good", "fifo", "link", "loose"))
+    for path in (good, loose):
+        with open(path, "w") as f:
+            f.write("x")
+    os.chmod(good, 0o644)
+    os.chmod(loose, 0o666)
+    os.mkfifo(fifo)
+    os.symlink(good, link)
+    fd = open_trusted(good, uid=os.getuid(), owner="me")
+    assert os.get_blocking(fd) and stat.S_ISREG(os.fstat(fd).st_mode)
+    os.close(fd)
+    with pytest.raises(UntrustedError) as refused:
+        open_trusted(fifo, uid=os.getuid())  # returns at once: O_NONBLOCK
+    assert refused.value.wrong_type and refused.value.problem == "not a regular file"
+    with pytest.raises(OSError) as loop:
+        open_trusted(link, uid=os.getuid())
+    assert loop.value.errno == errno.ELOOP
+    os.close(open_trusted(link, uid=os.getuid(), follow_symlinks=True))
+    with pytest.raises(UntrustedError, match="writable by group or others") as writable:
+        open_trusted(loose, uid=os.getuid())
+    assert not writable.value.wrong_type
+    with pytest.raises(UntrustedError, match="owned by uid"):
+        open_trusted(good, uid=os.getuid() + 1, owner="someone else")
+    os.close(open_trusted(loose, uid=None))  # the owner rule left to the caller
+    with pytest.raises(NotADirectoryError):  # O_DIRECTORY: the open itself refuses
+        open_trusted(good, directory=True, uid=os.getuid())
+    dir_fd = open_trusted(base, directory=True, uid=os.getuid())
+    try:
+        os.close(open_trusted("good", dir_fd=dir_fd, uid=os.getuid()))
+    finally:
+        os.close(dir_fd)
+
+
+def test_site_configuration_that_is_a_fifo_is_refused_at_once(tmp_path: os.PathLike[str]) -> None:
+    """The openers root used before open_trusted waited forever on a FIFO planted under a
+    trusted name (only fleet's did not)."""
+    import subprocess
+    import sys
+
+    conf = os.path.join(str(tmp_path), "ovlrun.toml")
+    os.mkfifo(conf, 0o644)
+    code = ("import sys; from ovlrun.errors import OvlrunError; from ovlrun.store.siteconfig import load_site_config\n"
+            "try:\n    load_site_config(sys.argv[1])\nexcept OvlrunError as e:\n    print(e)")
+    r = subprocess.run([sys.executable, "-c", code, conf], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+    assert r.stdout.strip() == f"site configuration {conf} is not a regular file", r

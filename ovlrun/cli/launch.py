@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from ovlrun.errors import OvlrunError
 
+LAUNCH_USAGE = "ovlrun --profile NAME [--user USER] [--strict] [--login] [--] [CMD [ARGS...]]"
+# The launch's part of `ovlrun --help`; the other commands' lines come from the command
+# table (ovlrun/cli/app.py: help_text).
 LAUNCH_HELP = """\
 Run CMD (or, with none, your shell) in a private mount namespace where the release
 paths the profile localises are served from local metadata snapshots: lookups there,
@@ -27,16 +30,6 @@ Options:
   --strict            fail if a localised path cannot be localised
   --login             with no CMD: start the shell as a login shell (re-reads
                       /etc/profile, which may reset PATH); default: $SHELL, non-login
-
-Other commands (see ovlrun COMMAND --help):
-  snapshot build|list|verify|refresh|gc   manage the snapshot store (root)
-  profile check NAME                      validate a profile (submit-time check)
-  doctor                                  what the kernel supports, how ovlrun mounts
-  status                                  inside a job: what is localised
-  enter JOBID [-- CMD]                    join the namespace a prolog prepared (sudo)
-  slurm prolog|epilog|clone-ns            Slurm hooks (see docs/slurm.md)
-Environment (root callers only): OVLRUN_PROFILE_PATH (profile directories,
-colon-separated), OVLRUN_STORE (snapshot store, default /var/lib/ovlrun).
 """
 
 
@@ -115,18 +108,22 @@ def launch(argv: list[str]) -> int:
     from ovlrun.launch.caller import resolve_caller
     from ovlrun.launch.mount import warn_stderr
     from ovlrun.launch.plancache import load_cached
-    from ovlrun.profile.locate import locate_profile
+    from ovlrun.profile.locate import open_profile
     from ovlrun.store.layout import store_dir
 
     own_env = dict(os.environ)
     caller = resolve_caller(own_env, args.profile, args.user, warn_stderr)
-    profile_file = locate_profile(args.profile, trusted_only=caller.is_sudo)
+    # Opened once: trust-checked (sudo callers), cache key and parse, all on this fd.
+    profile = open_profile(args.profile, trusted_only=caller.is_sudo)
     store = store_dir(own_env)
-    plan = load_cached(profile_file, store)
-    if plan is None:
-        from ovlrun.launch.planner import plan_job
+    try:
+        plan = load_cached(profile, store)
+        if plan is None:
+            from ovlrun.launch.planner import plan_job
 
-        plan = plan_job(profile_file, store)
+            plan = plan_job(profile, store)
+    finally:
+        profile.close()
     # $SHELL is the user's own unless --user picked someone else from a root environment.
     return execute.run(plan, args.command, store=store, identity=caller.identity, strict=args.strict,
                        environ=caller.job_env, login=args.login, env_shell=args.user is None)

@@ -2,9 +2,10 @@
 
 Two shapes share one program:
 - ``ovlrun --profile NAME [--user U] [--strict] [--] [CMD ARGS...]`` launches a job
-  (:mod:`ovlrun.cli.launch`, parsed by hand: it is the hot path);
-- ``ovlrun SUBCOMMAND ...`` administers (:mod:`ovlrun.cli.admin`, typer), or runs the
-  scheduler hooks and ``enter`` (:mod:`ovlrun.cli.hooks`).
+  (:mod:`ovlrun.cli.launch`, parsed by hand: it is the hot path, and imports neither
+  typer nor the command table);
+- ``ovlrun COMMAND ...`` runs one of the commands of the table
+  (:data:`ovlrun.cli.commands.COMMANDS`, typer: :mod:`ovlrun.cli.app`).
 
 :class:`OvlrunError` is caught here and only here (pipx style): a message, never a
 traceback, and its exit status.
@@ -16,14 +17,12 @@ import sys
 
 from ovlrun.errors import EXIT_OVLRUN, OvlrunError
 
-SUBCOMMANDS = ("snapshot", "doctor", "profile", "status", "slurm", "enter")
 HELP_FLAGS = ("-h", "--help", "--version")
-# What a sudo caller may run as root: a job, and entering their own job.
-SUDO_ALLOWED = ("enter",)
 
 
-def sudo_gate(args: list[str]) -> None:
-    """Refuse every subcommand but ``enter`` to a non-root caller who came through sudo.
+def sudo_gate(name: str) -> None:
+    """Refuse command ``name`` to a non-root caller who came through sudo unless the table
+    allows it (``enter``).
 
     They need no root (``profile check``, ``status``: run them without sudo), or are the
     administrator's alone (``snapshot``: root writing what every job trusts; ``doctor``;
@@ -32,20 +31,26 @@ def sudo_gate(args: list[str]) -> None:
     """
     import os
 
-    if not os.environ.get("SUDO_UID", "0").strip("0") or not args or args[0] in SUDO_ALLOWED:
+    from ovlrun.cli.commands import SUDO_ALLOWED, SUDO_AS_YOURSELF, find
+
+    command = find(name)
+    if not os.environ.get("SUDO_UID", "0").strip("0") or command is None or command.sudo == SUDO_ALLOWED:
         return
-    if args[0] in SUBCOMMANDS:
-        raise OvlrunError(f"'ovlrun {args[0]}' is not available through sudo: "
-                          + ("run it without sudo, as yourself" if args[0] in ("profile", "status")
-                             else "it is for the administrator (root) only"))
+    raise OvlrunError(f"'ovlrun {name}' is not available through sudo: "
+                      + ("run it without sudo, as yourself" if command.sudo == SUDO_AS_YOURSELF
+                         else "it is for the administrator (root) only"))
 
 
 def dispatch(args: list[str]) -> int:
-    sudo_gate(args)
-    if args and (args[0] in SUBCOMMANDS or args[0] in HELP_FLAGS):
-        from ovlrun.cli.admin import run_typer
+    # Command names never start with '-'; a launch's command line always does (--profile).
+    if args and (args[0] in HELP_FLAGS or not args[0].startswith("-")):
+        from ovlrun.cli.commands import find
 
-        return run_typer(args)
+        if args[0] in HELP_FLAGS or find(args[0]) is not None:
+            sudo_gate(args[0])
+            from ovlrun.cli.app import run
+
+            return run(args)
     from ovlrun.cli.launch import launch
 
     return launch(args)

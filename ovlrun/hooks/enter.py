@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from ovlrun.errors import OvlrunError
-from ovlrun.hooks.records import JobRecord
+from ovlrun.jobs.records import JobRecord, valid_job_id
 from ovlrun.launch.caller import caller_environment, refuse_tainted_environment, sudo_caller
 from ovlrun.launch.execute import current_directory, exec_job
 from ovlrun.linux import namespaces, syscalls
@@ -22,6 +22,8 @@ from ovlrun.linux.privileges import Identity
 
 def authorised_record(job_id: str, caller: int | None) -> JobRecord:
     """The job's record if ``caller`` (None: root itself) may enter its namespace."""
+    if not valid_job_id(job_id):  # a scheduler's job, never a launch (nothing pinned to enter)
+        raise OvlrunError(f"invalid job id {job_id!r}: expected digits")
     record = JobRecord.find(job_id)
     if record is None:
         raise OvlrunError(f"job {job_id} has no ovlrun namespace on this node "

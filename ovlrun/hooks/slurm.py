@@ -27,7 +27,6 @@ the admin must fix because the node can no longer run jobs correctly.
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -35,12 +34,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ovlrun.errors import OvlrunError
-from ovlrun.hooks.records import JobRecord, record_dir, valid_job_id
+from ovlrun.hooks.slurmjob import JobContainerConf, SlurmJob, jc_conf_path, read_job_container_conf, requested_profile
 from ovlrun.hooks.slurmversion import create_mode_problem
+from ovlrun.jobs.records import (
+    LOCALISED,
+    PREPARING,
+    REQUESTED,
+    SLURM,
+    UNLOCALISED,
+    JobRecord,
+    open_record_dir,
+    record_dir,
+    valid_job_id,
+)
 from ovlrun.launch.mount import mount_items, report_missing
 from ovlrun.launch.planner import plan
 from ovlrun.linux import namespaces, syscalls
-from ovlrun.profile.locate import valid_name
 from ovlrun.profile.parse import Profile, load_profile
 from ovlrun.store.index import Store
 
@@ -48,8 +57,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ovlrun.linux.namespaces import Notes
 
-COMMENT_PREFIX = "ovl:"
-DEFAULT_JC_CONF = "/etc/slurm/job_container.conf"
 DEFAULT_LOG = "/var/log/ovlrun/slurm.log"
 
 
@@ -74,126 +81,6 @@ class HookLog:
             print(f"{self.prefix} cannot write {self.path}: {e}", file=sys.stderr)
 
 
-# ------------------------------------------------------------------- job and config
-
-
-@dataclass(frozen=True)
-class SlurmJob:
-    job_id: str
-    uid: int
-    gid: int
-    user: str
-    comment: str
-    node: str
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> SlurmJob:
-        """The job a Prolog/Epilog runs for (variables measured on Slurm 22.05)."""
-        missing = [v for v in ("SLURM_JOB_ID", "SLURM_JOB_UID") if not env.get(v)]
-        if missing:
-            raise OvlrunError(f"not run by slurmd: {', '.join(missing)} unset")
-        job_id = env["SLURM_JOB_ID"]
-        if not valid_job_id(job_id):
-            raise OvlrunError(f"SLURM_JOB_ID={job_id!r} is not a number")
-        uid = int(env["SLURM_JOB_UID"])
-        return cls(
-            job_id=job_id,
-            uid=uid,
-            gid=int(env.get("SLURM_JOB_GID") or -1),
-            user=env.get("SLURM_JOB_USER") or str(uid),
-            comment=env.get("SLURM_JOB_COMMENT", ""),
-            node=env.get("SLURMD_NODENAME") or os.uname().nodename.split(".")[0],
-        )
-
-
-def requested_profile(comment: str) -> tuple[str | None, str | None]:
-    """``(name, problem)`` from a job comment; ``(None, None)`` if it asks for nothing.
-
-    The request is the first whitespace- or comma-separated word starting with
-    ``ovl:``, so sites can keep using the comment for other things too.
-    """
-    for word in re.split(r"[\s,]+", comment.strip()):
-        if word.startswith(COMMENT_PREFIX):
-            name = word[len(COMMENT_PREFIX):]
-            if not name:
-                return None, f"empty profile name in job comment {comment!r}"
-            # A name, never a path: a user must not make root mount a profile file of
-            # their own.
-            if not valid_name(name) or name.endswith(".toml"):
-                return None, (f"invalid profile name {name!r} in job comment: use a profile "
-                              "name (letters, digits, '_', '.', '+', '-'), not a path")
-            return name, None
-    return None, None
-
-
-@dataclass(frozen=True)
-class JobContainerConf:
-    """The parts of job_container.conf (job_container/tmpfs) that ovlrun needs."""
-
-    base_path: Path
-    dirs: tuple[str, ...] = ("/tmp", "/dev/shm")
-    clone_ns_script: str | None = None
-
-    def job_dir(self, node: str, job_id: str, layout: str | None = None) -> Path:
-        """The plugin's per-job directory, which holds the ``.ns`` namespace file.
-
-        Builds with multiple-slurmd support (Debian's) put it under a directory named
-        after the node, others directly under BasePath.  The plugin creates
-        ``<BasePath>/<node>`` when slurmd starts, which tells the two apart;
-        OVLRUN_SLURM_JOBDIR_LAYOUT=node|plain overrides the guess.
-        """
-        if layout is None:
-            layout = "node" if (self.base_path / node).is_dir() else "plain"
-        if layout == "node":
-            return self.base_path / node / job_id
-        return self.base_path / job_id
-
-
-def _jc_conf_path(env: Mapping[str, str]) -> str:
-    """job_container.conf sits next to slurm.conf (slurmd passes SLURM_CONF to hooks)."""
-    if env.get("OVLRUN_SLURM_JC_CONF"):
-        return env["OVLRUN_SLURM_JC_CONF"]
-    if env.get("SLURM_CONF"):
-        return str(Path(env["SLURM_CONF"]).with_name("job_container.conf"))
-    return DEFAULT_JC_CONF
-
-
-def read_job_container_conf(path: str | Path, node: str) -> JobContainerConf | None:
-    """Parse job_container.conf; None if there is none (plugin not in use)."""
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return None
-    values: dict[str, str] = {}
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        tokens = [_key_value(tok) for tok in line.split()]
-        fields = dict(tokens)
-        # Slurm 24.11 (measured on 24.11.5) honours CloneNSScript only after BasePath= or
-        # NodeName= on the same line; on a line of its own it is parsed and ignored.
-        keys = [k for k, _ in tokens]
-        scope = min((keys.index(k) for k in ("basepath", "nodename") if k in keys), default=len(keys))
-        if "clonensscript" in keys[:scope]:
-            fields.pop("clonensscript")
-        names = fields.pop("nodename", None)
-        # Lines with NodeName= apply only to the nodes they list (exact names only;
-        # hostlist ranges are not expanded); later lines win, as in Slurm.
-        if names is not None and node not in names.split(","):
-            continue
-        values.update(fields)
-    if "basepath" not in values:
-        raise OvlrunError(f"{path}: no BasePath for node {node}")
-    dirs = tuple(d for d in values.get("dirs", "/tmp,/dev/shm").split(",") if d)
-    return JobContainerConf(Path(values["basepath"]), dirs, values.get("clonensscript"))
-
-
-def _key_value(token: str) -> tuple[str, str]:
-    key, _, value = token.partition("=")
-    return key.lower(), value
-
-
 # ----------------------------------------------------------------- what gets mounted
 
 
@@ -210,7 +97,7 @@ def fetch_missing_images(profile: Profile, store: Store, log: Callable[[str, str
     messages for the job record.  Never raises: a job whose images could not be fetched
     runs with what the node has (unlocalised where nothing is), as without fleets."""
     try:
-        from ovlrun.store.fleet import fetch_for_job
+        from ovlrun.store.fleet.fetch import fetch_for_job
         from ovlrun.store.siteconfig import load_site_config
 
         config = load_site_config()
@@ -293,7 +180,8 @@ def prolog(env: Mapping[str, str] | None = None) -> int:
 
 
 def _prolog(job: SlurmJob, name: str, env: Mapping[str, str], log: HookLog) -> int:
-    record = JobRecord(job.job_id, job.uid, job.gid, job.user, profile=name, node=job.node)
+    record = JobRecord(job.job_id, job.uid, job.gid, job.user, kind=SLURM, profile=name, state=PREPARING,
+                       node=job.node, started=time.time())
     try:
         profile, store = _load_request(name)
     except OvlrunError as e:
@@ -302,62 +190,78 @@ def _prolog(job: SlurmJob, name: str, env: Mapping[str, str], log: HookLog) -> i
     fetch_notes = fetch_missing_images(profile, store, log)  # logged already
     record.messages += fetch_notes
     try:
-        jc = read_job_container_conf(_jc_conf_path(env), job.node)
+        jc = read_job_container_conf(jc_conf_path(env), job.node)
     except (OvlrunError, OSError) as e:
         _record_unlocalised(job, name, f"cannot read job_container.conf: {e}", log)
         return 0
     if profile.network != "host":
         record.messages.append(f"profile {name!r}: network={profile.network!r} is not applied "
                                "to Slurm jobs (only the mount namespace is shared with the job)")
-    mode, notes = _prepare_namespace(job, name, profile, store, jc, env.get("OVLRUN_SLURM_JOBDIR_LAYOUT"),
-                                     record, log)
+    # Plan, then execute: where the namespace is (or will be) is known before anything
+    # is made or mounted, so a record saved now (state "preparing") would tell the
+    # Epilog what to remove whatever moment this Prolog is killed at.
+    target = _plan_namespace(job, jc, env.get("OVLRUN_SLURM_JOBDIR_LAYOUT"))
+    if isinstance(target, str):
+        _record_unlocalised(job, name, target, log)
+        return 0
+    record.ns_path, record.ns_owned = target.ns_path, target.mode == "create"
+    notes = _localise(target, job, name, profile, store, jc, log)
     if notes is None:
         return 0  # failure already recorded; job runs unlocalised
-    if mode != "record":
-        record.state = "localised"
+    record.state = REQUESTED if target.mode == "record" else LOCALISED
     record.localised = notes["localised"]
     record.messages += notes["messages"]
     record.save()
     for m in record.messages:
         if m not in fetch_notes:
             log("warning", m)
-    log("info", f"profile {name!r} ({mode}): {len(record.localised)} localised path(s) for {job.user}")
+    log("info", f"profile {name!r} ({target.mode}): {len(record.localised)} localised path(s) for {job.user}")
     return 0
 
 
-def _prepare_namespace(job: SlurmJob, name: str, profile: Profile, store: Store, jc: JobContainerConf | None,
-                       layout: str | None, record: JobRecord, log: HookLog) -> tuple[str, Notes | None]:
-    """Decide how this Slurm mounts (see the module docstring) and do it.
+@dataclass(frozen=True)
+class Target:
+    """Where a Prolog localises a job (see the module docstring)."""
 
-    Returns the mode ("join", "record", "create") and the notes of the mount (None if it
-    failed, already recorded); sets the record's namespace fields.
-    """
+    mode: str  # "join" the plugin's namespace, "record" (CloneNSScript mounts), "create" one
+    ns_path: str | None = None  # the namespace's holder: existing (join) or to be made (create)
+
+
+def _plan_namespace(job: SlurmJob, jc: JobContainerConf | None, layout: str | None) -> Target | str:
+    """How this Slurm mounts: the :class:`Target`, or why it cannot localise the job."""
     job_dir = jc.job_dir(job.node, job.job_id, layout) if jc else None
     holder = job_dir / ".ns" if job_dir else None
     if holder is not None and namespaces.is_ns_holder(holder):
-        # RunInJob (24.05+): the plugin's namespace exists; mount into it.
-        record.ns_path = str(holder)
-        return "join", _guarded(lambda: namespaces.run_in_namespace(holder, lambda: _mount_overlays(profile, store)),
-                                job, name, log)
+        return Target("join", str(holder))  # RunInJob (24.05+): the plugin's namespace exists
     if jc is not None and jc.clone_ns_script:
-        # 24.11+: CloneNSScript mounts once the namespace exists; it reads this record.
-        record.state = "requested"
-        return "record", {"localised": [], "messages": []}
+        return Target("record")  # 24.11+: CloneNSScript mounts once the namespace exists
     if job_dir is not None:
         # Since Slurm 23.02.5 the plugin fails a job whose directory already exists: only
         # RunInJob or CloneNSScript can localise there (ovlrun.hooks.slurmversion).
-        problem = create_mode_problem()
-        if problem:
-            _record_unlocalised(job, name, problem, log)
-            return "create", None
-        directory = job_dir
-    else:
-        record_dir(job.node).mkdir(mode=0o755, parents=True, exist_ok=True)
-        directory = record_dir(job.node) / job.job_id
-    notes = _create(directory, _setup_dirs(job, jc, directory), profile, store, job, name, log)
-    if notes is not None:
-        record.ns_path, record.ns_owned = str(directory / ".ns"), True
-    return "create", notes
+        return create_mode_problem() or Target("create", str(job_dir / ".ns"))
+    # No job_container plugin: a namespace for `ovlrun enter`, beside the job's record.
+    return Target("create", os.path.join(record_dir(job.node), job.job_id, ".ns"))
+
+
+def _localise(target: Target, job: SlurmJob, name: str, profile: Profile, store: Store,
+              jc: JobContainerConf | None, log: HookLog) -> Notes | None:
+    """Mount the profile where ``target`` says; the notes of the mount, or None if it
+    failed (already recorded)."""
+    if target.mode == "record":
+        return {"localised": [], "messages": []}
+    assert target.ns_path is not None
+    holder = target.ns_path
+    if target.mode == "join":
+        return _guarded(lambda: namespaces.run_in_namespace(holder, lambda: _mount_overlays(profile, store)),
+                        job, name, log)
+    directory = Path(holder).parent
+    if jc is None:
+        try:
+            os.close(open_record_dir(job.node))  # the directory it goes in
+        except (OvlrunError, OSError) as e:
+            _record_unlocalised(job, name, f"cannot create {directory}: {e}", log)
+            return None
+    return _create(directory, _setup_dirs(job, jc, directory), profile, store, job, name, log)
 
 
 def _setup_dirs(job: SlurmJob, jc: JobContainerConf | None, directory: Path) -> Callable[[], None]:
@@ -414,9 +318,9 @@ def _record_unlocalised(job: SlurmJob, name: str | None, reason: str, log: HookL
     message = f"job runs unlocalised: {reason}"
     log("warning", message)
     try:
-        JobRecord(job.job_id, job.uid, job.gid, job.user, profile=name, state="unlocalised", node=job.node,
-                  messages=[message]).save()
-    except OSError as e:
+        JobRecord(job.job_id, job.uid, job.gid, job.user, kind=SLURM, profile=name, state=UNLOCALISED,
+                  node=job.node, messages=[message], started=time.time()).save()
+    except (OSError, OvlrunError) as e:
         log("error", f"cannot write job record: {e}")
 
 
@@ -471,7 +375,7 @@ def clone_ns_script(env: Mapping[str, str] | None = None) -> int:
     except (OvlrunError, ValueError, TypeError) as e:
         log("error", str(e))
         return 0
-    if record is None or record.profile is None or record.state != "requested":
+    if record is None or record.profile is None or record.state != REQUESTED:
         return 0  # nothing requested, or the Prolog already found it unusable
     job = SlurmJob(job_id, record.uid, record.gid, record.user, "", record.node)
     try:
@@ -485,7 +389,7 @@ def clone_ns_script(env: Mapping[str, str] | None = None) -> int:
         record.ns_path = ns
         record.localised = notes["localised"]
         record.messages += notes["messages"]
-        record.state = "localised"
+        record.state = LOCALISED
         record.save()
         log("info", f"profile {record.profile!r}: {len(record.localised)} localised path(s)")
     return 0

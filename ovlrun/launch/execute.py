@@ -1,9 +1,12 @@
-"""Running a job from its plan: private mount namespace, overlays, drop, exec.
+"""Running a job from its plan: private mount namespace, overlays, job record, drop, exec.
 
 Plan first, then execute (mkosi style): the plan (:mod:`ovlrun.launch.plan`, made by
 :mod:`ovlrun.launch.planner` or taken from its cache) names every overlay; only here does
 anything change, inside a namespace that dies with the job, so nothing can be left
-mounted on the host.  This module is on every launch's path and imports nothing heavy.
+mounted on the host.  The launch's job record (:mod:`ovlrun.jobs.records`) is written
+once the overlays exist, into the directory opened before the first mount; the command
+then *is* the job process, so nobody writes its end (the record says how to tell).
+This module is on every launch's path and imports nothing heavy.
 
 :func:`exec_job` is the common end of a launch and of ``ovlrun enter``: working
 directory, environment, privilege drop, exec.
@@ -16,6 +19,7 @@ import os
 import sys
 
 from ovlrun.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, OvlrunError
+from ovlrun.jobs import records
 from ovlrun.launch.mount import TreeRootMissing, mount_items, report_missing, warn_stderr
 from ovlrun.linux import limits
 from ovlrun.linux.namespaces import enter_private_namespace
@@ -23,7 +27,9 @@ from ovlrun.linux.privileges import Identity, drop_to
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from ovlrun.launch.plan import JobPlan
+    from collections.abc import Callable
+
+    from ovlrun.launch.plan import JobPlan, MountItem
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -141,26 +147,81 @@ def exec_job(command: list[str], env: dict[str, str], identity: Identity | None,
 def run(plan: JobPlan, command: list[str], *, store: str, identity: Identity | None, strict: bool,
         environ: dict[str, str], login: bool = False, env_shell: bool = True) -> int:
     """Set up the job's namespace from ``plan`` and exec ``command`` in it (as root)."""
+    import time
+
+    started = time.time()
     # The caller chose our resource limits; the job gets them back in exec_command.
     limits.lift()
     env = dict(environ)
     cwd = current_directory()
-    report_missing(plan, strict=strict, warn=warn_stderr)
-    # Everything root needs is looked up or imported before the first mount (the shell
-    # from the password database, pyroute2): afterwards an overlay may cover any
-    # directory a localised path names, so root reads nothing more.
-    env["OVLRUN_PROFILE"] = plan.name
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        warn_stderr(message)
+        warnings.append(message)
+
+    report_missing(plan, strict=strict, warn=warn)
+    # Everything root needs is looked up, opened or imported before the first mount (the
+    # shell from the password database, pyroute2, the job record's directory): afterwards
+    # an overlay may cover any directory a localised path names, so root reads nothing more.
     command = command or shell_argv(identity, env, login=login, env_shell=env_shell)
+    record = _launch_record(plan, identity, started, warn)
+    env["OVLRUN_PROFILE"] = plan.name
+    if record is not None:
+        env["OVLRUN_JOB_ID"] = record[0].job_id
     if plan.network == "none":
         # pyroute2 also imports lazily, so the network is set up here, not just imported;
         # the network and mount namespaces are independent.
         from ovlrun.linux.network import isolate_network  # pyroute2 is slow to import: only here
 
-        isolate_network()
-    enter_private_namespace()
+        try:
+            isolate_network()
+        except OSError as e:
+            raise OvlrunError(f"cannot create a private network namespace: {e}") from None
     try:
-        mount_items(plan.items, store, strict=strict, warn=warn_stderr, missing_root=plan.missing_root)
+        ns_ino = enter_private_namespace()
+    except OSError as e:
+        raise OvlrunError(f"cannot create a private mount namespace: {e}") from None
+    try:
+        mounted = mount_items(plan.items, store, strict=strict, warn=warn, missing_root=plan.missing_root)
     except TreeRootMissing as e:
         raise OvlrunError(f"{e}; refusing to run the job there "
                           "(profiles may allow it with missing_root = \"unlocalised\")") from None
+    if record is not None:
+        _save_launch_record(*record, ns_ino, mounted, warnings)
     return exec_job(command, env, identity, cwd, login=login, env_shell=env_shell)
+
+
+def _launch_record(plan: JobPlan, identity: Identity | None, started: float,
+                   warn: Callable[[str], None]) -> tuple[records.JobRecord, int] | None:
+    """The launch's job record, and the fd of the directory it goes in, opened now,
+    before the first mount; None (after a warning) if there is no usable directory: the
+    job runs all the same."""
+    try:
+        pid_start = records.process_start()
+        dir_fd = records.open_record_dir()
+    except (OSError, ValueError, OvlrunError) as e:
+        warn(f"no job record for this launch: {e}")
+        return None
+    pid = os.getpid()
+    uid, gid, user = (identity.uid, identity.gid, identity.name) if identity is not None else (0, 0, "root")
+    record = records.JobRecord(records.launch_id(pid, pid_start), uid, gid, user,
+                               kind=records.LAUNCH, profile=plan.name, state=records.PREPARING, pid=pid,
+                               pid_start=pid_start, started=started)
+    return record, dir_fd
+
+
+def _save_launch_record(record: records.JobRecord, dir_fd: int, ns_ino: int, mounted: list[MountItem],
+                        warnings: list[str]) -> None:
+    """Write the record relative to its directory's fd (nothing is resolved by path after
+    the first mount); a failure costs the record, not the job."""
+    record.ns_ino = ns_ino
+    record.localised = [item.path for item in mounted]
+    record.state = records.LOCALISED if mounted else records.UNLOCALISED
+    record.messages = warnings
+    try:
+        record.save(dir_fd)
+    except OSError as e:
+        warn_stderr(f"no job record for this launch: cannot write it ({e.strerror})")
+    finally:
+        os.close(dir_fd)

@@ -23,19 +23,18 @@ from __future__ import annotations
 import _thread
 import os
 import resource
-import stat
 import sys
 import threading  # before the first mount: root imports nothing after it
 
 from ovlrun.errors import OvlrunError
 from ovlrun.launch.mountworker import mount_timeout, run_in_worker
 from ovlrun.linux import syscalls
-from ovlrun.linux.erofs import mount_image
-from ovlrun.linux.files import NOT_WRITABLE, trust_problem
+from ovlrun.linux.erofs import ImageMountError, mount_image
+from ovlrun.linux.files import UntrustedError, open_trusted
 from ovlrun.linux.kernel import Features, probe
 from ovlrun.linux.overlay import (
     RESOURCE_ERRNOS,
-    OverlayRefused,
+    OverlaySetupError,
     OverlaySpec,
     PathFailure,
     SourceChanged,
@@ -148,21 +147,21 @@ class SnapshotUnusable(PathFailure):
     not a valid image, no loop device free): the path stays unlocalised."""
 
 
+class OverlayRefused(PathFailure):
+    """The kernel refused this path's overlay (its layers, or its mount point)."""
+
+
 def open_image(path: str) -> int:
     """The snapshot image, opened without following symlinks and trust-checked on the fd
     that is then mounted (no window to swap the file)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return open_trusted(path)
     except OSError as e:
         if e.errno in RESOURCE_ERRNOS:
             raise OvlrunError(f"snapshot image {path}: {e.strerror}") from None
         raise SnapshotUnusable(f"snapshot image {path}: {e.strerror}") from None
-    st = os.fstat(fd)
-    problem = "not a regular file" if not stat.S_ISREG(st.st_mode) else trust_problem(st, NOT_WRITABLE)
-    if problem:
-        os.close(fd)
-        raise OvlrunError(f"refusing snapshot image {path}: {problem}")
-    return fd
+    except UntrustedError as e:
+        raise OvlrunError(f"refusing snapshot image {path}: {e.problem}") from None
 
 
 def mount_all(items: list[MountItem], image_fds: list[int], features: Features,
@@ -241,10 +240,10 @@ def mount_localised(item: MountItem, image_fd: int, features: Features) -> None:
     """Mount the image (fd ``image_fd``) at ``item.tree`` (made by :func:`mount_all`) and
     the overlay on ``item.source``."""
     try:
-        image_mount = mount_image(f"/proc/self/fd/{image_fd}")
-    except OvlrunError as e:
-        message = f"cannot mount the snapshot image {item.image} of {item.path}: {e.message.split(': ', 1)[-1]}"
-        if _errno_of(e) in RESOURCE_ERRNOS:
+        image_mount = mount_image(image_fd)
+    except ImageMountError as e:
+        message = f"cannot mount the snapshot image {item.image} of {item.path}: {e}"
+        if e.errno in RESOURCE_ERRNOS:
             raise OvlrunError(message) from None  # the launch's shortage, not this snapshot's fault
         raise SnapshotUnusable(message) from None
     try:
@@ -254,22 +253,22 @@ def mount_localised(item: MountItem, image_fd: int, features: Features) -> None:
             raise OvlrunError(f"cannot attach snapshot image {item.image}: {e}") from None
         # Resolves the source once, from / without following symlinks, and checks it is
         # the directory the snapshot was built from (a PathFailure otherwise: nothing is
-        # mounted for it).
-        mount_overlay(OverlaySpec(target=item.source, snapshot_tree=item.tree, data=item.source,
-                                  source_root=item.source_root, source_ino=item.source_ino), features)
+        # mounted for it).  The context of a kernel refusal is added here, once.
+        try:
+            mount_overlay(OverlaySpec(target=item.source, snapshot_tree=item.tree, data=item.source,
+                                      source_root=item.source_root, source_ino=item.source_ino), features)
+        except OverlaySetupError as e:
+            raise _refused(e, f"cannot set up overlay for {item.source}: {e}") from None
+        except OSError as e:
+            raise _refused(e, f"cannot mount localised overlay on {item.source}: {e}") from None
     finally:
         os.close(image_mount)
 
 
-def _errno_of(e: BaseException) -> int | None:
-    """The errno behind an error raised ``from None`` in an ``except OSError`` block (its
-    ``__context__`` keeps the OSError)."""
-    seen: BaseException | None = e
-    while seen is not None:
-        if isinstance(seen, OSError):
-            return seen.errno
-        seen = seen.__context__
-    return None
+def _refused(e: OSError, message: str) -> OvlrunError:
+    """The kernel refused one path's overlay: that path's failure, unless it is a shortage
+    of the launch's own (an error of the whole launch)."""
+    return OvlrunError(message) if e.errno in RESOURCE_ERRNOS else OverlayRefused(message)
 
 
 MAX_MOUNT_THREADS = 8

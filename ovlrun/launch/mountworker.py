@@ -27,9 +27,9 @@ import signal
 import threading
 import time
 
-import prctl
-
 from ovlrun.errors import OvlrunError
+from ovlrun.linux.children import die_with_parent
+from ovlrun.linux.files import write_all
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -97,9 +97,7 @@ def run_in_worker(labels: list[str], work: Callable[[Report], None], failures: d
 
 
 def _worker(labels: list[str], work: Callable[[Report], None], w: int, parent: int) -> int:
-    prctl.set_pdeathsig(signal.SIGKILL)
-    if os.getppid() != parent:
-        return 1  # the launch died before the line above: nobody is waiting
+    die_with_parent(parent)
     # Report only through the pipe: a worker left behind in a stalled request must not
     # keep the caller's stdout/stderr open (whoever reads them would wait for EOF).
     os.closerange(0, 3)
@@ -114,6 +112,8 @@ def _worker(labels: list[str], work: Callable[[Report], None], w: int, parent: i
             record = (i, "", "", "")
         elif isinstance(failure, OvlrunError):
             record = (i, type(failure).__name__, failure.message, str(getattr(failure, "root_problem", "")))
+        elif isinstance(failure, OSError):  # a call's failure the work gave no context
+            record = (i, "OvlrunError", f"cannot localise {labels[i]}: {failure}", "")
         else:  # a bug: told, never a traceback to the user
             record = (i, "OvlrunError", f"internal error while mounting {labels[i]}: {failure!r}", "")
         _send(w, lock, record)
@@ -122,6 +122,8 @@ def _worker(labels: list[str], work: Callable[[Report], None], w: int, parent: i
         work(report)
     except OvlrunError as e:
         _send(w, lock, (-1, "OvlrunError", e.message, ""))
+    except OSError as e:
+        _send(w, lock, (-1, "OvlrunError", f"cannot mount the localised paths: {e}", ""))
     except BaseException as e:
         _send(w, lock, (-1, "OvlrunError", f"internal error while mounting: {e!r}", ""))
     return 0
@@ -131,9 +133,7 @@ def _send(w: int, lock: threading.Lock, record: tuple[int, str, str, str]) -> No
     data = marshal.dumps(record)
     frame = len(data).to_bytes(4, "little") + data
     with lock:  # whole frames only: threads report concurrently
-        view = memoryview(frame)
-        while view:
-            view = view[os.write(w, view):]
+        write_all(w, frame)
 
 
 def _collect(labels: list[str], classes: dict[str, type[OvlrunError]], r: int, pid: int,

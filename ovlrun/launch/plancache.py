@@ -17,33 +17,40 @@ from __future__ import annotations
 
 import marshal
 import os
-import stat
 
 from ovlrun.launch.plan import JobPlan, MountItem
-from ovlrun.linux.files import PRIVATE, trust_problem, write_atomic
+from ovlrun.linux.files import PRIVATE, UntrustedError, open_trusted, write_atomic
 from ovlrun.store.layout import index_file, plan_file
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ovlrun.profile.locate import ProfileFile
 
 FORMAT = 2  # 2: items carry the source identity (source_root, source_ino)
 
 
-def _stat_key(path: str) -> tuple[int, int, int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _index_key(store: str) -> tuple[int, int, int, int, int] | None:
+    try:
+        return _stat_key(os.stat(index_file(store)))
+    except OSError:
+        return None
+
+
 class CacheKeys:
-    """What a cached plan is valid for: the profile file and the index as they are now."""
+    """What a cached plan is valid for: the profile file (as opened: the fd the launch
+    checked and would parse) and the index as they are now."""
 
     __slots__ = ("index", "profile", "profile_file", "store")
 
-    def __init__(self, profile_file: str, store: str) -> None:
-        self.profile_file = os.path.abspath(profile_file)
+    def __init__(self, profile: ProfileFile, store: str) -> None:
+        self.profile_file = os.path.abspath(profile.path)
         self.store = store
-        self.profile = _stat_key(profile_file)
-        self.index = _stat_key(index_file(store))
+        self.profile: tuple[int, int, int, int, int] | None = _stat_key(profile.st)
+        self.index = _index_key(store)
 
     def as_tuple(self) -> tuple[object, ...]:
         return (FORMAT, self.profile_file, self.profile, self.store, self.index)
@@ -54,20 +61,17 @@ class CacheKeys:
         return plan_file(self.store, self.profile[0], self.profile[1])
 
 
-def load_cached(profile_file: str, store: str) -> JobPlan | None:
+def load_cached(profile: ProfileFile, store: str) -> JobPlan | None:
     """The cached plan for this profile file and store, if still valid and trustworthy."""
-    keys = CacheKeys(profile_file, store)
+    keys = CacheKeys(profile, store)
     path = keys.cache_file()
     if path is None:
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
+        fd = open_trusted(path, closed=PRIVATE)
+    except (OSError, UntrustedError):
+        return None  # none yet, or not written by us: ignored (and replaced on the next save)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or trust_problem(st, PRIVATE):
-            return None  # not written by us: ignore it (it is replaced on the next save)
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = marshal.loads(f.read())
     except (OSError, ValueError, EOFError, TypeError):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ovlrun.launch.plan import JobPlan, MountItem
 from ovlrun.launch.plancache import CacheKeys, save_cached
+from ovlrun.profile.locate import ProfileFile
 from ovlrun.profile.parse import Profile, parse_profile
 from ovlrun.store.index import SnapshotMissing, Store
 
@@ -42,10 +43,11 @@ def plan(profile: Profile, store: Store) -> JobPlan:
     return JobPlan(profile.name, profile.network, profile.missing_root, items, missing)
 
 
-def plan_job(profile_file: str, store: str) -> JobPlan:
-    """Parse the profile, plan against the store, and cache the plan for the next launch."""
-    keys = CacheKeys(profile_file, store)  # before reading either file: see save_cached
-    path = Path(profile_file)
-    result = plan(parse_profile(path, path.stem), Store.open(store))
+def plan_job(profile: ProfileFile, store: str) -> JobPlan:
+    """Parse the profile (from the fd that was opened and checked), plan against the
+    store, and cache the plan for the next launch."""
+    keys = CacheKeys(profile, store)  # before reading either file: see save_cached
+    path = Path(profile.path)
+    result = plan(parse_profile(path, path.stem, fd=profile.fd), Store.open(store))
     save_cached(result, keys)
     return result

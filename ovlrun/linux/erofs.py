@@ -12,7 +12,10 @@ Two ways, chosen by behaviour, never by kernel version:
   superblock holds the device) and then the mount, e.g. with the job's namespace.
 
 The result is an fsmount(2) descriptor (``MOUNT_ATTR_RDONLY|NOSUID|NODEV``) for
-``move_mount`` or for use as an overlay layer (``FSCONFIG_SET_FD``).
+``move_mount`` or for use as an overlay layer (``FSCONFIG_SET_FD``).  The image is given
+as an fd the caller opened (and trust-checked): nothing here resolves its path.  Failures
+raise :class:`ImageMountError`, whose text is the kernel's reason in words; the caller
+names the image.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import os
 import struct
 import time
 
-from ovlrun.errors import OvlrunError
 from ovlrun.linux import syscalls
 
 # <linux/loop.h>
@@ -35,6 +37,7 @@ LOOP_CTL_GET_FREE = 0x4C82
 LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
 LO_NAME_SIZE = 64
+LOOP_ATTEMPTS = 32  # another process may take the free device first (EBUSY): try the next
 
 # struct loop_info64: lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit (u64),
 # lo_number, lo_encrypt_type, lo_encrypt_key_size, lo_flags (u32), lo_file_name[64],
@@ -44,11 +47,25 @@ _LOOP_INFO64 = struct.Struct("<QQQQQIIII64s64s32sQQ")
 _LOOP_CONFIG = struct.Struct(f"<II{_LOOP_INFO64.size}s64x")
 
 MOUNT_ATTRS = syscalls.MOUNT_ATTR_RDONLY | syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
-_FSCONFIG_STRING_MAX = 255  # fsconfig(2) copies at most 256 bytes including the NUL
+# How mount_image may mount: file-backed where the kernel can, else a loop device ("auto");
+# or only one way (tests, and a store whose filesystem erofs cannot read directly).
+AUTO, FILE_BACKED, LOOP = "auto", "file", "loop"
 
 
-class ImageMountError(OvlrunError):
-    pass
+class ImageMountError(syscalls.SyscallError):
+    """The kernel would not mount the image: ``errno``, the ``call`` that failed and, as
+    ``str()``, the reason in words (without the image's name: the caller adds it)."""
+
+    def __init__(self, errno: int, call: str, path: str | None = None, detail: str = "") -> None:
+        super().__init__(errno, call, path, detail)
+
+    def __str__(self) -> str:
+        return self.detail or self.strerror or super().__str__()
+
+
+def _refused(e: OSError, detail: str | None = None) -> ImageMountError:
+    return ImageMountError(e.errno or 0, getattr(e, "call", "mount"), e.filename,
+                           e.strerror or "" if detail is None else detail)
 
 
 def _describe(e: OSError, fs_fd: int) -> str:
@@ -60,14 +77,14 @@ def _describe(e: OSError, fs_fd: int) -> str:
     return "; ".join(parts)
 
 
-def _erofs_mount(source: str, image: str) -> int:
+def _erofs_mount(source: str) -> int:
     """fsopen/fsconfig/fsmount of erofs on ``source``: the detached mount's fd."""
     try:
         fs_fd = syscalls.fsopen("erofs")
     except OSError as e:
         if e.errno == errno.ENODEV:
-            raise ImageMountError("the kernel has no erofs file system (modprobe erofs?)") from None
-        raise ImageMountError(f"cannot mount snapshot image {image}: {e}") from None
+            raise _refused(e, "the kernel has no erofs file system (modprobe erofs?)") from None
+        raise _refused(e, str(e)) from None
     try:
         syscalls.fsconfig_set_string(fs_fd, "source", source)
         # A read-only superblock: without it the block device is opened for writing, which
@@ -76,134 +93,107 @@ def _erofs_mount(source: str, image: str) -> int:
         try:
             syscalls.fsconfig_create(fs_fd)
         except OSError as e:
-            e.strerror = _describe(e, fs_fd)
-            raise
+            raise _refused(e, _describe(e, fs_fd)) from None
         return syscalls.fsmount(fs_fd, syscalls.FSMOUNT_CLOEXEC, MOUNT_ATTRS)
+    except ImageMountError:
+        raise
+    except OSError as e:
+        raise _refused(e) from None
     finally:
         os.close(fs_fd)
 
 
-def _source_of(path: str, fd: int) -> str:
-    """``path`` if fsconfig can take it, else the magic link of an fd we hold on it."""
-    if len(os.fsencode(path)) <= _FSCONFIG_STRING_MAX:
-        return path
-    return f"/proc/self/fd/{fd}"
+def _loop_info(name: str) -> bytes:
+    raw = os.fsencode(name)[-(LO_NAME_SIZE - 1):]
+    return _LOOP_INFO64.pack(0, 0, 0, 0, 0, 0, 0, 0, LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR, raw, b"", b"", 0, 0)
 
 
-def _file_backed(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def _bind_loop(loop_fd: int, image_fd: int) -> None:
+    """Bind the loop device ``loop_fd`` read-only and autoclear to ``image_fd``: in one
+    step (LOOP_CONFIGURE), or in two where the kernel lacks it (before 5.8)."""
+    info = _loop_info(f"/proc/self/fd/{image_fd}")
     try:
-        return _erofs_mount(_source_of(path, fd), path)
-    finally:
-        os.close(fd)
-
-
-def mount_file_backed(path: str) -> int:
-    """Mount the image file directly (kernels with file-backed erofs, 6.12+)."""
-    try:
-        return _file_backed(path)
+        fcntl.ioctl(loop_fd, LOOP_CONFIGURE, _LOOP_CONFIG.pack(image_fd, 0, info))
+        return
     except OSError as e:
-        if e.errno == errno.ENOTBLK:
-            raise ImageMountError(f"cannot mount snapshot image {path}: this kernel mounts erofs only from "
-                                  "block devices (no CONFIG_EROFS_FS_BACKED_BY_FILE)") from None
-        raise ImageMountError(f"cannot mount snapshot image {path}: {e.strerror}") from None
+        if e.errno not in (errno.EINVAL, errno.ENOTTY):
+            raise
+    fcntl.ioctl(loop_fd, LOOP_SET_FD, image_fd)
+    try:
+        fcntl.ioctl(loop_fd, LOOP_SET_STATUS64, info)
+    except OSError:
+        fcntl.ioctl(loop_fd, LOOP_CLR_FD)
+        raise
 
 
-def _loop_info(path: str) -> bytes:
-    name = os.fsencode(path)[-(LO_NAME_SIZE - 1):]
-    return _LOOP_INFO64.pack(0, 0, 0, 0, 0, 0, 0, 0, LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR, name, b"", b"", 0, 0)
-
-
-def _attach_loop(path: str, image_fd: int) -> tuple[int, str]:
+def _attach_loop(image_fd: int) -> tuple[int, str]:
     """A free loop device bound read-only (autoclear) to ``image_fd``: (open fd, /dev/loopN)."""
     try:
         ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
-        raise ImageMountError(f"cannot mount snapshot image {path}: the kernel reads images only through "
-                              f"loop devices and /dev/loop-control is unusable ({e.strerror})") from None
+        raise _refused(e, "the kernel reads images only through loop devices and /dev/loop-control "
+                       f"is unusable ({e.strerror})") from None
     try:
-        for _ in range(32):  # another process may take the free device first (EBUSY): retry
-            number = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
-            device = f"/dev/loop{number}"
+        for _ in range(LOOP_ATTEMPTS):
+            device = f"/dev/loop{fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)}"
             try:
                 loop_fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:  # no devtmpfs node yet
                 time.sleep(0.01)
                 continue
             try:
-                config = _LOOP_CONFIG.pack(image_fd, 0, _loop_info(path))
-                try:
-                    fcntl.ioctl(loop_fd, LOOP_CONFIGURE, config)
-                except OSError as e:
-                    if e.errno == errno.EBUSY:
-                        os.close(loop_fd)
-                        continue
-                    if e.errno not in (errno.EINVAL, errno.ENOTTY):
-                        raise
-                    # No LOOP_CONFIGURE (before 5.8): the two-step way.
-                    try:
-                        fcntl.ioctl(loop_fd, LOOP_SET_FD, image_fd)
-                    except OSError as e2:
-                        if e2.errno == errno.EBUSY:
-                            os.close(loop_fd)
-                            continue
-                        raise
-                    try:
-                        fcntl.ioctl(loop_fd, LOOP_SET_STATUS64, _loop_info(path))
-                    except OSError:
-                        fcntl.ioctl(loop_fd, LOOP_CLR_FD)
-                        raise
-                return loop_fd, device
+                _bind_loop(loop_fd, image_fd)
             except OSError as e:
                 os.close(loop_fd)
-                raise ImageMountError(f"cannot set up loop device {device} for snapshot image {path}: "
-                                      f"{e.strerror}") from None
-        raise ImageMountError(f"cannot find a free loop device for snapshot image {path}")
+                if e.errno == errno.EBUSY:  # taken by another process meanwhile
+                    continue
+                raise ImageMountError(e.errno or 0, "loop setup", device,
+                                      f"cannot set up loop device {device}: {e.strerror}") from None
+            return loop_fd, device
+        raise ImageMountError(errno.EBUSY, "loop setup", None, "no free loop device")
     finally:
         os.close(ctl)
 
 
-def mount_loop(path: str) -> int:
-    """Mount the image through a read-only, autoclear loop device."""
+def _mount_loop(image_fd: int) -> int:
+    loop_fd, device = _attach_loop(image_fd)
     try:
-        image_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise ImageMountError(f"cannot open snapshot image {path}: {e.strerror}") from None
-    try:
-        loop_fd, device = _attach_loop(path, image_fd)
-    finally:
-        os.close(image_fd)  # the loop device holds its own reference to the file
-    try:
-        return _erofs_mount(device, path)
-    except OSError as e:
-        raise ImageMountError(f"cannot mount snapshot image {path} (through {device}): {e.strerror}") from None
+        return _erofs_mount(device)
     finally:
         # Until the superblock holds the device, this fd keeps autoclear from detaching it;
         # closed now, the device goes away with the mount (or right now if mounting failed).
         os.close(loop_fd)
 
 
-def mount_image(path: str, *, file_backed: bool = True) -> int:
-    """A detached read-only (nosuid, nodev) mount of the EROFS image ``path``: its fd.
+def mount_image(image_fd: int, how: str = AUTO) -> int:
+    """A detached read-only (nosuid, nodev) mount of the EROFS image open at ``image_fd``:
+    its fd.
 
     File-backed where the kernel can (no loop device to leak or run out of), else a loop
-    device; ``file_backed=False`` goes straight to the loop device.  (Seen on 6.18 built
-    with CONFIG_EXT4_DEBUG: erofs reads the metadata of a file-backed image with
-    read_cache_folio, which takes no invalidate_lock, and a page-cache miss on an image
-    stored on ext4 trips the debug-only WARN_ON_ONCE in ext4_check_map_extents_env,
-    tainting the kernel once per boot.  A loop device reads through read_iter, whose
-    readahead holds that lock, so it should not; not verified here.)  Failures raise
-    :class:`ImageMountError` with the kernel's explanation.
+    device; ``how`` forces one of the two (FILE_BACKED fails with ENOTBLK where the kernel
+    cannot).  (Seen on 6.18 built with CONFIG_EXT4_DEBUG: erofs reads the metadata of a
+    file-backed image with read_cache_folio, which takes no invalidate_lock, and a
+    page-cache miss on an image stored on ext4 trips the debug-only WARN_ON_ONCE in
+    ext4_check_map_extents_env, tainting the kernel once per boot.  A loop device reads
+    through read_iter, whose readahead holds that lock, so it should not; not verified
+    here.)  Failures raise :class:`ImageMountError` with the kernel's explanation.
     """
-    if file_backed and not _file_backed_refused:
-        try:
-            return _file_backed(path)
-        except OSError as e:
-            if e.errno != errno.ENOTBLK:
-                raise ImageMountError(f"cannot mount snapshot image {path}: {e.strerror}") from None
-            # Once per process: a launch mounting 20 images asks the kernel once.
-            globals()["_file_backed_refused"] = True
-    return mount_loop(path)
+    global _file_backed_refused
+    if how == LOOP or (how == AUTO and _file_backed_refused):
+        return _mount_loop(image_fd)
+    try:
+        # The magic link of the fd: the kernel opens exactly the file we checked, and no
+        # path length limit applies (fsconfig strings stop at FSCONFIG_STRING_MAX).
+        return _erofs_mount(f"/proc/self/fd/{image_fd}")
+    except ImageMountError as e:
+        if e.errno != errno.ENOTBLK:
+            raise
+        if how == FILE_BACKED:
+            raise ImageMountError(e.errno, e.call, None, "this kernel mounts erofs only from block devices "
+                                  "(no CONFIG_EROFS_FS_BACKED_BY_FILE)") from None
+        # Once per process: a launch mounting 20 images asks the kernel once.
+        _file_backed_refused = True
+    return _mount_loop(image_fd)
 
 
 _file_backed_refused = False  # this kernel refused a file-backed mount (ENOTBLK)

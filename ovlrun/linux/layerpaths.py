@@ -11,7 +11,7 @@ long layer with a short string:
 
 The snapshot layer uses the first: chdir to the store root and name the layer
 ``snapshots/KEY/ID/tree``.  That string is what mountinfo shows, and its tail is how
-``ovlrun snapshot gc`` recognises a snapshot a running job uses (:mod:`ovlrun.store.inuse`);
+``ovlrun snapshot gc`` recognises a snapshot a running job uses (:mod:`ovlrun.jobs.inuse`);
 ``/proc/self/fd/3`` would hide the snapshot from gc.  The data layer (the shared subtree,
 never looked at by gc) uses the second, which needs no chdir.
 

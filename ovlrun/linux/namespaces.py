@@ -20,29 +20,33 @@ import stat
 
 from ovlrun.errors import OvlrunError
 from ovlrun.linux import syscalls
+from ovlrun.linux.children import outcome, result
+from ovlrun.linux.files import write_all
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: this module is on the launch path
     from collections.abc import Callable
     from pathlib import Path
 
-    # What a step run inside a namespace reports back (crosses a pipe as JSON).
+    # What a step run inside a namespace reports back (crosses a pipe, pickled).
     Notes = dict[str, list[str]]
 
 NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3), <linux/nsfs.h>
 
 
-def enter_private_namespace() -> None:
-    """Become the only member of a new mount namespace that cannot affect the host.
+def enter_private_namespace() -> int:
+    """Become the only member of a new mount namespace that cannot affect the host;
+    return the new namespace's inode (``/proc/self/ns/mnt``: what identifies the job's
+    namespace in its record).
 
     MS_SLAVE (not private) so mounts the host makes later (e.g. automounted NFS
     releases) still appear in the job, while nothing the job mounts propagates out.
+    Raises the failing call's OSError; the caller says what it was for.
     """
-    try:
-        syscalls.unshare(syscalls.CLONE_NEWNS)
-        make_rslave_root()
-    except OSError as e:
-        raise OvlrunError(f"cannot create a private mount namespace: {e}") from None
+    syscalls.unshare(syscalls.CLONE_NEWNS)
+    ino = os.stat("/proc/self/ns/mnt").st_ino  # before anything is mounted in it
+    make_rslave_root()
+    return ino
 
 
 def mount_points() -> list[str]:
@@ -116,28 +120,22 @@ def make_rslave_root() -> None:
 # ------------------------------------------------------------------ child processes
 
 
-def _child_side(switch: Callable[[], None], rest: Callable[[], Notes], ready_w: int, go_r: int) -> int:
+def _child_side(switch: Callable[[], None], rest: Callable[[], Notes], ready_w: int, go_r: int) -> None:
     """The forked child: switch namespace, report, wait for the go, run ``rest``, report.
 
-    Messages to the parent: b"u" (switched), then b"E<error>" or b"R<json notes>".
-    Returns the exit status; never returns into the caller's code (see run_in_child).
+    Messages to the parent: b"u" (switched), then b"R" and the pickled outcome of the
+    whole step (:func:`ovlrun.linux.children.outcome`: the notes, or the exception with
+    its class).  Never returns into the caller's code (see run_in_child).
     """
-    import json
 
-    try:
+    def step() -> Notes:
         switch()
         os.write(ready_w, b"u")
         if os.read(go_r, 1) != b"g":
-            return 1  # the parent gave up (EOF): abort before doing anything
-        os.write(ready_w, b"R" + json.dumps(rest()).encode())
-        return 0
-    except (OvlrunError, OSError) as e:
-        os.write(ready_w, b"E" + str(e).encode(errors="replace"))
-    except BaseException:  # a bug: report it with its traceback, never unwind
-        import traceback
+            os._exit(1)  # the parent gave up (EOF): abort before doing anything
+        return rest()
 
-        os.write(ready_w, b"E" + traceback.format_exc().encode(errors="replace"))
-    return 1
+    write_all(ready_w, b"R" + outcome(step))
 
 
 def _parent_side(pid: int, ready_r: int, go_w: int, before: Callable[[int], None] | None) -> bytes:
@@ -163,40 +161,37 @@ def _parent_side(pid: int, ready_r: int, go_w: int, before: Callable[[int], None
 
 
 def run_in_child(switch: Callable[[], None], rest: Callable[[], Notes],
-               before: Callable[[int], None] | None = None) -> Notes:
+                 before: Callable[[int], None] | None = None) -> Notes:
     """Fork; run ``switch`` then ``rest`` in the child; return what ``rest`` returned.
 
-    Failures in the child are re-raised here as OvlrunError with the child's message.
-    ``before(pid)`` runs in the parent after the child reports that ``switch`` (its
-    namespace change) is done, while the child waits; that is how the parent pins the
-    child's namespace.  No sleeps: every hand-over is a pipe read.
+    A failure in the child is raised here as the child raised it: an OvlrunError with its
+    class and status, an OSError (e.g. :class:`~ovlrun.linux.syscalls.SyscallError`) with
+    its class, errno, call and path; a bug as
+    :class:`~ovlrun.linux.children.ChildFailed` with its traceback.  ``before(pid)``
+    runs in the parent after the child reports that ``switch`` (its namespace change) is
+    done, while the child waits; that is how the parent pins the child's namespace.  No
+    sleeps: every hand-over is a pipe read.
     """
-    import json
-
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()  # parent -> child: b"g" (continue) or EOF (abort)
     pid = os.fork()
     if pid == 0:
-        status = 1
         try:
             os.close(ready_r)
             os.close(go_w)
-            status = _child_side(switch, rest, ready_w, go_r)
+            _child_side(switch, rest, ready_w, go_r)
         finally:
-            os._exit(status)
+            os._exit(0)
     os.close(ready_w)
     os.close(go_r)
     try:
         output = _parent_side(pid, ready_r, go_w, before)
     finally:
         _, wstatus = os.waitpid(pid, 0)
-    if output.startswith(b"E"):
-        raise OvlrunError(output[1:].decode(errors="replace").strip())
-    code = os.waitstatus_to_exitcode(wstatus)
-    if code != 0 or not output.startswith(b"R"):
-        raise OvlrunError(f"namespace helper exited with status {code}")
-    result: Notes = json.loads(output[1:])
-    return result
+    if not output.startswith(b"R"):
+        raise OvlrunError(f"namespace helper exited with status {os.waitstatus_to_exitcode(wstatus)}")
+    notes: Notes = result(output[1:], "namespace helper")  # type: ignore[assignment]
+    return notes
 
 
 def create_pinned_namespace(holder: Path, setup: Callable[[], Notes]) -> Notes:
@@ -205,7 +200,8 @@ def create_pinned_namespace(holder: Path, setup: Callable[[], Notes]) -> Notes:
     ``holder`` must be an existing regular file on a private mount (see
     :func:`make_private_bind`).  ``/`` is made rslave inside before ``setup`` runs, so
     nothing ``setup`` mounts reaches the host.  On failure the holder is unpinned again
-    and OvlrunError is raised.  Returns what ``setup`` returned.
+    and the failure raised (as :func:`run_in_child` does).  Returns what ``setup``
+    returned.
     """
 
     def switch() -> None:
@@ -221,7 +217,7 @@ def create_pinned_namespace(holder: Path, setup: Callable[[], Notes]) -> Notes:
 
     try:
         return run_in_child(switch, rest, before=pin)
-    except OvlrunError:
+    except BaseException:
         unpin(holder)
         raise
 

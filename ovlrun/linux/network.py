@@ -6,15 +6,13 @@ for it; every other launch pays nothing.
 
 from __future__ import annotations
 
-from ovlrun.errors import OvlrunError
 from ovlrun.linux import syscalls
 
 
 def isolate_network() -> None:
-    try:
-        syscalls.unshare(syscalls.CLONE_NEWNET)
-    except OSError as e:
-        raise OvlrunError(f"cannot create a private network namespace: {e}") from None
+    """Move this process into a new network namespace and bring its loopback up; raises
+    the failing call's OSError (the caller says what it was for)."""
+    syscalls.unshare(syscalls.CLONE_NEWNET)
     from pyroute2 import IPRoute
 
     # A new network namespace has "lo" but down: 127.0.0.1 would be unreachable.

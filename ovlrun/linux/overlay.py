@@ -20,10 +20,9 @@ from ovlrun.errors import OvlrunError
 from ovlrun.linux import layerpaths, syscalls
 from ovlrun.linux.kernel import FD, MOUNT_DATA_ONLY, STRING, Features
 
-# fsconfig(2) string values are capped at 256 bytes (incl. NUL); longer layer paths are
-# passed as O_PATH fds (FSCONFIG_SET_FD) where the kernel takes them, else shortened
+# fsconfig(2) string values are capped (syscalls.FSCONFIG_STRING_MAX); longer layer paths
+# are passed as O_PATH fds (FSCONFIG_SET_FD) where the kernel takes them, else shortened
 # (ovlrun.linux.layerpaths).
-FSCONFIG_STRING_MAX = 255
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -50,6 +49,11 @@ def escape_layer(path: str) -> str:
     both and itself (fs/overlayfs/params.c: ovl_parse_param_split_lowerdirs).
     """
     return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+class OverlaySetupError(syscalls.SyscallError):
+    """The kernel refused the overlay's configuration (an fsconfig call); ``detail`` holds
+    what overlayfs logged on the context, which explains most refusals."""
 
 
 class PathFailure(OvlrunError):
@@ -89,14 +93,15 @@ class SourceUnreachable(PathFailure):
 RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.ENOSPC))
 
 
-def _source_failure(e: OSError, spec: OverlaySpec, where: str) -> OvlrunError:
+def _source_failure(e: OSError, spec: OverlaySpec, where: str) -> Exception:
     """What an error opening ``spec``'s source means for that path (``where``: "to" or
-    "below" its tree root)."""
+    "below" its tree root); a shortage of the launch's own (RESOURCE_ERRNOS) stays the
+    OSError it is."""
     code = e.errno
     if code in (errno.ENOENT, errno.ENOTDIR):
         return SourceMissing(f"{spec.data} is missing on the shared tree")
     if code == errno.ESTALE:
-        return SourceStale(f"{spec.data} is missing on the shared tree (stale file handle: deleted on the server)")
+        return _stale(spec)
     if code == errno.ELOOP:
         return SourceChanged(f"{spec.data} is not the directory its snapshot was built from "
                              f"(a symlink on the way {where} its tree root {spec.source_root})")
@@ -105,7 +110,7 @@ def _source_failure(e: OSError, spec: OverlaySpec, where: str) -> OvlrunError:
                                  f"{spec.source_root} (a user's FUSE mount?); only the tree's own directories "
                                  "are localised")
     if code in RESOURCE_ERRNOS:
-        return OvlrunError(f"cannot open {spec.data}: {os.strerror(code)}")
+        return e
     return SourceUnreachable(f"{spec.data} cannot be opened on the shared tree: {os.strerror(code or 0)}")
 
 
@@ -184,7 +189,7 @@ def _set_string_layer(fs_fd: int, key: str, path: str, path_fd: int | None) -> N
     A snapshot tree becomes ``snapshots/KEY/ID/tree`` relative to the store root (so
     mountinfo still names it for gc); anything else ``/proc/self/fd/N`` (see layerpaths).
     """
-    if len(os.fsencode(path)) <= FSCONFIG_STRING_MAX:
+    if len(os.fsencode(path)) <= syscalls.FSCONFIG_STRING_MAX:
         syscalls.fsconfig_set_string(fs_fd, key, path)
         return
     relative = layerpaths.store_relative(path) if key == "lowerdir+" else None
@@ -229,8 +234,7 @@ def _mount_new_api_at(spec: OverlaySpec, fd_layers: bool, data_fd: int) -> None:
             syscalls.fsconfig_create(fs_fd)
         except OSError as e:
             log = "; ".join(syscalls.read_fs_log(fs_fd))
-            detail = f"{e} ({log})" if log else str(e)
-            raise _mount_failure(e, spec, f"cannot set up overlay for {spec.target}: {detail}") from None
+            raise OverlaySetupError(e.errno or 0, getattr(e, "call", "fsconfig"), e.filename, log) from None
         attrs = syscalls.MOUNT_ATTR_RDONLY | syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
         mnt_fd = syscalls.fsmount(fs_fd, syscalls.FSMOUNT_CLOEXEC, attrs)
     finally:
@@ -297,34 +301,32 @@ def _mount_legacy(spec: OverlaySpec, data_only: bool) -> None:
 def mount_overlay(spec: OverlaySpec, features: Features) -> None:
     """Mount ``spec`` in the current mount namespace, best method the kernel offers.
 
-    A stale NFS handle (ESTALE) on the way is retried once from scratch, then the source
-    counts as missing.  Failures that concern this path only are :class:`PathFailure`.
+    Raises a :class:`PathFailure` for what concerns this path's source (see
+    :func:`open_source`), :class:`OverlaySetupError` if the kernel refused the overlay's
+    configuration, and the failing call's OSError otherwise; the caller says which
+    localised path it was.  A stale NFS handle (ESTALE) anywhere on the way is retried
+    once from scratch (the handle is then looked up afresh), then the source counts as
+    missing (:class:`SourceStale`).
     """
     try:
         _mount_once(spec, features)
-    except SourceStale:
-        _mount_once(spec, features)
+    except (SourceStale, OSError) as e:
+        if not isinstance(e, SourceStale) and e.errno != errno.ESTALE:
+            raise
+        try:
+            _mount_once(spec, features)
+        except OSError as again:
+            if again.errno == errno.ESTALE:
+                raise _stale(spec) from None
+            raise
 
 
 def _mount_once(spec: OverlaySpec, features: Features) -> None:
-    try:
-        if features.method in (FD, STRING):
-            _mount_new_api(spec, fd_layers=features.method == FD)
-        else:
-            _mount_legacy(spec, data_only=features.method == MOUNT_DATA_ONLY)
-    except OvlrunError:
-        raise
-    except OSError as e:
-        raise _mount_failure(e, spec, f"cannot mount localised overlay on {spec.target}: {e}") from None
+    if features.method in (FD, STRING):
+        _mount_new_api(spec, fd_layers=features.method == FD)
+    else:
+        _mount_legacy(spec, data_only=features.method == MOUNT_DATA_ONLY)
 
 
-class OverlayRefused(PathFailure):
-    """The kernel refused this path's overlay (its layers, or its mount point)."""
-
-
-def _mount_failure(e: OSError, spec: OverlaySpec, message: str) -> OvlrunError:
-    if e.errno == errno.ESTALE:
-        return SourceStale(f"{spec.data} is missing on the shared tree (stale file handle: deleted on the server)")
-    if e.errno in RESOURCE_ERRNOS:
-        return OvlrunError(message)
-    return OverlayRefused(message)
+def _stale(spec: OverlaySpec) -> SourceStale:
+    return SourceStale(f"{spec.data} is missing on the shared tree (stale file handle: deleted on the server)")

@@ -18,6 +18,11 @@ import prctl
 
 from ovlrun.errors import OvlrunError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: this module is on the launch path
+    from collections.abc import Callable
+    from typing import Any
+
 CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 
 
@@ -39,22 +44,19 @@ class Identity:
 
     @classmethod
     def of_uid(cls, uid: int, gid: int | None = None) -> Identity:
-        try:
-            pw = pwd.getpwuid(uid)
-        except KeyError:
-            raise OvlrunError(f"uid {uid} has no entry in the password database") from None
-        return cls._from_pw(pw, gid)
+        return cls._from_pw(pwd.getpwuid, uid, f"uid {uid} has no entry in the password database", gid)
 
     @classmethod
     def of_name(cls, name: str) -> Identity:
-        try:
-            pw = pwd.getpwnam(name)
-        except KeyError:
-            raise OvlrunError(f"no such user: {name!r}") from None
-        return cls._from_pw(pw, None)
+        return cls._from_pw(pwd.getpwnam, name, f"no such user: {name!r}", None)
 
     @classmethod
-    def _from_pw(cls, pw: pwd.struct_passwd, gid: int | None) -> Identity:
+    def _from_pw(cls, lookup: Callable[[Any], pwd.struct_passwd], key: object, missing: str,
+                 gid: int | None) -> Identity:
+        try:
+            pw = lookup(key)
+        except KeyError:
+            raise OvlrunError(missing) from None
         primary = pw.pw_gid if gid is None else gid
         groups = tuple(sorted(set(os.getgrouplist(pw.pw_name, primary))))
         return cls(pw.pw_name, pw.pw_uid, primary, groups, pw.pw_dir, pw.pw_shell or "/bin/sh")
@@ -74,7 +76,14 @@ def capability_sets() -> dict[str, int]:
 
 
 def drop_to(ident: Identity) -> None:
-    """Irreversibly become ``ident`` with no capabilities; raise if the result is not exact."""
+    """Irreversibly become ``ident`` with no capabilities; raise if the result is not exact.
+
+    A parent-death signal (PR_SET_PDEATHSIG, e.g. of a bounded worker) survives the drop:
+    the kernel clears it on a credential change, so it is set again, and delivered at once
+    if the parent died meanwhile.
+    """
+    death = prctl.get_pdeathsig()
+    parent = os.getppid()
     try:
         prctl.set_keepcaps(False)
         for cap in range(_last_cap() + 1):
@@ -85,6 +94,10 @@ def drop_to(ident: Identity) -> None:
         prctl.set_no_new_privs(True)
     except OSError as e:
         raise OvlrunError(f"cannot drop privileges to {ident.name}: {e.strerror}") from None
+    if death:
+        prctl.set_pdeathsig(death)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), death)
     verify_dropped(ident)
 
 

@@ -5,9 +5,10 @@ Python 3.11 has no ``os.unshare``/``os.setns``/``mount``; glibc >= 2.36 exports 
 mount API (fsopen/fsconfig/fsmount/move_mount), older ones do not, so those calls fall
 back to ``syscall(2)``: their numbers (428-432) are the same on every architecture,
 being allocated after the syscall tables were unified (alpha aside).  Every failure becomes a
-:class:`SyscallError` (an ``OSError``) whose text names the call and the path, e.g.
-``mount(/sw/a): Permission denied``; callers turn those into :class:`OvlrunError` with
-the user-level context.
+:class:`SyscallError` (an ``OSError``) carrying the call, the path and the errno; its text
+reads ``mount(/sw/a): Permission denied``.  Modules of ``linux/`` raise it (or a subclass)
+and never compose sentences for the user: the caller adds its context once, turning it
+into :class:`OvlrunError` (no message is ever parsed again).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ MOUNT_ATTR_NODEV = 0x4
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
 AT_FDCWD = -100
+# fsconfig(2) copies string values of at most 256 bytes, the NUL included.
+FSCONFIG_STRING_MAX = 255
 
 # Fallback syscall numbers, used only when libc lacks the wrapper (glibc < 2.36).  Since
 # Linux 5.1 new syscalls get one number on every architecture but alpha (asm-generic/unistd.h).
@@ -63,15 +66,27 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class SyscallError(OSError):
-    """A failed syscall; ``str()`` reads ``call(path): strerror``."""
+    """A failed syscall: ``errno``, ``call``, ``filename`` (the path, if any) and an optional
+    ``detail`` (what the kernel said besides the errno, e.g. an fs context's log).
+    ``str()`` reads ``call(path): strerror (detail)``.  Crosses process boundaries (pickle)
+    with its class and fields."""
 
-    def __init__(self, errno: int, call: str, path: str | None = None) -> None:
+    def __init__(self, errno: int, call: str, path: str | None = None, detail: str = "") -> None:
         super().__init__(errno, os.strerror(errno), path)
         self.call = call
+        self.detail = detail
 
     def __str__(self) -> str:
         where = f"({self.filename})" if self.filename else ""
-        return f"{self.call}{where}: {self.strerror}"
+        return f"{self.call}{where}: {self.strerror}" + (f" ({self.detail})" if self.detail else "")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.errno, self.call, self.filename, self.detail))
+
+    @classmethod
+    def of(cls, e: OSError, call: str, detail: str = "") -> SyscallError:
+        """``e`` (any OSError, e.g. from ``os``) as a SyscallError of ``call``."""
+        return cls(e.errno or 0, getattr(e, "call", call), e.filename, detail)
 
 
 def _function(name: str, argtypes: list[Any]) -> Callable[..., int]:

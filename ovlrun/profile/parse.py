@@ -7,6 +7,8 @@ A profile is ``NAME.toml``::
     [[tree]]
     root = "/sw"
     localise = ["thing/UIIDA/versionXX", "apps/*/2.1/lib"]
+    inline = ["**/*.pyc", "**/*.so*"]   # optional: files stored whole in the snapshots
+    inline_max = "256KiB"               # optional: only files up to this size (default 256 KiB)
 
 TOML is read with the stdlib ``tomllib``: the third-party ``toml`` 0.10 package silently
 drops valid TOML 1.0 data (e.g. some inline-table and dotted-key forms), and a profile that
@@ -19,22 +21,79 @@ from __future__ import annotations
 import os
 import posixpath
 import tomllib
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from ovlrun.errors import OvlrunError
 from ovlrun.profile import locate
-from ovlrun.profile.patterns import Pattern, PatternError, overlap
+from ovlrun.profile.patterns import FilePattern, Pattern, PatternError, overlap
 
 NETWORK_MODES = ("host", "none")
 MISSING_ROOT_MODES = ("fail", "unlocalised")
 MAX_PROFILE_BYTES = 1 << 20
+_P = TypeVar("_P", Pattern, FilePattern)
+DEFAULT_INLINE_MAX = 256 << 10
+MAX_INLINE_MAX = 1 << 30  # a file stored whole is read at build time and held in every node's image
+_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+class Inline(NamedTuple):
+    """Which files of a tree's localised releases are stored whole in their snapshots:
+    those matching a pattern, of at most ``max_bytes`` (empty files always are)."""
+
+    patterns: tuple[FilePattern, ...]
+    max_bytes: int
+
+    def selects(self, relpath: str, size: int) -> bool:
+        return size <= self.max_bytes and any(p.matches(relpath) for p in self.patterns)
+
+    def describe(self) -> str:
+        """One line for ``profile check`` and the manifest's reader."""
+        return f"inline {', '.join(p.text for p in self.patterns)} (files up to {format_size(self.max_bytes)})"
+
+    def to_json(self) -> dict[str, object]:
+        return {"patterns": [p.text for p in self.patterns], "max_bytes": self.max_bytes}
+
+    @classmethod
+    def of(cls, patterns: list[str], max_bytes: int) -> Inline:
+        """From a manifest's record (raises PatternError or ValueError when it is not one)."""
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or not 0 < max_bytes <= MAX_INLINE_MAX:
+            raise ValueError(f"inline size limit {max_bytes!r} out of range")
+        if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) for p in patterns):
+            raise ValueError("inline patterns must be a non-empty list of strings")
+        return cls(tuple(FilePattern.parse(p) for p in patterns), max_bytes)
+
+
+def format_size(n: int) -> str:
+    for unit in ("GiB", "MiB", "KiB"):
+        if n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]} {unit}"
+    return f"{n} B"
+
+
+def parse_size(value: object) -> int:
+    """A size: an integer (bytes) or a string "N", "N B", "N KiB", "N MiB", "N GiB"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str):
+        text = value.strip()
+        digits = text.rstrip("BKMGib ")
+        unit = text[len(digits):].strip() or "B"
+        if not digits.isascii() or not digits.isdigit() or unit not in _UNITS:
+            raise ValueError(f"{value!r} is not a size (write it as bytes, or with B, KiB, MiB or GiB: \"256KiB\")")
+        n = int(digits) * _UNITS[unit]
+    else:
+        raise ValueError(f"must be a size (an integer or a string like \"256KiB\"), not {_type_name(value)}")
+    if not 0 < n <= MAX_INLINE_MAX:
+        raise ValueError(f"{value!r} is out of range (1 B to {format_size(MAX_INLINE_MAX)})")
+    return n
 
 
 class Tree(NamedTuple):
     root: str
     patterns: tuple[Pattern, ...]
+    inline: Inline | None = None  # None: only empty files are stored whole
 
     def path_of(self, relpath: str) -> str:
         return posixpath.join(self.root, relpath)
@@ -63,15 +122,22 @@ class Profile(NamedTuple):
 
 
 def load_profile(spec: str, dirs: list[Path] | None = None, *, trusted_only: bool = False) -> Profile:
-    """Locate (:func:`ovlrun.profile.locate.locate_profile`) and parse a profile."""
+    """Locate (:func:`ovlrun.profile.locate.open_profile`) and parse a profile, from the
+    fd that was checked."""
     search = None if dirs is None else [str(d) for d in dirs]
-    path = Path(locate.locate_profile(spec, search, trusted_only=trusted_only))
-    return parse_profile(path, path.stem)
-
-
-def parse_profile(path: Path, name: str | None = None) -> Profile:
+    located = locate.open_profile(spec, search, trusted_only=trusted_only)
     try:
-        with open(path, "rb") as f:
+        path = Path(located.path)
+        return parse_profile(path, path.stem, fd=located.fd)
+    finally:
+        located.close()
+
+
+def parse_profile(path: Path, name: str | None = None, *, fd: int | None = None) -> Profile:
+    """Parse the profile file ``path``, read from ``fd`` if given (one already opened and
+    checked: see :class:`ovlrun.profile.locate.ProfileFile`), else opened by name."""
+    try:
+        with open(path, "rb") if fd is None else open(fd, "rb", closefd=False) as f:
             # Capped: a profile is a few lines, and a huge (or sparse) file must not make
             # whoever checks it (a submit filter, a prolog) exhaust its memory.
             raw = f.read(MAX_PROFILE_BYTES + 1)
@@ -134,8 +200,8 @@ def validate(data: dict[str, object], path: Path, name: str) -> Profile:
 
 def _validate_tree(table: dict[str, object], path: Path, where: str) -> Tree:
     for key in table:
-        if key not in ("root", "localise"):
-            raise _fail(path, f"{where}.{key}", "unknown key (allowed: localise, root)")
+        if key not in ("root", "localise", "inline", "inline_max"):
+            raise _fail(path, f"{where}.{key}", "unknown key (allowed: inline, inline_max, localise, root)")
     root = table.get("root")
     if root is None:
         raise _fail(path, f"{where}.root", "missing")
@@ -151,20 +217,42 @@ def _validate_tree(table: dict[str, object], path: Path, where: str) -> Tree:
     patterns = table.get("localise")
     if patterns is None:
         raise _fail(path, f"{where}.localise", "missing")
-    if not isinstance(patterns, list):
-        raise _fail(path, f"{where}.localise", f"must be an array of strings, not {_type_name(patterns)}")
-    if not patterns:
-        raise _fail(path, f"{where}.localise", "empty: name at least one release path to localise")
+    parsed = _parse_list(patterns, Pattern.parse, path, f"{where}.localise",
+                         "empty: name at least one release path to localise")
+    return Tree(root=root, patterns=parsed, inline=_validate_inline(table, path, where))
+
+
+def _parse_list(value: object, parse: Callable[[str], _P], path: Path, key: str, empty: str) -> tuple[_P, ...]:
+    """A non-empty array of pattern strings, each parsed (errors name its index)."""
+    if not isinstance(value, list):
+        raise _fail(path, key, f"must be an array of strings, not {_type_name(value)}")
+    if not value:
+        raise _fail(path, key, empty)
     parsed = []
-    for j, text in enumerate(patterns):
-        key = f"{where}.localise[{j}]"
+    for j, text in enumerate(value):
         if not isinstance(text, str):
-            raise _fail(path, key, f"must be a string, not {_type_name(text)}")
+            raise _fail(path, f"{key}[{j}]", f"must be a string, not {_type_name(text)}")
         try:
-            parsed.append(Pattern.parse(text))
+            parsed.append(parse(text))
         except PatternError as e:
-            raise _fail(path, key, str(e)) from None
-    return Tree(root=root, patterns=tuple(parsed))
+            raise _fail(path, f"{key}[{j}]", str(e)) from None
+    return tuple(parsed)
+
+
+def _validate_inline(table: dict[str, object], path: Path, where: str) -> Inline | None:
+    texts = table.get("inline")
+    limit = table.get("inline_max")
+    if texts is None:
+        if limit is not None:
+            raise _fail(path, f"{where}.inline_max", "set without inline (name the files to store whole)")
+        return None
+    patterns = _parse_list(texts, FilePattern.parse, path, f"{where}.inline",
+                           "empty: name files to store whole, or leave inline out")
+    try:
+        max_bytes = DEFAULT_INLINE_MAX if limit is None else parse_size(limit)
+    except ValueError as e:
+        raise _fail(path, f"{where}.inline_max", str(e)) from None
+    return Inline(patterns, max_bytes)
 
 
 def _check_overlaps(trees: tuple[Tree, ...], path: Path) -> None:

@@ -1,9 +1,11 @@
-"""Localise patterns: parsing, matching and overlap rules.
+"""Localise patterns and inline file patterns: parsing, matching and overlap rules.
 
-A pattern is relative to its tree's root and made of '/'-separated components; in a
+A pattern is relative to its tree's root (a localise pattern) or to a localised release
+(an inline pattern: :class:`FilePattern`) and made of '/'-separated components; in a
 component '*' matches any run of characters and '?' exactly one, never across '/'. All
 other characters, including '[' and '\\', are literal (unlike fnmatch), so any real name
-can be written down.
+can be written down.  Inline patterns also take '**' as a whole component: any number
+of directories, none included ("**/*.pyc" is every .pyc at any depth).
 """
 
 from __future__ import annotations
@@ -23,12 +25,7 @@ class Pattern(NamedTuple):
 
     @classmethod
     def parse(cls, text: str) -> Pattern:
-        if not text:
-            raise PatternError("empty pattern")
-        if "\0" in text:
-            raise PatternError("NUL byte in pattern")
-        if text.startswith("/"):
-            raise PatternError(f"{text!r} is absolute; patterns are relative to the tree's root")
+        _check_text(text, "the tree's root")
         components = tuple(text.rstrip("/").split("/"))
         for comp in components:
             if comp in ("", ".", ".."):
@@ -47,6 +44,15 @@ class Pattern(NamedTuple):
 
     def component_matches(self, index: int, name: str) -> bool:
         return self.regexes[index].fullmatch(name) is not None
+
+
+def _check_text(text: str, relative_to: str) -> None:
+    if not text:
+        raise PatternError("empty pattern")
+    if "\0" in text:
+        raise PatternError("NUL byte in pattern")
+    if text.startswith("/"):
+        raise PatternError(f"{text!r} is absolute; patterns are relative to {relative_to}")
 
 
 def is_glob(component: str) -> bool:
@@ -82,3 +88,35 @@ def overlap(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     a profile whose patterns overlap is refused.
     """
     return all(_components_may_meet(x, y) for x, y in zip(a, b, strict=False))
+
+
+class FilePattern(NamedTuple):
+    """An inline pattern: which files of a release are stored whole in its snapshot."""
+
+    text: str
+    regex: re.Pattern[str]
+
+    @classmethod
+    def parse(cls, text: str) -> FilePattern:
+        _check_text(text, "the localised release")
+        if text.endswith("/"):
+            raise PatternError(f"{text!r} ends with '/'; inline patterns name files")
+        out = []
+        components = text.split("/")
+        for i, comp in enumerate(components):
+            if comp in ("", ".", ".."):
+                raise PatternError(f"{text!r} has an empty, '.' or '..' component")
+            if comp == "**":
+                # Any directories (none included) before the rest; at the end: anything.
+                out.append(".*" if i == len(components) - 1 else "(?:[^/]*/)*")
+                continue
+            if "**" in comp:
+                raise PatternError(f"{text!r}: '**' must be a whole component (as in '**/*.pyc')")
+            out.append("".join("[^/]*" if ch == "*" else "[^/]" if ch == "?" else re.escape(ch) for ch in comp))
+            if i < len(components) - 1:
+                out.append("/")
+        return cls(text, re.compile("".join(out), re.DOTALL))
+
+    def matches(self, relpath: str) -> bool:
+        """Does the file at ``relpath`` (relative to the release, no leading '/') match?"""
+        return self.regex.fullmatch(relpath) is not None

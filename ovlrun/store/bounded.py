@@ -17,17 +17,15 @@ cleans it.
 from __future__ import annotations
 
 import os
-import pickle
 import select
 import signal
 import time
-import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
-import prctl
-
 from ovlrun.errors import OvlrunError
+from ovlrun.linux.children import die_with_parent, outcome, result
+from ovlrun.linux.files import write_all
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 300.0
@@ -51,10 +49,7 @@ def _reap_abandoned() -> None:
 
 
 def _child(fn: Callable[[], T], w: int, close_fds: tuple[int, ...], parent: int) -> None:
-    prctl.set_pdeathsig(signal.SIGKILL)
-    if os.getppid() != parent:
-        # The parent died between fork() and the line above: no signal will come.
-        os._exit(1)
+    die_with_parent(parent)
     # Report only through the pipe: a worker abandoned in an uninterruptible wait must not
     # keep the caller's stdout/stderr open (a script reading them would wait for EOF).
     null = os.open(os.devnull, os.O_RDWR)
@@ -63,23 +58,9 @@ def _child(fn: Callable[[], T], w: int, close_fds: tuple[int, ...], parent: int)
     os.close(null)
     for fd in close_fds:  # e.g. the source lock: it must die with the parent, not us
         os.close(fd)
-    result: tuple[str, object]
+    data = outcome(fn)  # the error keeps its class and status (ovlrun.linux.children)
     try:
-        result = ("ok", fn())
-    except OvlrunError as e:
-        result = ("error", e)  # pickled with its class and status (OvlrunError.__reduce__)
-    except OSError as e:
-        result = ("oserror", (e.errno, e.strerror, e.filename))
-    except BaseException:
-        result = ("bug", traceback.format_exc())
-    try:
-        data = pickle.dumps(result)
-    except Exception:
-        data = pickle.dumps(("bug", traceback.format_exc()))
-    view = memoryview(data)
-    try:
-        while view:
-            view = view[os.write(w, view):]
+        write_all(w, data)
     except OSError:
         pass
 
@@ -87,7 +68,9 @@ def _child(fn: Callable[[], T], w: int, close_fds: tuple[int, ...], parent: int)
 def run_bounded(fn: Callable[[], T], *, timeout: float, what: str, close_fds: tuple[int, ...] = ()) -> T:
     """Run ``fn`` in a forked worker and return its result, or raise :class:`StallError`
     if it has not finished after ``timeout`` seconds.  ``fn``'s ``OvlrunError`` and
-    ``OSError`` are re-raised here; ``what`` names the work in the stall message."""
+    ``OSError`` are re-raised here with their class (a bug as
+    :class:`~ovlrun.linux.children.ChildFailed`); ``what`` names the work in the stall
+    message."""
     _reap_abandoned()
     r, w = os.pipe()
     parent = os.getpid()
@@ -119,15 +102,7 @@ def run_bounded(fn: Callable[[], T], *, timeout: float, what: str, close_fds: tu
     _, status = os.waitpid(pid, 0)
     if not chunks:
         raise OvlrunError(f"{what}: worker died ({_describe(status)})")
-    kind, payload = pickle.loads(b"".join(chunks))
-    if kind == "ok":
-        return payload  # type: ignore[no-any-return]
-    if kind == "error":
-        raise payload
-    if kind == "oserror":
-        code, strerror, filename = payload
-        raise OSError(code, strerror, filename) if filename is not None else OSError(code, strerror)
-    raise RuntimeError(f"{what}: worker failed:\n{payload}")
+    return result(b"".join(chunks), what)  # type: ignore[return-value]
 
 
 def _describe(status: int) -> str:

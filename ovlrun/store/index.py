@@ -52,6 +52,10 @@ class Manifest(NamedTuple):
     # symlink, and mounts only if it finds this inode.  0/"": built before it was recorded.
     source_root: str = ""
     source_ino: int = 0
+    # The files stored whole (issue 17): the tree's inline patterns and size limit when
+    # it was built ([] and 0: none but empty files).  Refresh rebuilds with the same.
+    inline: list[str] = []  # noqa: RUF012 (never mutated)
+    inline_max: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, **self._asdict()}

@@ -2,19 +2,22 @@
 
 verify
     Re-walks each current snapshot's source with the builder's own walk, writing
-    nothing (:func:`ovlrun.store.build.walk_records`: one readdir per directory, one lstat per
+    nothing (:func:`ovlrun.store.walk.walk_records`: one readdir per directory, one lstat per
     entry; a symlink whose lstat is unchanged is not readlink'ed again), reads the
     snapshot image's records (local: the image carries exactly the fingerprint inputs)
     and compares the two record sets:
     entries *missing* in the source, entries whose metadata *changed*, *new* entries.
 refresh
-    Rebuilds the snapshots verify finds changed and publishes each new one atomically
-    (``rename(2)`` + index rewrite): running jobs keep the tree they mounted.
+    Rebuilds the snapshots verify finds changed, each with the inline settings it was built
+    with, and publishes each new one atomically (``rename(2)`` + index rewrite): running
+    jobs keep the tree they mounted.
 gc
     Removes snapshots that are no longer current (a newer one replaced them, or a killed
     publish orphaned them), current ones whose source is gone, and directory snapshots
     (retired by images; jobs no longer mount them), never one a running
-    job has mounted (:mod:`ovlrun.store.inuse`), plus leftovers of killed builds and gcs.
+    job has mounted (the caller says which: :func:`ovlrun.jobs.inuse.snapshot_ids_in_use`
+    reads every live mount namespace; the store knows nothing of jobs), plus leftovers of
+    killed builds and gcs.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,9 +36,9 @@ from ovlrun.errors import OvlrunError
 from ovlrun.profile.parse import Profile
 from ovlrun.store import layout
 from ovlrun.store.bounded import DEFAULT_TIMEOUT, run_bounded
-from ovlrun.store.build import Record, build_one, image_records, walk_records
+from ovlrun.store.build import build_one, inline_of
 from ovlrun.store.index import Snapshot, SnapshotMissing, Store
-from ovlrun.store.inuse import snapshot_ids_in_use
+from ovlrun.store.walk import Record, image_records, walk_records
 
 LISTED_MAX = 100  # names kept per category in a report (counts are always complete)
 DEFAULT_GRACE = 60.0
@@ -165,6 +169,7 @@ def refresh(store: Store, profile: Profile | None, *, timeout: float = DEFAULT_T
     """Rebuild every snapshot verify finds changed; publish atomically (old ones stay
     mounted by the jobs that use them until gc finds them unused)."""
     out = []
+    current = current_snapshots(store, profile)
     for drift in verify(store, profile, timeout=timeout):
         if drift.status == "clean":
             out.append(Refreshed(drift, "unchanged"))
@@ -174,7 +179,10 @@ def refresh(store: Store, profile: Profile | None, *, timeout: float = DEFAULT_T
             out.append(Refreshed(drift, "failed", message=drift.message))
         else:
             try:
-                result = build_one(store, drift.path, drift.source, rebuild=True, timeout=timeout)
+                # With the settings the snapshot was built with (inline patterns).
+                snapshot = current.get(drift.path)
+                result = build_one(store, drift.path, drift.source, rebuild=True, timeout=timeout,
+                                   inline=inline_of(snapshot.manifest) if snapshot else None)
             except OvlrunError as e:
                 out.append(Refreshed(drift, "failed", message=e.message))
                 continue
@@ -298,10 +306,13 @@ def _collect(store: Store, index: dict[str, str], report: list[Collected]) -> No
             key_dir.rmdir()  # only if empty; publish creates key dirs under this lock
 
 
-def gc(store: Store, *, dry_run: bool = False, grace: float = DEFAULT_GRACE,
-       timeout: float = DEFAULT_TIMEOUT) -> tuple[list[Collected], int]:
+def gc(store: Store, in_use: Callable[[], set[tuple[str, str]]], *, dry_run: bool = False,
+       grace: float = DEFAULT_GRACE, timeout: float = DEFAULT_TIMEOUT) -> tuple[list[Collected], int]:
     """Collect unused snapshots; returns what was (or would be) done and how many build or
     gc leftovers in tmp/ were removed.
+
+    ``in_use()`` names the (KEY, ID) of every snapshot a running job uses; it is called
+    under the index lock, so no snapshot becomes current between it and the decision.
 
     ``grace``: a replaced snapshot is kept until its successor is that many seconds old.
     A launch reads the index and mounts a few milliseconds later; the grace covers a launch
@@ -313,9 +324,9 @@ def gc(store: Store, *, dry_run: bool = False, grace: float = DEFAULT_GRACE,
     with store.index_lock():
         # Scanned under the lock: no snapshot becomes current meanwhile.  Launches do not
         # take the lock; the grace period covers them.
-        in_use = snapshot_ids_in_use()
+        used = in_use()
         index = store.read_index()
-        report = _decide(store, index, gone, in_use, grace=grace, dry_run=dry_run, now=time.time())
+        report = _decide(store, index, gone, used, grace=grace, dry_run=dry_run, now=time.time())
         if not dry_run:
             _collect(store, index, report)
     leftovers = 0 if dry_run else clean_tmp(store)

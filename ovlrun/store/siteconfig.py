@@ -20,12 +20,11 @@ from __future__ import annotations
 import os
 import posixpath
 import pwd
-import stat
 import tomllib
 from typing import NamedTuple
 
 from ovlrun.errors import OvlrunError
-from ovlrun.linux.files import NOT_WRITABLE, trust_problem
+from ovlrun.linux.files import UntrustedError, open_trusted
 
 DEFAULT_CONFIG = "/etc/ovlrun/ovlrun.toml"
 DEFAULT_FETCH_TIMEOUT = 5.0
@@ -78,19 +77,17 @@ def load_site_config(path: str | None = None) -> SiteConfig:
     """Read and check the site configuration; the defaults if the file does not exist."""
     path = config_path() if path is None else path
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_trusted(path)  # checked on the fd it reads, not on whatever the name points to later
     except FileNotFoundError:
         return SiteConfig("")
     except OSError as e:
         raise OvlrunError(f"cannot read site configuration {path}: {e.strerror}") from None
+    except UntrustedError as e:
+        if e.wrong_type:
+            raise OvlrunError(f"site configuration {path} is not a regular file") from None
+        raise OvlrunError(f"refusing site configuration {path}: it must be owned by root and not "
+                          f"group/other-writable ({e.problem})") from None
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())  # the file we read, not whatever the name points to later
-        if not stat.S_ISREG(st.st_mode):
-            raise OvlrunError(f"site configuration {path} is not a regular file")
-        problem = trust_problem(st, NOT_WRITABLE)
-        if problem:
-            raise OvlrunError(f"refusing site configuration {path}: it must be owned by root and not "
-                              f"group/other-writable ({problem})")
         raw = f.read()
     try:
         data = tomllib.loads(raw.decode("utf-8"))

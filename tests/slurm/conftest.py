@@ -1,118 +1,78 @@
-"""Fixtures for the Slurm tests: a real single-node Slurm 22.05, started once.
+"""Fixtures for the Slurm tests: one world per session, and real single-node Slurms.
 
-``slurm`` runs ci/slurm-setup.sh (installs the packages if missing, starts munged,
-slurmctld and slurmd with ovlrun's Prolog/Epilog/TaskProlog) and ci/slurm-stop.sh at
-the end of the session.  Tests skip only when not root (Slurm daemons, mounts and
-namespaces need it); any other failure to start Slurm is an error, not a skip.
+``slurm`` is parametrised over every instance and mode (tests/slurm/cluster.py): the
+host's own Slurm and Debian 13's 24.11 in a debootstrapped root, each in the modes
+contain, runinjob and clonens.  Each runs its ci/ setup script when first needed and its
+stop script when the next one takes over, so one Slurm runs at a time and none is left
+running.  A mode the slurmd does not have is skipped with the setup script's reason;
+every test skips when not root; any other failure to start Slurm is an error.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from .harness import REPO, STATE, USER, SlurmWorld, make_world, parse, poll
+from ..conftest import TEST_UID, TEST_USER
+from .cluster import INSTANCES, MODES, TRIXIE, Instance, Slurm, parse_version
+from .world import World, make_world, remove_world
 
-SETUP_TIMEOUT = 600  # includes apt-get install on a fresh machine
-JOB_TIMEOUT = 90
-
-
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("Slurm tests need root (they run slurmd and mount overlays)")
+PARAMS = [(instance, mode) for instance in INSTANCES for mode in MODES]
 
 
 @pytest.fixture(scope="session")
-def slurm_world() -> SlurmWorld:
-    _require_root()
-    return make_world()
+def slurm_world(test_user: str) -> Iterator[World]:
+    """The session's tree, profiles and snapshots (test_user: skips unless root)."""
+    world = make_world()
+    yield world
+    remove_world(world)
 
 
-@dataclass
-class Job:
-    job_id: str
-    returncode: int
-    out: dict[str, str]  # key=value lines the job wrote
-    stdout: str  # the job's Slurm output file (-o)
+def _trixie_skip_reason() -> str | None:
+    if os.environ.get("OVLRUN_NESTED") == "1":
+        return ("nested environment (OVLRUN_NESTED=1): the debootstrapped Slurm 24.11 root runs on the "
+                "host in the same CI run")
+    if shutil.which("slurmd"):
+        r = subprocess.run(["slurmd", "-V"], capture_output=True, text=True)
+        if r.returncode == 0 and parse_version(r.stdout)[:2] == (24, 11):
+            return f"the host's own Slurm is {r.stdout.split()[-1]}: the host instance runs these tests on 24.11"
+    return None
 
 
-class Slurm:
-    def __init__(self, world: SlurmWorld, node: str) -> None:
-        self.world = world
-        self.node = node
-
-    def sbatch(self, comment: str | None, name: str, *, rendezvous: Path | None = None,
-               tag: str = "") -> subprocess.Popen[str]:
-        """Submit ``job.sh`` as the test user with ``--wait``; returns the running sbatch."""
-        out = self.world.out / f"{name}.kv"
-        out.unlink(missing_ok=True)
-        args = ["sbatch", "--wait", "--parsable", "-n1", "-c1", "-J", name,
-                "-o", str(self.world.out / f"{name}.slurm-out"),
-                f"--export=ALL,PYTHONPATH={REPO},{','.join(f'{k}={v}' for k, v in self.world.job_env().items())}"]
-        if comment is not None:
-            args.append(f"--comment={comment}")
-        args += [str(self.world.base / "job.sh"), str(out), str(rendezvous or ""), tag]
-        cmd = ["timeout", str(JOB_TIMEOUT), "runuser", "-u", USER, "--", *args]
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=self.world.out)
-
-    def finish(self, proc: subprocess.Popen[str], name: str) -> Job:
-        stdout, stderr = proc.communicate(timeout=JOB_TIMEOUT + 10)
-        job_id = stdout.strip().split(";")[0].splitlines()[0] if stdout.strip() else "?"
-        assert proc.returncode != 124, f"job {name} timed out: {stderr}"
-        out_file = self.world.out / f"{name}.kv"
-        slurm_out = self.world.out / f"{name}.slurm-out"
-        return Job(job_id, proc.returncode,
-                   parse(out_file.read_text()) if out_file.exists() else {},
-                   slurm_out.read_text() if slurm_out.exists() else "")
-
-    def run(self, comment: str | None, name: str) -> Job:
-        return self.finish(self.sbatch(comment, name), name)
-
-    def node_state(self) -> str:
-        return subprocess.run(["sinfo", "-h", "-n", self.node, "-o", "%T"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-
-    def wait_job_gone(self, job_id: str) -> None:
-        """Wait until the Epilog is done with ``job_id`` (its record is removed last)."""
-        from ovlrun.hooks.records import JobRecord
-
-        poll(f"epilog of job {job_id}", lambda: not JobRecord.path_for(job_id).exists()
-             and "JobState=COMPLETING" not in _scontrol_job(job_id), timeout=30)
-
-    def hook_log(self) -> str:
-        path = Path(self.world.env()["OVLRUN_SLURM_LOG"])
-        return path.read_text() if path.exists() else ""
+def _ensure_user_in_root(instance: Instance) -> None:
+    """The test user in the instance's root too (slurmd resolves it there; files use the uid)."""
+    assert instance.root is not None
+    root = str(instance.root)
+    if subprocess.run(["chroot", root, "getent", "passwd", TEST_USER], capture_output=True).returncode:
+        subprocess.run(["chroot", root, "useradd", "--create-home", "--uid", str(TEST_UID), "--shell", "/bin/bash",
+                        TEST_USER], check=True)
 
 
-def _scontrol_job(job_id: str) -> str:
-    return subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
-                          text=True).stdout
-
-
-@pytest.fixture(scope="session")
-def slurm(slurm_world: SlurmWorld) -> Iterator[Slurm]:
-    _require_root()
-    STATE.mkdir(parents=True, exist_ok=True)
-    # The generated hooks source this: it points them at the test profiles and store.
-    (STATE / "hook.env").write_text("".join(f"{k}={shlex.quote(v)}; export {k}\n"
-                                            for k, v in slurm_world.env().items()))
-    env = dict(os.environ, OVLRUN_SLURM_PYTHON=sys.executable, OVLRUN_SLURM_STATE=str(STATE))
-    started = time.monotonic()
-    subprocess.run(["bash", str(REPO / "ci" / "slurm-setup.sh")], env=env, check=True,
-                   timeout=SETUP_TIMEOUT)
-    print(f"slurm started in {time.monotonic() - started:.1f}s", file=sys.stderr)
-    node = os.uname().nodename.split(".")[0]
+@pytest.fixture(scope="session", params=PARAMS, ids=[f"{i}-{m}" for i, m in PARAMS])
+def slurm(request: pytest.FixtureRequest, slurm_world: World) -> Iterator[Slurm]:
+    name, mode = request.param
+    instance = INSTANCES[name]
+    if instance is TRIXIE and (reason := _trixie_skip_reason()):
+        pytest.skip(reason)
+    hook_env = instance.host_path(instance.state / "hook.env")
     try:
-        yield Slurm(slurm_world, node)
+        instance.start(mode)  # may skip (this slurmd lacks the mode), or fail half-started
+        if instance.root is not None:
+            _ensure_user_in_root(instance)
+        log = slurm_world.base / f"hooks-{name}.log"
+        # The generated hooks source this: it points them at the world's profiles and store.
+        hook_env.write_text("".join(f"{k}={shlex.quote(v)}; export {k}\n"
+                                    for k, v in slurm_world.hook_env(log).items()))
+        at_start = Slurm(instance, mode, instance.version(), slurm_world, log, [])
+        at_start.overlays_at_start = at_start.overlays_in_slurmd_ns()
+        if instance.nsdir is not None:
+            assert at_start.overlays_at_start == [], "the root's namespace is ours alone: no overlay before a job"
+        yield at_start
     finally:
-        subprocess.run(["bash", str(REPO / "ci" / "slurm-stop.sh")], env=env, timeout=120)
-        (STATE / "hook.env").unlink(missing_ok=True)
+        instance.stop_all()
+        hook_env.unlink(missing_ok=True)

@@ -8,14 +8,14 @@ process.  A mount, in contrast, is exactly as alive as the job's namespace: it e
 while any job process does and vanishes with the last one, SIGKILL included.
 
 Each job's overlay shows up in ``/proc/PID/mountinfo`` of its processes as
-``lowerdir+=STORE/snapshots/KEY/ID/tree`` (legacy mount(2): ``lowerdir=TREE::DATA``).
-We read one mountinfo per distinct mount namespace (identified by the inode of
-``/proc/PID/ns/mnt``).
+``lowerdir+=STORE/snapshots/KEY/ID/tree`` (legacy mount(2): ``lowerdir=TREE::DATA``;
+:mod:`ovlrun.jobs.overlays` recognises them).  We read one mountinfo per distinct mount
+namespace (identified by the inode of ``/proc/PID/ns/mnt``).
 
 Namespaces with no process in them count too: the Slurm prolog pins a job's namespace
 on a file (a bind mount of an nsfs file) before, and between, the job's steps.  Every
 pinned mount namespace we can find -- nsfs mounts in our own mount table, and the
-``ns_path`` of every job record -- is read by a forked child that joins it (setns) and
+``ns_path`` of every Slurm job record -- is read by a forked child that joins it (setns) and
 reads ``/proc/self/mountinfo`` there.  If a live pinned namespace cannot be read, gc
 collects nothing (it cannot know what that namespace uses).
 
@@ -30,8 +30,9 @@ from __future__ import annotations
 import os
 
 from ovlrun.errors import OvlrunError
+from ovlrun.jobs.overlays import localised
+from ovlrun.jobs.records import SLURM, JobRecord
 from ovlrun.linux import mountinfo
-from ovlrun.store.layout import snapshot_of_layer
 
 NS_GET_USERNS = 0xB701  # _IO(0xb7, 0x1), <linux/nsfs.h>: an fd of the owning user namespace
 
@@ -50,13 +51,8 @@ def _owner_userns(ns_fd: int) -> int | None:
         os.close(owner)
 
 
-def _ovlrun_layers(mounts: list[mountinfo.Mount]) -> set[str]:
-    layers: set[str] = set()
-    for m in mounts:
-        # Source "ovlrun": our own mounts (linux/overlay.py names them so).
-        if m.fstype == "overlay" and m.source == "ovlrun":
-            layers.update(mountinfo.overlay_layers(m.super_options))
-    return layers
+def _snapshots(mounts: list[mountinfo.Mount]) -> set[tuple[str, str]]:
+    return {m.key_id for m in localised(mounts)}
 
 
 def _read_mountinfo_in(ns_fd: int) -> list[mountinfo.Mount]:
@@ -78,22 +74,21 @@ def _read_mountinfo_in(ns_fd: int) -> list[mountinfo.Mount]:
 def _pinned_namespace_files() -> list[str]:
     """Files that may pin a mount namespace: nsfs mounts in our mount table, and every job
     record's ns_path (prologs pin jobs' namespaces there)."""
-    from ovlrun.hooks.records import JobRecord
-
     paths: list[str] = []
     try:
         paths = [m.point for m in mountinfo.read() if m.fstype == "nsfs"]
     except OSError:
         pass
-    for record in JobRecord.all():
+    for record in JobRecord.all(SLURM):  # launches pin nothing
         if record.ns_path and record.ns_path not in paths:
             paths.append(record.ns_path)
     return paths
 
 
-def _pinned_layers(holder: str, seen: set[int], own_userns: int) -> set[str]:
-    """ovlrun's overlay layers in the mount namespace pinned at ``holder`` (nothing if it
-    is not a mount namespace file, was already read, or belongs to a user's namespace)."""
+def _pinned_snapshots(holder: str, seen: set[int], own_userns: int) -> set[tuple[str, str]]:
+    """The snapshots ovlrun's overlays use in the mount namespace pinned at ``holder``
+    (nothing if it is not a mount namespace file, was already read, or belongs to a
+    user's namespace)."""
     from ovlrun.linux import namespaces
 
     fd = namespaces.open_mount_ns(holder)
@@ -108,7 +103,7 @@ def _pinned_layers(holder: str, seen: set[int], own_userns: int) -> set[str]:
         if owner is not None and owner != own_userns:
             return set()
         try:
-            return _ovlrun_layers(_read_mountinfo_in(fd))
+            return _snapshots(_read_mountinfo_in(fd))
         except (OSError, OvlrunError) as e:
             # A live namespace we cannot look into may use any snapshot: collect nothing.
             raise OvlrunError(f"cannot inspect the mount namespace pinned at {holder} ({e}); "
@@ -117,11 +112,11 @@ def _pinned_layers(holder: str, seen: set[int], own_userns: int) -> set[str]:
         os.close(fd)
 
 
-def overlay_layers_in_use() -> set[str]:
-    """Every layer path of an ovlrun overlay mounted in any live mount namespace: those of
-    processes, and pinned ones without a process."""
+def snapshot_ids_in_use() -> set[tuple[str, str]]:
+    """(KEY, ID) of every store snapshot an ovlrun overlay uses in any live mount
+    namespace: those of processes, and pinned ones without a process."""
     seen: set[int] = set()
-    layers: set[str] = set()
+    in_use: set[tuple[str, str]] = set()
     # ovlrun mounts as root of the host's user namespace, the one gc runs in;
     # /proc/1/ns/user may be closed to us (e.g. under a sandboxing init), so our own is
     # the reference.  A user's `unshare -U` namespace is a child of it.  An owner that
@@ -147,12 +142,7 @@ def overlay_layers_in_use() -> set[str]:
             continue
         finally:
             os.close(fd)
-        layers |= _ovlrun_layers(mounts)
+        in_use |= _snapshots(mounts)
     for holder in _pinned_namespace_files():
-        layers |= _pinned_layers(holder, seen, own_userns)
-    return layers
-
-
-def snapshot_ids_in_use() -> set[tuple[str, str]]:
-    """(KEY, ID) of every store snapshot whose tree is a layer of a live overlay."""
-    return {key_id for layer in overlay_layers_in_use() if (key_id := snapshot_of_layer(layer)) is not None}
+        in_use |= _pinned_snapshots(holder, seen, own_userns)
+    return in_use

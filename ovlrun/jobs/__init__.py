@@ -1,0 +1,2 @@
+"""Jobs: what ovlrun did for each job (records), what a job sees (status) and which
+snapshots running jobs use (inuse)."""
