@@ -114,11 +114,12 @@ def node(world: World) -> Node:
 # ------------------------------------------------------------------------------ item 0
 
 
-def _etc_version(node: Node) -> Path:
+def _etc_version(node: Node) -> tuple[Path, str]:
     """The image owner's version of its own release sw/app/etc: an image listing
     ``shadow`` (mode 0644, the size of /etc/shadow), whose manifest names the parent
     sw/app as the source's tree root (source_root) and the inode of /etc (source_ino).
-    Everything else is what a local build of sw/app/etc would record."""
+    Everything else is what a local build of sw/app/etc would record.  Returns the
+    release and the published KEY/ID."""
     world = node.world
     lookalike = world.base / "lookalike" / "etc"
     lookalike.mkdir(parents=True)
@@ -131,8 +132,7 @@ def _etc_version(node: Node) -> Path:
     manifest = node.image_of(lookalike)
     manifest.update(path=str(release), source=str(release), root=str(world.sw), source_root=str(world.sw / "app"),
                     source_ino=os.stat("/etc").st_ino)
-    node.publish(manifest)
-    return release
+    return release, node.publish(manifest)
 
 
 def _swap_parent_for_root(world: World, test_user: str) -> None:
@@ -149,31 +149,42 @@ def _reads_shadow(r: subprocess.CompletedProcess[str]) -> str:
     return "READ /etc/shadow" if real and real in r.stdout else ""
 
 
+def _plant(node: Node, snapshot: str) -> None:
+    """The published version ``snapshot`` (KEY/ID) in the node's store and index, as a
+    fetch before issue 18's checks left it (today's fetch refuses it: see below): the
+    launch side must stop the attack on its own."""
+    store = node.world.store
+    key, snap_id = snapshot.split("/")
+    target = store / "snapshots" / key / snap_id
+    target.parent.mkdir(parents=True, mode=0o755)
+    shutil.copytree(node.pub / key / snap_id, target)
+    for p in [store, store / "snapshots", target.parent, target, *target.iterdir()]:
+        os.chown(p, 0, 0)
+        p.chmod(0o700 if p == target else 0o755 if p.is_dir() else 0o600)
+    manifest = json.loads((target / "manifest.json").read_text())
+    (store / "index.json").write_text(json.dumps({"format": 2, "sources": {manifest["path"]: f"snapshots/{snapshot}"}}))
+
+
 @pytest.mark.parametrize("via", ["sudo-launch", "prolog-enter"])
 def test_image_owner_cannot_read_etc_shadow_through_a_crafted_source_identity(
         node: Node, test_user: str, shipped_sudoers: Path, via: str) -> None:
     """Item 0, the whole chain: a version whose manifest carries a source_root and
-    source_ino of the image owner's choosing is fetched by root; the owner then swaps a
-    parent directory of the release for a symlink to /; any user's `cat /etc/shadow` in
-    a job (a launch through sudo, or a Prolog's namespace joined with `enter`)."""
+    source_ino of the image owner's choosing is in the node's store (fetched by an
+    earlier ovlrun); the owner then swaps a parent directory of the release for a
+    symlink to /; any user's `cat /etc/shadow` in a job (a launch through sudo, or a
+    Prolog's namespace joined with `enter`)."""
     world = node.world
     world.simple_profile(patterns=("app/*",))
-    _etc_version(node)
+    _, snapshot = _etc_version(node)
+    _plant(node, snapshot)
     entry = world.admin_entry()
     job_id = str(975_000_000 + os.getpid() % 1_000_000)
     env = {**slurm_env(world, job_id), "OVLRUN_CONFIG": str(node.config)}
+    _swap_parent_for_root(world, test_user)
     if via == "sudo-launch":
-        fetched = node.fetch("--profile", "p")
-        assert fetched.returncode == 0, fetched.stderr  # phase A: the launch side must hold alone
-        _swap_parent_for_root(world, test_user)
         r = su(test_user, f"sudo -n {entry} -p p -- cat /etc/shadow")
         mounts = su(test_user, f"sudo -n {entry} -p p -- cut -d' ' -f5 /proc/self/mountinfo")
     else:
-        earlier = {**env, "SLURM_JOB_ID": str(int(job_id) + 1)}  # an earlier job's Prolog fetches it
-        assert world.ovlrun("slurm", "prolog", env=earlier).returncode == 0
-        assert world.ovlrun("slurm", "epilog", env=earlier).returncode == 0
-        assert str(world.sw / "app" / "etc") in node.index()
-        _swap_parent_for_root(world, test_user)
         prolog = world.ovlrun("slurm", "prolog", env=env)
         try:
             assert prolog.returncode == 0, prolog.stderr
@@ -189,22 +200,29 @@ def test_image_owner_cannot_read_etc_shadow_through_a_crafted_source_identity(
     assert "is not the directory its snapshot was built from" in r.stderr, r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18 item 0: fixed in phase B (fleet side: store/fleet.py)")
-def test_fetch_refuses_a_source_identity_other_than_the_nodes_own(node: Node) -> None:
+@pytest.mark.parametrize("via", ["fetch", "prolog"])
+def test_fetch_refuses_a_source_identity_other_than_the_nodes_own(node: Node, via: str) -> None:
     """Item 0, the fleet side: a fetched manifest's tree root and source must be the
-    node's own resolution of the profile's tree root and path (realpath, no symlink)."""
+    node's own resolution of the profile's tree root and path (realpath, no symlink), by
+    `snapshot fetch` and by a Prolog's own fetch for its job."""
     world = node.world
     world.simple_profile(patterns=("app/*",))
-    release = _etc_version(node)
-    r = node.fetch("--profile", "p")
-    assert r.returncode == 1 and "refusing" in r.stdout + r.stderr and "source_root" in r.stdout + r.stderr, r
+    release, _ = _etc_version(node)
+    if via == "fetch":
+        r = node.fetch("--profile", "p")
+        assert r.returncode == 1, r
+    else:
+        env = {**slurm_env(world, str(977_000_000 + os.getpid() % 1_000_000)), "OVLRUN_CONFIG": str(node.config)}
+        r = world.ovlrun("slurm", "prolog", env=env)
+        world.ovlrun("slurm", "epilog", env=env)
+        assert r.returncode == 0, r
+    assert "refusing" in r.stdout + r.stderr and "source_root" in r.stdout + r.stderr, r
     assert str(release) not in node.index()
 
 
 # ------------------------------------------------------------------------------ item 3
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18 item 3: fixed in phase B (store/fleet.py)")
 def test_fetch_all_takes_tree_roots_only_from_the_nodes_profiles(node: Node) -> None:
     """A manifest's own `root` must not decide what enters the node's index: /etc/ssl."""
     world = node.world
@@ -218,7 +236,6 @@ def test_fetch_all_takes_tree_roots_only_from_the_nodes_profiles(node: Node) -> 
     assert r.returncode == 1 and "refusing" in r.stdout + r.stderr, r
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18 item 3: fixed in phase B (store/fleet.py)")
 def test_fetch_checks_size_and_free_space_before_copying(node: Node) -> None:
     """A 4 GiB sparse image (index and manifest agree on its size) must be refused before
     a byte of it is copied when the store cannot hold it (here a 64 MiB tmpfs)."""
@@ -245,7 +262,6 @@ def test_fetch_checks_size_and_free_space_before_copying(node: Node) -> None:
     assert "free" in r.stdout, r.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18 item 3: fixed in phase B (store/fleet.py)")
 def test_fetch_refuses_an_image_that_is_not_erofs(node: Node) -> None:
     """Consistent sha256 and size, but not an image: refused before it enters the index
     (otherwise every launch of the profile fails, or mounts whatever it is)."""
@@ -258,7 +274,6 @@ def test_fetch_refuses_an_image_that_is_not_erofs(node: Node) -> None:
     assert node.index() == {}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18 item 3: fixed in phase B (store/fleet.py)")
 def test_deeply_nested_published_index_is_a_one_line_error(node: Node) -> None:
     depth = 100_000
     (node.pub / "index.json").write_text('{"format": 1, "sources": ' + "[" * depth + "]" * depth + "}")
@@ -269,7 +284,6 @@ def test_deeply_nested_published_index_is_a_one_line_error(node: Node) -> None:
     assert r.returncode in (1, 125) and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18 item 3: fixed in phase B (store/fleet.py)")
 def test_fetch_never_rolls_a_node_back_to_an_older_version(node: Node) -> None:
     """A node fetched v1, then v2.  The image owner points DIR's index back at v1 (still
     in the node's store, within gc's grace): the node must keep v2."""
@@ -293,7 +307,6 @@ def test_fetch_never_rolls_a_node_back_to_an_older_version(node: Node) -> None:
     assert node.index()[str(rel)] == current, r.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18 item 3: fixed in phase B (store/fleet.py)")
 def test_published_dir_is_opened_without_following_symlinks_in_its_parents(node: Node) -> None:
     world = node.world
     world.simple_profile()
@@ -324,7 +337,6 @@ def _stuck_workers(fs: FaultFS) -> list[int]:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18 item 4: fixed in phase B (store/fleet.py, hooks)")
 def test_stalled_dir_costs_a_node_at_most_one_fetch_worker(node: Node) -> None:
     """DIR stalls while 8 jobs start on a node lacking their images: each Prolog returns
     within its bound (0), and at most one fetch is stuck on DIR, not one per Prolog."""

@@ -102,7 +102,7 @@ def fetch_missing_images(profile: Profile, store: Store, log: Callable[[str, str
 
         config = load_site_config()
         outcomes = fetch_for_job(store, profile, config.image_dir, config.image_owner,
-                                 timeout=config.fetch_timeout)
+                                 timeout=config.fetch_timeout, max_image_bytes=config.max_image_bytes)
     except Exception as e:  # unreachable or stalled DIR, bad config, a bug: never the job's fault
         message = f"could not fetch snapshot images: {e}"
         log("warning", message)

@@ -18,6 +18,7 @@ import os
 
 from ovlrun.errors import OvlrunError
 from ovlrun.linux import layerpaths, syscalls
+from ovlrun.linux.files import TreeRootError, open_release
 from ovlrun.linux.kernel import FD, MOUNT_DATA_ONLY, STRING, Features
 
 # fsconfig(2) string values are capped (syscalls.FSCONFIG_STRING_MAX); longer layer paths
@@ -121,11 +122,11 @@ def open_source(spec: OverlaySpec) -> int:
     for the mount target) saves remote lookups per localised path on a high-latency
     tree and leaves no window for the path to change between the steps.
 
-    With the snapshot's source identity (every launch): the tree root is opened from /
-    following no symlink (mount points on the way, such as the tree's own NFS mount, are
-    crossed), the rest below it with openat2(RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH |
-    RESOLVE_NO_XDEV) -- the same lookups as a plain open of the whole path, so no extra
-    round trip to the shared tree -- and the directory found must have the inode the
+    With the snapshot's source identity (every launch) the path is opened the one way
+    root trusts a release directory (:func:`ovlrun.linux.files.open_release`: the tree
+    root from / following no symlink, the rest below it following no symlink and
+    crossing no mount -- the same lookups as a plain open of the whole path, so no extra
+    round trip to the shared tree), and the directory found must have the inode the
     snapshot was built from (fstat: attributes the lookup just fetched).  Otherwise a
     :class:`PathFailure`: a release (or a parent of the tree root) swapped for a symlink
     to /etc or to the launcher's own site-packages, or a FUSE mount a user made on the
@@ -142,13 +143,12 @@ def open_source(spec: OverlaySpec) -> int:
     prefix = spec.source_root.rstrip("/") + "/"
     if not spec.data.startswith(prefix) or not spec.source_root.startswith("/"):
         raise SourceChanged(f"{changed} (not below its tree root {spec.source_root})")
-    root_fd = _open_tree_root(spec)
     try:
-        fd = syscalls.open_beneath(root_fd, spec.data[len(prefix):], os.O_PATH | os.O_DIRECTORY, no_xdev=True)
+        fd = open_release(spec.source_root, spec.data[len(prefix):])
+    except TreeRootError as e:
+        raise _source_failure(e, spec, "to") from None
     except OSError as e:
         raise _source_failure(e, spec, "below") from None
-    finally:
-        os.close(root_fd)
     try:
         ino = os.fstat(fd).st_ino
     except OSError as e:
@@ -158,25 +158,6 @@ def open_source(spec: OverlaySpec) -> int:
         os.close(fd)
         raise SourceChanged(f"{changed} (another directory under that name)")
     return fd
-
-
-def _open_tree_root(spec: OverlaySpec) -> int:
-    """O_PATH fd of ``spec.source_root`` (the tree root's real path, recorded at build),
-    opened from / without following any symlink: a parent directory swapped for a
-    symlink (to /, say) must not move the mount."""
-    try:
-        slash = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-        raise _source_failure(e, spec, "to") from None
-    relative = spec.source_root.strip("/")
-    if not relative:
-        return slash
-    try:
-        return syscalls.open_beneath(slash, relative, os.O_PATH | os.O_DIRECTORY)
-    except OSError as e:
-        raise _source_failure(e, spec, "to") from None
-    finally:
-        os.close(slash)
 
 
 def _open_dir(path: str) -> int:

@@ -123,7 +123,8 @@ def verify_one(path: str, snapshot: Snapshot, *, timeout: float = DEFAULT_TIMEOU
         elif e.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
             # Swapped for a symlink (or reached through one now): launches leave it
             # unlocalised; refresh tries to rebuild it (and says why it cannot).
-            drift.status, drift.message = "changed", f"{source} is now reached through a symlink"
+            drift.status, drift.message = "changed", (f"{source} is now reached through a symlink or "
+                                                      "another mount")
             drift.changed, drift.counts["changed"] = ["/"], 1
         else:
             drift.status, drift.message = "error", f"cannot walk {source}: {e}"
