@@ -158,7 +158,6 @@ def test_remove_tree_is_bounded_in_time_and_never_crosses_a_mount(world: World) 
 ROUNDS = 40
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18 item 2: fixed in phase B (hooks: record before mounting)")
 def test_prologs_killed_at_random_moments_leave_nothing_after_their_epilogs(world: World, test_user: str) -> None:
     """slurmd SIGKILLs a Prolog's process group when PrologEpilogTimeout passes (or
     restarts).  40 Prologs killed at random moments, then their Epilogs: no mount, no
