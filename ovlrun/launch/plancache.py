@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import marshal
 import os
+import signal  # loaded already (python-prctl imports it): costs the launch nothing
 
 from ovlrun.launch.plan import JobPlan, MountItem
 from ovlrun.linux.files import PRIVATE, UntrustedError, open_trusted, write_atomic
@@ -100,8 +101,19 @@ def save_cached(plan: JobPlan, keys: CacheKeys) -> None:
     data = {"keys": keys.as_tuple(), "name": plan.name, "network": plan.network, "missing_root": plan.missing_root,
             "items": [(i.path, i.source, i.snapshot_dir, i.root, i.source_root, i.source_ino) for i in plan.items],
             "missing": plan.missing}
+    # SIGTERM, SIGINT, SIGHUP held back while the file is written: write_atomic removes its
+    # temporary file on any failure, but a signal's default action would end the process
+    # between its creation and the rename, leaving it for ever (SIGKILL still can: gc
+    # removes what that leaves, see ovlrun.store.lifecycle.clean_plans).  The job starts
+    # a few milliseconds later either way; a pending signal is delivered right after.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
     try:
         os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
         write_atomic(target, marshal.dumps(data), 0o600)
     except OSError:
         pass
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+_HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
