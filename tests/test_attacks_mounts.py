@@ -276,7 +276,6 @@ def _loop_devices_of(store: Path) -> list[str]:
     return sorted(out)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18 item 7: fixed in phase B (loop devices: linux/erofs.py)")
 def test_loop_devices_are_bounded_by_images_not_by_jobs(world: World, test_user: str) -> None:
     """One user's jobs on a kernel that mounts images through loop devices: 6 jobs of a
     3-path profile must not hold 18 loop devices; one per image, shared, is the bound (and
