@@ -29,7 +29,7 @@ TEST_PACKAGES = attr fuse3 libfuse3-dev pkg-config tmux erofs-utils debootstrap 
 APT_STAMP = .apt.stamp
 DEV_STAMP = $(DEV_VENV)/.installed
 
-.PHONY: install uninstall demo test lint bench vm-test clean
+.PHONY: install uninstall demo test test-fast checkout-readable lint bench vm-test clean
 
 $(APT_STAMP):
 	apt-get update -qq
@@ -83,10 +83,24 @@ $(DEV_STAMP): pyproject.toml | $(APT_STAMP)
 	$(DEV_PYTHON) -m pip install -q -e '.[test]'
 	touch $@
 
-# Everything: the host suite, Slurm 22.05 and 24.11 end to end, and Debian's 6.1 and
-# 6.12 kernels booted under qemu (OVLRUN_VM_TESTS=0 skips those, e.g. for a quick loop).
-test: $(DEV_STAMP)
+# Everything: the host suite, Slurm 22.05 and 24.11 end to end, Debian's 6.1 and 6.12
+# kernels booted under qemu (OVLRUN_VM_TESTS=0 skips those), and README's quick start in
+# fresh Debian 12 and 13 roots (tests/test_quickstart.py).  CI runs this.
+test: checkout-readable $(DEV_STAMP)
 	OVLRUN_VM_TESTS=$${OVLRUN_VM_TESTS:-1} $(DEV_PYTHON) -m pytest -q
+
+# For development only (CI never uses it): the suite without the tests that build whole
+# environments (qemu kernels, the Slurm 24.11 root, the fresh Debian roots).
+test-fast: checkout-readable $(DEV_STAMP)
+	$(DEV_PYTHON) -m pytest -q -m "not environment"
+
+# The suite runs parts as an unprivileged user (sudo, Slurm jobs, the test user): they
+# execute this checkout's .venv/bin/python.  Checked first: a clone in /root (mode 0700)
+# would otherwise fail a few tests deep into the run.
+checkout-readable:
+	@setpriv --reuid=nobody --regid=nogroup --clear-groups test -r $(CURDIR)/Makefile || { \
+		echo "make: $(CURDIR) is not readable by other users, and the tests run some commands as one:" \
+			"use a checkout outside /root (e.g. /usr/local/src/ovlrun)" >&2; exit 1; }
 
 lint: $(DEV_STAMP)
 	$(DEV_PYTHON) -m ruff check ovlrun tests

@@ -206,3 +206,35 @@ def snapshot_entries(world: World, path: str | Path) -> dict[bytes, Entry]:
     reply = pickle.loads(r.stdout)
     assert "error" not in reply, reply["error"]
     return {rel: Entry(*record) for rel, record in reply["entries"].items()}
+
+
+# Tests that build whole environments of their own: Debian kernels booted under qemu, the
+# Slurm 24.11 debootstrapped root, the fresh Debian roots of the quick start.  Inside a
+# fresh root (tests/freshroot.py sets OVLRUN_NESTED=1) they skip: the host runs them in
+# the same CI run.  `make test-fast` deselects them (-m "not environment").
+ENVIRONMENT_TESTS = ("tests/test_vm_kernels.py",
+                     "tests/test_quickstart.py::test_quick_start_on_fresh_debian",
+                     "tests/test_quickstart.py::test_fresh_root_dies_with_its_runner")
+ENVIRONMENT_SLURM = "trixie"  # tests/slurm's instance in a debootstrapped root
+
+
+def _builds_environment(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    slurm = callspec.params.get("slurm") if callspec is not None else None
+    return item.nodeid.startswith(ENVIRONMENT_TESTS) or (isinstance(slurm, tuple) and slurm[0] == ENVIRONMENT_SLURM)
+NESTED = os.environ.get("OVLRUN_NESTED") == "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "environment: builds its own VM, root or Slurm (slow; skipped when nested)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    nested = pytest.mark.skipif(True, reason="OVLRUN_NESTED=1 (inside a fresh Debian root): "
+                              "runs on the host in the same CI run")
+    for item in items:
+        if _builds_environment(item):
+            item.add_marker(pytest.mark.environment)
+            if NESTED:
+                item.add_marker(nested)
