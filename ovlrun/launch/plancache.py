@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import marshal
 import os
-import signal  # loaded already (python-prctl imports it): costs the launch nothing
 
 from ovlrun.launch.plan import JobPlan, MountItem
 from ovlrun.linux.files import PRIVATE, UntrustedError, open_trusted, write_atomic
@@ -25,7 +24,12 @@ from ovlrun.store.layout import index_file, plan_file
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal as _signal
+
     from ovlrun.profile.locate import ProfileFile
+else:
+    # signal's functions without its enum wrappers: importing enum costs a launch ~1 ms.
+    import _signal
 
 FORMAT = 2  # 2: items carry the source identity (source_root, source_ino)
 
@@ -106,14 +110,14 @@ def save_cached(plan: JobPlan, keys: CacheKeys) -> None:
     # between its creation and the rename, leaving it for ever (SIGKILL still can: gc
     # removes what that leaves, see ovlrun.store.lifecycle.clean_plans).  The job starts
     # a few milliseconds later either way; a pending signal is delivered right after.
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    held = _signal.pthread_sigmask(_signal.SIG_BLOCK, _HELD_SIGNALS)
     try:
         os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
         write_atomic(target, marshal.dumps(data), 0o600)
     except OSError:
         pass
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, held)
 
 
-_HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_HELD_SIGNALS = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)
