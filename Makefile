@@ -22,9 +22,11 @@ DEV_VENV = .venv
 DEV_PYTHON = $(DEV_VENV)/bin/python
 # Build and runtime: venv + python-prctl's compiler, headers and libcap.  Tests: FUSE
 # (the NFS stand-in), attr, tmux, sudo, erofs-utils (fsck.erofs); the VM tests: qemu,
-# busybox, cpio, kmod, xz, zstd; the Slurm 24.11 tests: debootstrap; lint: shellcheck (ci/).
+# busybox, cpio, kmod, xz, zstd, and the kernel NFS server's userland (the guests run it
+# from this machine's root); the Slurm 24.11 tests:
+# debootstrap; lint: shellcheck (ci/).
 RUNTIME_PACKAGES = python3-venv python3-dev gcc libcap-dev sudo
-VM_PACKAGES = qemu-system-x86 busybox-static cpio kmod xz-utils zstd
+VM_PACKAGES = qemu-system-x86 busybox-static cpio kmod xz-utils zstd nfs-kernel-server
 TEST_PACKAGES = attr fuse3 libfuse3-dev pkg-config tmux erofs-utils debootstrap shellcheck $(VM_PACKAGES)
 APT_STAMP = .apt.stamp
 DEV_STAMP = $(DEV_VENV)/.installed

@@ -8,11 +8,19 @@ on this machine's root filesystem (9p) with the store on a guest tmpfs:
    codes, doctor, nothing left mounted;
 2. ``tests/vm/features.py``: which mount methods work (really mounted, data read);
 3. pytest on tests/test_mount.py (every method the kernel has, odd and long layer paths)
-   and the launch tests of tests/test_launch.py that need no extra user.
+   and the launch tests of tests/test_launch.py that need no extra user;
+4. ``tests/vm/guest_nfs.py``: the guest's own kernel NFS server exporting a tmpfs tree,
+   mounted over loopback as NFSv4.2 and NFSv3 (default options and
+   ``lookupcache=positive``), and ovlrun on it: build, verify, publish/fetch, job views,
+   lookups counted from mountstats, changes on the server (test_nfs).
 
-Opt-in (they download two kernel packages once, then boot both at once under TCG, ~3-5
-minutes in all): ``OVLRUN_VM_TESTS=1`` or ``make vm-test``.  Needs root, qemu-system-x86,
-busybox-static, cpio and kmod (depmod, modprobe).
+``make test`` runs them (``OVLRUN_VM_TESTS=0`` skips them; ``make test-fast`` deselects
+them with the other "environment" tests, and nested in the fresh-Debian test they skip:
+tests/conftest.py): the first run downloads two kernel packages, then both boot at once
+under TCG, ~9 minutes in all on 2 cores (the NFS part ~4 of them).  ``make vm-test`` runs
+only these.  Needs root, qemu-system-x86, busybox-static, cpio, kmod (depmod, modprobe)
+and, for the NFS part, nfs-kernel-server (its userland runs in the guest from the host's
+root).
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ LAUNCH_TESTS = " or ".join((
     "test_status_inside_job", "test_doctor"))
 
 
-def guest_script(source: str = str(REPO), pytest_subset: bool = True) -> str:
+def guest_script(source: str = str(REPO), pytest_subset: bool = True, nfs: bool = True) -> str:
     """The sh script the guest runs; its exit status is the test's verdict."""
     py = shlex.quote(sys.executable)
     lines = [
@@ -60,6 +68,10 @@ def guest_script(source: str = str(REPO), pytest_subset: bool = True) -> str:
     if pytest_subset:
         lines.append(f"{py} -m pytest -q -p no:cacheprovider -o addopts= tests/test_mount.py tests/test_launch.py "
                      f"-k {shlex.quote(LAUNCH_TESTS + ' or test_mount')} || status=1")
+    if nfs:  # its verdict is test_nfs's (the NFS lines), not the exit status
+        lines += ["start=$(date +%s)",
+                  f"{py} -m tests.vm.guest_nfs --source {shlex.quote(source)}",
+                  'echo "NFS-SECONDS $(( $(date +%s) - start ))"']
     lines.append("exit $status")
     return "\n".join(lines) + "\n"
 
@@ -85,8 +97,9 @@ def guests() -> Iterator[dict[str, tuple[Kernel, Future[Result]]]]:
         pytest.fail("qemu-system-x86_64 or /bin/busybox (busybox-static) missing")
     fetched = {suite: kernels.fetch(suite) for suite in SUITES}
     with ThreadPoolExecutor(max_workers=len(SUITES)) as pool:
-        # 480 s per guest, concurrently: normally 150-280 s on a loaded 2-core machine.
-        yield {suite: (k, pool.submit(harness.run, k, guest_script(), 480)) for suite, k in fetched.items()}
+        # 1500 s per guest, concurrently: normally 150-280 s on a loaded 2-core machine,
+        # plus 300-450 s for the NFS part.
+        yield {suite: (k, pool.submit(harness.run, k, guest_script(), 1500)) for suite, k in fetched.items()}
 
 
 @pytest.mark.parametrize("suite", SUITES)
@@ -101,3 +114,26 @@ def test_kernel(guests: dict[str, tuple[Kernel, Future[Result]]], suite: str) ->
     assert result.status is not None, "the guest never reported (boot failure or timeout):\n" + result.console[-4000:]
     assert result.status == 0, result.output[-6000:]
     assert smoke.get("failed") == [], smoke
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_nfs(guests: dict[str, tuple[Kernel, Future[Result]]], suite: str) -> None:
+    """ovlrun on the guest's kernel NFS, per configuration (tests/vm/guest_nfs.py)."""
+    from tests.vm.guest_nfs import CONFIGS, tag_of
+
+    kernel, future = guests[suite]
+    result = future.result()
+    reports = {r["config"]: r for r in _reports(result.output, "NFS")}
+    seconds = next((line.split()[1] for line in result.output.splitlines() if line.startswith("NFS-SECONDS ")), "?")
+    print(f"\n{suite} {kernel.release}: NFS part {seconds}s")
+    print(json.dumps(reports, indent=1))
+    assert result.status is not None, "the guest never reported (boot failure or timeout):\n" + result.console[-4000:]
+    missing = [tag_of(*c) for c in CONFIGS if tag_of(*c) not in reports]
+    assert not missing, f"no report for {missing}:\n" + result.output[-6000:]
+    failed = {tag: r["failed"] for tag, r in reports.items() if r["failed"]}
+    assert not failed, json.dumps({tag: {k: v for k, v in reports[tag].items() if k in failed[tag]}
+                                   for tag in failed}, indent=1)
+
+
+def _reports(output: str, tag: str) -> list[dict[str, object]]:
+    return [json.loads(line[len(tag) + 1:]) for line in output.splitlines() if line.startswith(tag + " ")]

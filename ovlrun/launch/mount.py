@@ -305,6 +305,17 @@ def _mount_concurrently(items: list[MountItem], image_fds: list[int], features: 
     the latter's start() waits for the new thread to say it runs, for ever if it died on
     the way (seen under RLIMIT_DATA: a MemoryError in its bootstrap).
     """
+    # Every thread's walk starts at its tree root, so all would wait for the same first
+    # lookups anyway; walking into each root once first spares a cold NFS client the
+    # same ACCESS sent by several threads at once (each missing its access cache).
+    # Measured on kernel NFS, 21 paths cold: 26-33 ACCESS with the threads, 24 with this.
+    # (Only a stat: the roots are opened, without symlinks, by each mount.)
+    if len(items) > 1:
+        for root in {item.source_root for item in items if item.source_root}:
+            try:
+                os.stat(os.path.join(root, "."))
+            except OSError:
+                pass  # each mount then fails, or not, on its own, as without this
     pending = list(range(len(items)))
     lock = threading.Lock()
     finished = threading.Condition(lock)

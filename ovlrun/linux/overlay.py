@@ -279,35 +279,61 @@ def _mount_legacy(spec: OverlaySpec, data_only: bool) -> None:
         os.close(data_fd)
 
 
-def mount_overlay(spec: OverlaySpec, features: Features) -> None:
-    """Mount ``spec`` in the current mount namespace, best method the kernel offers.
-
-    Raises a :class:`PathFailure` for what concerns this path's source (see
-    :func:`open_source`), :class:`OverlaySetupError` if the kernel refused the overlay's
-    configuration, and the failing call's OSError otherwise; the caller says which
-    localised path it was.  A stale NFS handle (ESTALE) anywhere on the way is retried
-    once from scratch (the handle is then looked up afresh), then the source counts as
-    missing (:class:`SourceStale`).
-    """
-    try:
-        _mount_once(spec, features)
-    except (SourceStale, OSError) as e:
-        if not isinstance(e, SourceStale) and e.errno != errno.ESTALE:
-            raise
-        try:
-            _mount_once(spec, features)
-        except OSError as again:
-            if again.errno == errno.ESTALE:
-                raise _stale(spec) from None
-            raise
-
-
-def _mount_once(spec: OverlaySpec, features: Features) -> None:
+def _mount(spec: OverlaySpec, features: Features) -> None:
     if features.method in (FD, STRING):
         _mount_new_api(spec, fd_layers=features.method == FD)
     else:
         _mount_legacy(spec, data_only=features.method == MOUNT_DATA_ONLY)
 
 
+def _revalidate(spec: OverlaySpec) -> None:
+    """Make an NFS client ask the server whether ``spec``'s source is still there.
+
+    An open for reading (not O_PATH) makes the client check a directory's attributes with
+    the server (close-to-open); a stale handle then makes it drop its cached entry, so
+    the next lookup asks the server again.  Opened as :func:`open_source` opens it (no
+    symlink, no other mount on the way); the fd is closed unused: the source is then
+    opened again, checked, by :func:`open_source`.
+    """
+    prefix = spec.source_root.rstrip("/") + "/"
+    try:
+        if spec.source_ino and spec.data.startswith(prefix):
+            fd = open_release(spec.source_root, spec.data[len(prefix):], os.O_RDONLY | os.O_DIRECTORY)
+        else:  # callers without an identity (tests of the mount itself)
+            fd = os.open(spec.data, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def mount_overlay(spec: OverlaySpec, features: Features) -> None:
+    """Mount ``spec`` in the current mount namespace, best method the kernel offers.
+
+    Raises a :class:`PathFailure` for what concerns this path's source (see
+    :func:`open_source`), :class:`OverlaySetupError` if the kernel refused the overlay's
+    configuration, and the failing call's OSError otherwise; the caller says which
+    localised path it was.
+
+    A source deleted on an NFS server while this client still caches it resolves from
+    the cache, and the open or the mount then fails with ESTALE (the server no longer
+    knows the handle).  That is a missing source (:class:`SourceStale`, a
+    :class:`SourceMissing`), after one more try once the client has checked the path
+    with the server.
+    """
+    try:
+        _mount(spec, features)
+        return
+    except (SourceStale, OSError) as e:
+        if not isinstance(e, SourceStale) and e.errno != errno.ESTALE:
+            raise
+    _revalidate(spec)
+    try:
+        _mount(spec, features)  # SourceMissing from open_source if it is gone now
+    except OSError as e:
+        if e.errno == errno.ESTALE:
+            raise _stale(spec) from None
+        raise
+
+
 def _stale(spec: OverlaySpec) -> SourceStale:
-    return SourceStale(f"{spec.data} is missing on the shared tree (stale file handle: deleted on the server)")
+    return SourceStale(f"{spec.data} is missing on the shared tree (stale NFS file handle: deleted on the server)")
