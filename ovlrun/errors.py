@@ -2,8 +2,10 @@
 
 Everything the user can get wrong, and every kernel refusal we can explain, is raised
 as :class:`OvlrunError` with a message meant for a human.  ``cli.main`` catches it, prints
-``ovlrun: <message>`` and exits with ``status``; anything else is a bug and may show a
-traceback.
+``ovlrun: <message>`` and exits with ``status``; an ``OSError``, ``MemoryError`` or
+``RecursionError`` nothing turned into one is one line and 125 there too (a safety net:
+under a caller's resource limits anything may fail); anything else is a bug and may show
+a traceback.
 """
 
 from __future__ import annotations

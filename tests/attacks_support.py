@@ -1,5 +1,6 @@
-"""Shared pieces of the attack tests (issue 9): a second, victim user, real sudoers
-drop-ins, running commands as a user, a RENAME_EXCHANGE racer and pinned job namespaces.
+"""Shared pieces of the attack tests (issues 9 and 18): a second, victim user, real sudoers
+drop-ins, running commands as a user, a RENAME_EXCHANGE racer, pinned job namespaces and
+a FUSE mount a user made.
 
 Everything that changes credentials, namespaces or mounts runs in a child process.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import IS_ROOT, REPO, TEST_UID, World
+from tests.faultfs import FaultFS, faultfs_binary
 
 VICTIM_USER = "ovlvictim"
 VICTIM_UID = 4243
@@ -138,3 +140,46 @@ def slurm_env(world: World, job_id: str, uid: int = TEST_UID, user: str = "ovlte
                OVLRUN_SLURM_JC_CONF=str(world.base / "no-job_container.conf"),
                OVLRUN_SLURM_LOG=str(world.base / "slurm.log"))
     return env
+
+
+# The mount fusermount3 makes for a user (issue 18, item 1): root opens /dev/fuse and
+# mounts it with the user's user_id/group_id and without allow_other, then the daemon runs
+# as the user and is handed the connection as /dev/fd/N (libfuse's pre-mounted fd).  Done
+# in a private mount namespace of its own, so the host's mount table never sees it (this
+# machine's /dev/fuse is root-only, so the user could not open it directly).
+USER_FUSE = r"""
+import ctypes, os, sys
+uid, gid = int(sys.argv[1]), int(sys.argv[2])
+binary, backing, mnt, ctl = sys.argv[3:7]
+libc = ctypes.CDLL(None, use_errno=True)
+def check(result, what):
+    if result != 0:
+        sys.exit(f"{what}: {os.strerror(ctypes.get_errno())}")
+check(libc.unshare(0x00020000), "unshare")
+check(libc.mount(None, b"/", None, 0x4000 | 0x40000, None), "make / private")
+fd = os.open("/dev/fuse", os.O_RDWR)
+os.set_inheritable(fd, True)
+rootmode = os.stat(mnt).st_mode & 0o170000
+options = f"fd={fd},rootmode={rootmode:o},user_id={uid},group_id={gid}".encode()
+check(libc.mount(b"faultfs", os.fsencode(mnt), b"fuse.faultfs", 1 | 2 | 4, options), "mount")  # ro,nosuid,nodev
+os.setgroups([])
+os.setresgid(gid, gid, gid)
+os.setresuid(uid, uid, uid)
+os.execv(binary, [binary, backing, f"/dev/fd/{fd}", ctl])
+"""
+
+
+class UserFuse(FaultFS):
+    """A FUSE file system a user mounted on a directory they own, as fusermount3 mounts
+    it: the daemon runs as that user and the kernel refuses every other user, root
+    included (EACCES), since the mount has no allow_other.  Commands that must see it run
+    in its namespace (:meth:`FaultFS.run`)."""
+
+    def __init__(self, base: Path, backing: Path, mountpoint: Path, uid: int) -> None:
+        super().__init__(base, backing, mountpoint)
+        self.uid = uid
+        os.chown(self.ctl, uid, uid)  # the daemon (the user) writes its counters there
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", USER_FUSE, str(self.uid), str(self.uid), str(faultfs_binary()),
+                str(self.backing), str(self.mountpoint), str(self.ctl)]

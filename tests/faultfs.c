@@ -5,7 +5,8 @@
  *   faultfs BACKING MOUNTPOINT CTLDIR
  *
  * CTLDIR/faults   rules, one per line: "OP MODE PATH" (PATH last: it may hold spaces),
- *                 OP in getattr|readdir|readlink|open|read|* , MODE in eio|eacces|stall;
+ *                 OP in getattr|readdir|readlink|open|read|* , MODE in eio|eacces|estale|stall
+ *                 (estale: what an NFS client returns for a file deleted on the server);
  *                 re-read whenever the file is replaced.  A stall blocks that request
  *                 until CTLDIR/release exists (at most 120 s), then serves it normally.
  * CTLDIR/counters uint64 counters, mmap'ed and updated live: getattr, opendir, readdir
@@ -85,6 +86,7 @@ static int fault(const char *op, const char *path) {
 	pthread_mutex_unlock(&lock);
 	if (strcmp(mode, "eio") == 0) return -EIO;
 	if (strcmp(mode, "eacces") == 0) return -EACCES;
+	if (strcmp(mode, "estale") == 0) return -ESTALE;
 	if (strcmp(mode, "stall") == 0) {
 		char rel[8192];
 		snprintf(rel, sizeof rel, "%s/release", ctl);

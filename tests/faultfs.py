@@ -54,15 +54,18 @@ class FaultFS:
 
     def start(self, timeout: float = 10) -> FaultFS:
         (self.ctl / "release").unlink(missing_ok=True)
-        self.proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", str(faultfs_binary()),
-                                      str(self.backing), str(self.mountpoint), str(self.ctl)],
-                                     stdout=subprocess.PIPE)
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE)
         assert self.proc.stdout is not None
         if not select.select([self.proc.stdout], [], [], timeout)[0]:
             self.stop()
             raise AssertionError("faultfs did not come up")
         assert self.proc.stdout.readline() == b"ready\n"
         return self
+
+    def command(self) -> list[str]:
+        """The daemon's command line (in a private mount namespace of its own)."""
+        return ["unshare", "-m", "--propagation", "private", str(faultfs_binary()), str(self.backing),
+                str(self.mountpoint), str(self.ctl)]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -65,6 +65,18 @@ def test_broken_pipe_is_quiet(world: World) -> None:
     assert "Exception ignored" not in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["doctor"]], ids=" ".join)
+def test_an_error_no_code_path_expected_is_one_line_and_125(world: World, argv: list[str]) -> None:
+    """The CLI edge's safety net: an OSError nothing turned into a message (here: stdout is
+    /dev/full, ENOSPC) is one line and 125, never a traceback (issue 18 item 6)."""
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "ovlrun", *argv], stdout=full, stderr=subprocess.PIPE,
+                           env=world.env, text=True, timeout=60)
+    assert r.returncode == 125, r.stderr
+    assert r.stderr.startswith("ovlrun: ") and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "No space left on device" in r.stderr, r.stderr
+
+
 @requires_root
 def test_status_outside_a_job_exits_1(world: World) -> None:
     r = run(world, "status")

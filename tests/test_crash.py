@@ -163,13 +163,37 @@ def test_thousand_short_jobs_some_sigkilled_leave_no_mounts(world: World) -> Non
     took = time.monotonic() - started
     print(f"{total} jobs ({killed} SIGKILLed) in {took:.1f}s")
     assert host_mounts() == before
-    # No job namespace is left with our overlays either.  Only this store's snapshots:
-    # other ovlrun jobs on the machine (another suite's, a user's) may use their own.
+    # No job namespace is left with our overlays either (once the mount workers of jobs
+    # killed while mounting are gone: they die of PR_SET_PDEATHSIG a moment later).  Only
+    # this store's snapshots: other ovlrun jobs on the machine (another suite's, a user's)
+    # may use their own.
     from ovlrun.jobs.inuse import snapshot_ids_in_use
 
+    wait_for_mount_workers(world)
     ours = {(d.parent.name, d.name) for d in (world.store / "snapshots").glob("*/*")}
     assert len(ours) == 2, ours
     assert snapshot_ids_in_use() & ours == set()
+
+
+def wait_for_mount_workers(world: World, timeout: float = 30) -> None:
+    """Wait (pidfd, no polling) for the processes left of this world's launches: a launch
+    SIGKILLed while mounting leaves its mount worker (ovlrun/launch/mountworker.py) to
+    die of its pending SIGKILL, a few milliseconds later, its mounts with it."""
+    import select
+
+    marker = f"OVLRUN_STORE={world.store}".encode()
+    deadline = time.monotonic() + timeout
+    for pid in os.listdir("/proc"):
+        try:
+            if not pid.isdigit() or marker not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                continue
+            fd = os.pidfd_open(int(pid))
+        except OSError:
+            continue
+        try:
+            select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        finally:
+            os.close(fd)
 
 
 FULL_DISK_SCRIPT = r"""

@@ -179,7 +179,7 @@ def _refusal_cases(pub: Path, key: str, snap_id: str) -> dict[str, tuple[str, ob
         "image symlink": ("image.erofs: it is a symlink", _symlink_image(version)),
         "key symlink": (f"{key}: it is a symlink", _symlink_key(key)),
         "flipped byte": ("sha256 does not match the manifest", _flip_byte(version)),
-        "manifest source": (f"its source /etc is not where {pub.parent}/sw/app/1.0 resolves on this node",
+        "manifest source": (f"its source /etc is not where {pub.parent}/sw/app/1.0 is on this node",
                             _retarget_manifest(version)),
     }
 
@@ -497,7 +497,7 @@ def test_site_config_is_checked(tmp_path: Path) -> None:
             load_site_config(str(conf))
         return e.value.message
 
-    assert error('image_dirr = "/x"\n') == f"{conf}: image_dirr: unknown key (allowed: fetch_timeout, image_dir, image_owner)"
+    assert error('image_dirr = "/x"\n') == f"{conf}: image_dirr: unknown key (allowed: fetch_timeout, image_dir, image_owner, max_image_bytes)"
     assert error('image_dir = "x"\n') == f"{conf}: image_dir: must be an absolute path"
     assert error("fetch_timeout = 0\n").startswith(f"{conf}: fetch_timeout: must be a number of seconds")
     assert error('image_owner = "no-such-user-here"\n') == f"{conf}: image_owner: no such account 'no-such-user-here'"

@@ -38,7 +38,9 @@ def help_text(subcommands: dict[str, list[str]]) -> str:
     return (f"Usage: {LAUNCH_USAGE}\n       ovlrun COMMAND [ARGS...]\n\n{LAUNCH_HELP}\n"
             f"Other commands (see ovlrun COMMAND --help):\n{commands}"
             "Environment (root callers only): OVLRUN_PROFILE_PATH (profile directories,\n"
-            "colon-separated), OVLRUN_STORE (snapshot store, default /var/lib/ovlrun).\n")
+            "colon-separated), OVLRUN_STORE (snapshot store, default /var/lib/ovlrun),\n"
+            "OVLRUN_MOUNT_TIMEOUT (seconds a launch waits for the shared tree while\n"
+            "mounting, default 60; then it exits 125).\n")
 
 
 def _usage_error(e: Exception) -> int | None:

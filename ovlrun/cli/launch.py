@@ -121,7 +121,9 @@ def launch(argv: list[str]) -> int:
         if plan is None:
             from ovlrun.launch.planner import plan_job
 
-            plan = plan_job(profile, store)
+            # A sudo caller who may not read the profile does not get its content quoted.
+            private = caller.is_sudo and caller.identity is not None and not caller.identity.may_read(profile.st)
+            plan = plan_job(profile, store, private=private)
     finally:
         profile.close()
     # $SHELL is the user's own unless --user picked someone else from a root environment.

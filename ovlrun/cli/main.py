@@ -8,7 +8,8 @@ Two shapes share one program:
   (:data:`ovlrun.cli.commands.COMMANDS`, typer: :mod:`ovlrun.cli.app`).
 
 :class:`OvlrunError` is caught here and only here (pipx style): a message, never a
-traceback, and its exit status.
+traceback, and its exit status.  An ``OSError``, ``MemoryError`` or ``RecursionError``
+that no code path turned into one is caught here too, as one line and 125.
 """
 
 from __future__ import annotations
@@ -70,13 +71,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # The reader went away (``ovlrun snapshot list | head``): point stdout at
-        # /dev/null so the interpreter's final flush does not complain again.
-        import os
+        # The reader went away (``ovlrun snapshot list | head``).
+        _quiet_stdout()
+        return EXIT_OVLRUN
+    except (OSError, MemoryError, RecursionError) as e:
+        # The safety net: a failure no code path turned into an OvlrunError (stdout on a
+        # full disk, a resource the caller's limits withheld, ...).  One line and 125,
+        # never a traceback: a user of a root tool must not learn its internals from one.
+        _quiet_stdout()
+        try:
+            print(f"ovlrun: unexpected error: {e or type(e).__name__}", file=sys.stderr)
+        except (OSError, ValueError):
+            pass
+        return EXIT_OVLRUN
 
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush of what could not be
+    written does not fail (and complain) once more."""
+    import os
+
+    try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_OVLRUN
+    except (OSError, ValueError, AttributeError):  # no stdout at all
+        pass
 
 
 def main_exit() -> None:

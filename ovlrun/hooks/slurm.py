@@ -102,7 +102,7 @@ def fetch_missing_images(profile: Profile, store: Store, log: Callable[[str, str
 
         config = load_site_config()
         outcomes = fetch_for_job(store, profile, config.image_dir, config.image_owner,
-                                 timeout=config.fetch_timeout)
+                                 timeout=config.fetch_timeout, max_image_bytes=config.max_image_bytes)
     except Exception as e:  # unreachable or stalled DIR, bad config, a bug: never the job's fault
         message = f"could not fetch snapshot images: {e}"
         log("warning", message)
@@ -198,14 +198,21 @@ def _prolog(job: SlurmJob, name: str, env: Mapping[str, str], log: HookLog) -> i
         record.messages.append(f"profile {name!r}: network={profile.network!r} is not applied "
                                "to Slurm jobs (only the mount namespace is shared with the job)")
     # Plan, then execute: where the namespace is (or will be) is known before anything
-    # is made or mounted, so a record saved now (state "preparing") would tell the
-    # Epilog what to remove whatever moment this Prolog is killed at.
+    # is made or mounted, and the record saved now (state "preparing") tells the Epilog
+    # what to remove whatever moment this Prolog is killed at (slurmd SIGKILLs a Prolog
+    # past PrologEpilogTimeout, or restarts): ns_owned once the directory is ours.
     target = _plan_namespace(job, jc, env.get("OVLRUN_SLURM_JOBDIR_LAYOUT"))
     if isinstance(target, str):
         _record_unlocalised(job, name, target, log)
         return 0
-    record.ns_path, record.ns_owned = target.ns_path, target.mode == "create"
-    notes = _localise(target, job, name, profile, store, jc, log)
+    record.ns_path = target.ns_path
+    try:
+        record.save()
+    except (OSError, OvlrunError) as e:
+        # Without a record no Epilog could undo a half-made namespace: make none.
+        _record_unlocalised(job, name, f"cannot write the job record ({e})", log)
+        return 0
+    notes = _localise(target, job, name, profile, store, jc, record, log)
     if notes is None:
         return 0  # failure already recorded; job runs unlocalised
     record.state = REQUESTED if target.mode == "record" else LOCALISED
@@ -244,7 +251,7 @@ def _plan_namespace(job: SlurmJob, jc: JobContainerConf | None, layout: str | No
 
 
 def _localise(target: Target, job: SlurmJob, name: str, profile: Profile, store: Store,
-              jc: JobContainerConf | None, log: HookLog) -> Notes | None:
+              jc: JobContainerConf | None, record: JobRecord, log: HookLog) -> Notes | None:
     """Mount the profile where ``target`` says; the notes of the mount, or None if it
     failed (already recorded)."""
     if target.mode == "record":
@@ -261,7 +268,7 @@ def _localise(target: Target, job: SlurmJob, name: str, profile: Profile, store:
         except (OvlrunError, OSError) as e:
             _record_unlocalised(job, name, f"cannot create {directory}: {e}", log)
             return None
-    return _create(directory, _setup_dirs(job, jc, directory), profile, store, job, name, log)
+    return _create(directory, _setup_dirs(job, jc, directory), profile, store, job, name, record, log)
 
 
 def _setup_dirs(job: SlurmJob, jc: JobContainerConf | None, directory: Path) -> Callable[[], None]:
@@ -278,8 +285,13 @@ def _setup_dirs(job: SlurmJob, jc: JobContainerConf | None, directory: Path) -> 
 
 
 def _create(directory: Path, setup_dirs: Callable[[], None], profile: Profile, store: Store,
-            job: SlurmJob, name: str, log: HookLog) -> Notes | None:
-    """Make ``directory`` with a pinned namespace in ``.ns``; None (logged) on failure."""
+            job: SlurmJob, name: str, record: JobRecord, log: HookLog) -> Notes | None:
+    """Make ``directory`` with a pinned namespace in ``.ns``; None (logged) on failure.
+
+    The record (state "preparing") says the directory is ours (``ns_owned``) as soon as
+    mkdir made it, before anything is mounted on or in it: from then on the Epilog
+    removes it whatever moment this Prolog dies at.  An existing directory is never ours.
+    """
     try:
         directory.mkdir(mode=0o700, parents=False)
     except FileExistsError:
@@ -287,6 +299,13 @@ def _create(directory: Path, setup_dirs: Callable[[], None], profile: Profile, s
         return None
     except OSError as e:
         _record_unlocalised(job, name, f"cannot create {directory}: {e}", log)
+        return None
+    record.ns_owned = True
+    try:
+        record.save()
+    except (OSError, OvlrunError) as e:
+        os.rmdir(directory)
+        _record_unlocalised(job, name, f"cannot write the job record ({e})", log)
         return None
 
     def setup() -> Notes:
@@ -348,12 +367,20 @@ def epilog(env: Mapping[str, str] | None = None) -> int:
         try:
             namespaces.unpin(Path(record.ns_path))
             namespaces.remove_tree(directory)
-        except OSError as e:
+        except Exception as e:  # whatever it is: an Epilog that fails drains the node
             log("error", f"cleaning {directory}: {e}")
         if directory.exists():
             # Logged, not failed: draining the node would punish the next jobs for
             # a leftover that only this job id can trip over.
             log("error", f"{directory} could not be removed; remove it by hand")
+    elif record is not None and record.state == PREPARING and record.ns_path:
+        # The Prolog died between making the job directory and saying so: at most an empty
+        # directory (nothing is mounted before the record owns it).  rmdir removes only
+        # that: never a directory with anything in it, never a mount point.
+        try:
+            os.rmdir(os.path.dirname(record.ns_path))
+        except OSError:
+            pass
     try:
         JobRecord.remove(job_id, node)
     except OvlrunError as e:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 # Variables that would let the caller steer our own root process if sudo let them through.
 DANGEROUS_PREFIXES = ("PYTHON", "LD_")
-CALLER_ONLY_SETTINGS = ("OVLRUN_PROFILE_PATH", "OVLRUN_STORE", "OVLRUN_JOB_RUNDIR")
+CALLER_ONLY_SETTINGS = ("OVLRUN_PROFILE_PATH", "OVLRUN_STORE", "OVLRUN_JOB_RUNDIR", "OVLRUN_MOUNT_TIMEOUT")
 MAX_ANCESTORS = 4  # sudo with use_pty interposes a monitor process
 
 

@@ -21,6 +21,7 @@ import sys
 from ovlrun.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, OvlrunError
 from ovlrun.jobs import records
 from ovlrun.launch.mount import TreeRootMissing, mount_items, report_missing, warn_stderr
+from ovlrun.linux import limits
 from ovlrun.linux.namespaces import enter_private_namespace
 from ovlrun.linux.privileges import Identity, drop_to
 
@@ -57,7 +58,9 @@ def exec_command(argv: list[str], environ: dict[str, str], identity: Identity | 
 
     Root's part ends with the drop: the working directory and the command are resolved
     afterwards, with the user's rights, and nothing is imported or read as root any more.
+    The caller's resource limits, lifted for the root phase, are given back first.
     """
+    limits.restore()
     if identity is not None:
         drop_to(identity)
     enter_working_directory(cwd, identity.home if identity is not None else None)
@@ -147,6 +150,8 @@ def run(plan: JobPlan, command: list[str], *, store: str, identity: Identity | N
     import time
 
     started = time.time()
+    # The caller chose our resource limits; the job gets them back in exec_command.
+    limits.lift()
     env = dict(environ)
     cwd = current_directory()
     warnings: list[str] = []

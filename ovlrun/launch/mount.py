@@ -8,22 +8,41 @@ serves) and its image opened, then each localised path gets one read-only overla
 again: overlayfs holds private clones of its layers, so the image mount lives exactly
 as long as the overlay (a loop device, where one is needed, is autoclear), while the
 overlay's options keep naming ``.../snapshots/KEY/ID/tree``, which is how gc and
-``status`` recognise a snapshot in use.  A vanished release is skipped with a warning;
-a missing tree root is an error unless the profile allows running unlocalised.  On the
-launch path: imports nothing heavy.
+``status`` recognise a snapshot in use.
+
+One path that cannot be localised (deleted, replaced, unreadable to root, behind a mount
+a user made, its image unusable) stays unlocalised with a warning while the rest is
+mounted; ``--strict`` refuses instead.  A missing tree root is an error unless the
+profile allows running unlocalised.  The mounts run in a worker process the launch waits
+for within a bound (a stalled tree cannot hold it).  On the launch path: imports nothing
+heavy, and everything before the first mount.
 """
 
 from __future__ import annotations
 
+import _thread
 import os
+import resource
 import sys
+import threading  # before the first mount: root imports nothing after it
 
 from ovlrun.errors import OvlrunError
+from ovlrun.launch.mountworker import mount_timeout, run_in_worker
 from ovlrun.linux import syscalls
 from ovlrun.linux.erofs import ImageMountError, mount_image
 from ovlrun.linux.files import UntrustedError, open_trusted
 from ovlrun.linux.kernel import Features, probe
-from ovlrun.linux.overlay import OverlaySetupError, OverlaySpec, SourceChanged, SourceMissing, mount_overlay
+from ovlrun.linux.overlay import (
+    RESOURCE_ERRNOS,
+    OverlaySetupError,
+    OverlaySpec,
+    PathFailure,
+    SourceChanged,
+    SourceMissing,
+    SourceStale,
+    SourceUnreachable,
+    mount_overlay,
+)
 from ovlrun.store.layout import check_snapshot_trusted
 
 TYPE_CHECKING = False
@@ -33,6 +52,7 @@ if TYPE_CHECKING:
     from ovlrun.launch.plan import JobPlan, MountItem
 
     Warn = Callable[[str], None]
+    from ovlrun.launch.mountworker import Report
 
 
 class TreeRootMissing(OvlrunError):
@@ -56,13 +76,16 @@ def report_missing(plan: JobPlan, *, strict: bool, warn: Warn) -> None:
 
 
 def mount_items(items: list[MountItem], store: str, *, strict: bool, warn: Warn,
-                missing_root: str = "fail", features: Features | None = None) -> list[MountItem]:
+                missing_root: str = "fail", features: Features | None = None,
+                timeout: float | None = None) -> list[MountItem]:
     """Trust-check and mount every planned overlay in the current (private) namespace.
 
-    A vanished source is skipped with a warning (fatal with ``strict``), and so is one
-    that is not the directory its snapshot was built from (replaced, or a symlink on the
-    way below the tree root; see :func:`ovlrun.linux.overlay.open_source`): nothing is
-    mounted for it anywhere.
+    One path that cannot be localised (its source missing, replaced, unreadable to root,
+    behind a mount a user made, or its snapshot image unusable; see
+    :class:`~ovlrun.linux.overlay.PathFailure`) stays unlocalised with a warning and the
+    rest is mounted; with ``strict`` any of them refuses the launch (fail closed).  What
+    concerns the whole launch (the store's trust, resources, a stalled tree: see
+    :func:`mount_all`) is an error either way.
     """
     features = features or probe()
     if not features.overlay:
@@ -75,44 +98,57 @@ def mount_items(items: list[MountItem], store: str, *, strict: bool, warn: Warn,
     for item in unverifiable:
         # Built before source identities were recorded: whether the path is still the
         # directory it was built from cannot be told, so it is not mounted.
-        message = (f"snapshot of {item.path} predates source identity checks "
-                   "(rebuild it: ovlrun snapshot refresh --all)")
-        if strict:
-            raise OvlrunError(message)
-        warn(message + "; it stays unlocalised")
-    image_fds = [open_image(item.image) for item in items]
+        _unlocalised(f"snapshot of {item.path} predates source identity checks "
+                     "(rebuild it: ovlrun snapshot refresh --all)", strict, warn)
+    image_fds: list[int] = []
+    openable: list[MountItem] = []
     try:
-        failures = mount_all(items, image_fds, features)
+        for item in items:
+            try:
+                image_fds.append(open_image(item.image))
+                openable.append(item)
+            except SnapshotUnusable as e:
+                _unlocalised(e.message, strict, warn)
+        failures = mount_all(openable, image_fds, features, timeout)
     finally:
         for fd in image_fds:
             os.close(fd)
     mounted = []
     absent_roots: set[str] = set()
-    for item, failure in zip(items, failures, strict=True):
-        if isinstance(failure, SourceChanged):
-            # Nothing was mounted anywhere; the path is served by the plain shared tree.
-            if strict:
-                raise failure
-            warn(f"{failure.message}; it stays unlocalised (rebuild it: ovlrun snapshot refresh --all)")
-            continue
-        if failure is not None and not isinstance(failure, SourceMissing):
+    for item, failure in zip(openable, failures, strict=True):
+        if failure is None:
+            mounted.append(item)
+        elif not isinstance(failure, PathFailure):
             raise failure
-        if failure is not None:
-            if item.root in absent_roots:
-                continue
-            if not _tree_root_available(item, missing_root, warn):
+        elif not isinstance(failure, SourceMissing):
+            # Nothing was mounted anywhere; the path is served by the plain shared tree.
+            hint = " (rebuild it: ovlrun snapshot refresh --all)" if isinstance(failure, SourceChanged) else ""
+            _unlocalised(failure.message + hint, strict, warn)
+        elif item.root not in absent_roots:
+            if not _tree_root_available(item, failure.root_problem, missing_root, strict, warn):
                 absent_roots.add(item.root)
                 continue
             message = f"{item.source} (localised path {item.path}) is missing on the shared tree"
             if strict:
-                raise OvlrunError(message) from None
+                raise OvlrunError(message)
             warn(message + "; skipped")
-            continue
-        mounted.append(item)
     return mounted
 
 
-MAX_MOUNT_THREADS = 8
+def _unlocalised(message: str, strict: bool, warn: Warn) -> None:
+    """One path stays unlocalised: a warning, or with ``strict`` the launch's error."""
+    if strict:
+        raise OvlrunError(message)
+    warn(f"{message}; it stays unlocalised")
+
+
+class SnapshotUnusable(PathFailure):
+    """This path's snapshot image cannot be opened or mounted (removed by a concurrent gc,
+    not a valid image, no loop device free): the path stays unlocalised."""
+
+
+class OverlayRefused(PathFailure):
+    """The kernel refused this path's overlay (its layers, or its mount point)."""
 
 
 def open_image(path: str) -> int:
@@ -121,19 +157,67 @@ def open_image(path: str) -> int:
     try:
         return open_trusted(path)
     except OSError as e:
-        raise OvlrunError(f"snapshot image {path}: {e.strerror}") from None
+        if e.errno in RESOURCE_ERRNOS:
+            raise OvlrunError(f"snapshot image {path}: {e.strerror}") from None
+        raise SnapshotUnusable(f"snapshot image {path}: {e.strerror}") from None
     except UntrustedError as e:
         raise OvlrunError(f"refusing snapshot image {path}: {e.problem}") from None
 
 
-def mount_all(items: list[MountItem], image_fds: list[int], features: Features) -> list[BaseException | None]:
+def mount_all(items: list[MountItem], image_fds: list[int], features: Features,
+              timeout: float | None = None) -> list[BaseException | None]:
     """Mount every item (image fd ``image_fds[i]``); return each one's failure, in order.
 
-    One tmpfs over each store's ``snapshots/`` (one store per launch, normally), with a
-    ``KEY/ID/tree`` directory per item where its image is attached while its overlay is
-    made; detached (with the image mounts on it) once all are made.  One tmpfs for all
-    paths, not one each: a launch of 20 paths saves 38 mount and umount calls.
+    The work runs in a worker process sharing this mount namespace, which this process
+    waits for at most ``timeout`` seconds (:mod:`ovlrun.launch.mountworker`: a stalled
+    tree cannot hold the launch); past that, :class:`MountStalled`.
     """
+    if not items:
+        return []
+    roots: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def work(report: Report) -> None:
+        def report_item(i: int, failure: BaseException | None) -> None:
+            if isinstance(failure, SourceMissing):
+                failure.root_problem = _root_problem(items[i].root, roots, lock)
+            report(i, failure)
+        _mount_all(items, image_fds, features, report_item)
+
+    return run_in_worker([item.path for item in items], work, _FAILURES,
+                         mount_timeout() if timeout is None else timeout)
+
+
+# What crosses from the worker as a class name is rebuilt as that class.
+_FAILURES: dict[str, type[OvlrunError]] = {cls.__name__: cls for cls in (
+    SourceMissing, SourceStale, SourceChanged, SourceUnreachable, OverlayRefused, SnapshotUnusable)}
+
+
+def _root_problem(root: str, cache: dict[str, str], lock: threading.Lock) -> str:
+    """Why ``root`` (a missing path's tree root) looks unmounted; "" if it looks fine.
+
+    Only on that failure path, once per root, so a normal launch pays nothing for it.
+    """
+    if not root:
+        return ""
+    with lock:
+        if root in cache:
+            return cache[root]
+    try:
+        problem = "is empty (not mounted?)" if not os.listdir(root) else ""
+    except OSError as e:
+        problem = f"is not available ({e.strerror}; not mounted?)"
+    with lock:
+        cache[root] = problem
+    return problem
+
+
+def _mount_all(items: list[MountItem], image_fds: list[int], features: Features, report: Report) -> None:
+    """In the worker: one tmpfs over each store's ``snapshots/`` (one store per launch,
+    normally), with a ``KEY/ID/tree`` directory per item where its image is attached
+    while its overlay is made; detached (with the image mounts on it) once all are made.
+    One tmpfs for all paths, not one each: a launch of 20 paths saves 38 mount and
+    umount calls."""
     areas = sorted({os.path.dirname(os.path.dirname(item.snapshot_dir)) for item in items})
     mounted: list[str] = []
     try:
@@ -146,7 +230,7 @@ def mount_all(items: list[MountItem], image_fds: list[int], features: Features) 
             mounted.append(area)
         for item in items:
             os.makedirs(item.tree, 0o700)
-        return _mount_concurrently(items, image_fds, features)
+        _mount_concurrently(items, image_fds, features, report)
     finally:
         for area in mounted:
             syscalls.umount2(area, syscalls.MNT_DETACH)
@@ -158,104 +242,144 @@ def mount_localised(item: MountItem, image_fd: int, features: Features) -> None:
     try:
         image_mount = mount_image(image_fd)
     except ImageMountError as e:
-        raise OvlrunError(f"cannot mount snapshot image {item.image}: {e}") from None
+        message = f"cannot mount the snapshot image {item.image} of {item.path}: {e}"
+        if e.errno in RESOURCE_ERRNOS:
+            raise OvlrunError(message) from None  # the launch's shortage, not this snapshot's fault
+        raise SnapshotUnusable(message) from None
     try:
         try:
             syscalls.move_mount(image_mount, item.tree)
         except OSError as e:
             raise OvlrunError(f"cannot attach snapshot image {item.image}: {e}") from None
-        # Resolves the source once, below its tree root without following symlinks, and
-        # checks it is the directory the snapshot was built from (SourceChanged: nothing
-        # is mounted for it).
+        # Resolves the source once, from / without following symlinks, and checks it is
+        # the directory the snapshot was built from (a PathFailure otherwise: nothing is
+        # mounted for it).  The context of a kernel refusal is added here, once.
         try:
             mount_overlay(OverlaySpec(target=item.source, snapshot_tree=item.tree, data=item.source,
                                       source_root=item.source_root, source_ino=item.source_ino), features)
         except OverlaySetupError as e:
-            raise OvlrunError(f"cannot set up overlay for {item.source}: {e}") from None
+            raise _refused(e, f"cannot set up overlay for {item.source}: {e}") from None
         except OSError as e:
-            raise OvlrunError(f"cannot mount localised overlay on {item.source}: {e}") from None
+            raise _refused(e, f"cannot mount localised overlay on {item.source}: {e}") from None
     finally:
         os.close(image_mount)
 
 
-def _mount_concurrently(items: list[MountItem], image_fds: list[int],
-                        features: Features) -> list[BaseException | None]:
-    """Mount every item; return each one's failure (or None), in order.
+def _refused(e: OSError, message: str) -> OvlrunError:
+    """The kernel refused one path's overlay: that path's failure, unless it is a shortage
+    of the launch's own (an error of the whole launch)."""
+    return OvlrunError(message) if e.errno in RESOURCE_ERRNOS else OverlayRefused(message)
+
+
+MAX_MOUNT_THREADS = 8
+# Descriptors one mount thread holds at most at once (the image's own, the erofs and
+# overlay contexts and mounts, /, the tree root, the source, the snapshot layer).
+FDS_PER_THREAD = 8
+
+
+def _thread_count(n_items: int) -> int:
+    """Mount threads to start besides the calling one: as many as fit in the descriptors
+    left under RLIMIT_NOFILE (a caller may have set it low), at most MAX_MOUNT_THREADS in
+    all."""
+    wanted = min(MAX_MOUNT_THREADS, n_items) - 1
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if wanted <= 0 or soft == resource.RLIM_INFINITY:
+        return max(0, wanted)
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+    free = soft - in_use - FDS_PER_THREAD  # room for the calling thread first
+    return max(0, min(wanted, free // FDS_PER_THREAD))
+
+
+def _mount_concurrently(items: list[MountItem], image_fds: list[int], features: Features, report: Report) -> None:
+    """Mount every item; report each one's failure (or None) as soon as it is known.
 
     Each mount waits for round trips to the shared tree (resolving the source, the data
     layer's statfs when the superblock is created): at NFS latencies, 20 sequential
     mounts cost 20+ ms of waiting.  The mounts are independent (localised paths never
-    nest), so they run from a few threads; ctypes and os calls release the GIL.  The
-    threads are started after unshare() (they share the job's new mount namespace) and
-    are all joined before anything else (the privilege drop) happens.
+    nest), so they run from a few threads (ctypes and os calls release the GIL), in the
+    mount worker, in the job's new mount namespace; this thread mounts too, so all are
+    mounted even if no other thread can start.  ``_thread``, not ``threading.Thread``:
+    the latter's start() waits for the new thread to say it runs, for ever if it died on
+    the way (seen under RLIMIT_DATA: a MemoryError in its bootstrap).
     """
-    failures: list[BaseException | None] = [None] * len(items)
-
-    def mount_one(i: int) -> None:
-        try:
-            mount_localised(items[i], image_fds[i], features)
-        except BaseException as e:  # re-raised by the caller, in order
-            failures[i] = e
-
-    if len(items) < 2:
-        for i in range(len(items)):
-            mount_one(i)
-        return failures
     # Every thread's walk starts at its tree root, so all would wait for the same first
     # lookups anyway; walking into each root once first spares a cold NFS client the
     # same ACCESS sent by several threads at once (each missing its access cache).
     # Measured on kernel NFS, 21 paths cold: 26-33 ACCESS with the threads, 24 with this.
-    for root in {item.source_root for item in items if item.source_root}:
-        try:
-            os.stat(os.path.join(root, "."))
-        except OSError:
-            pass  # each mount then fails, or not, on its own, as without this
-    import threading
-
+    # (Only a stat: the roots are opened, without symlinks, by each mount.)
+    if len(items) > 1:
+        for root in {item.source_root for item in items if item.source_root}:
+            try:
+                os.stat(os.path.join(root, "."))
+            except OSError:
+                pass  # each mount then fails, or not, on its own, as without this
     pending = list(range(len(items)))
     lock = threading.Lock()
+    finished = threading.Condition(lock)
+    done = [0]
 
-    def worker() -> None:
-        while True:
-            with lock:
-                if not pending:
-                    return
-                i = pending.pop()
-            mount_one(i)
+    def mount_next() -> bool:
+        with lock:
+            if not pending:
+                return False
+            i = pending.pop()
+        failure: BaseException | None = None
+        try:
+            mount_localised(items[i], image_fds[i], features)
+        except BaseException as e:  # reported, in the launch's own order
+            failure = e
+        try:
+            report(i, failure)
+        finally:
+            with finished:
+                done[0] += 1
+                finished.notify_all()
+        return True
 
-    threads = [threading.Thread(target=worker) for _ in range(min(MAX_MOUNT_THREADS, len(items)))]
-    # The workers mostly wait in syscalls; between them they need the GIL only briefly.
-    # With the default 5 ms switch interval a worker ready to run can wait that long.
-    interval = sys.getswitchinterval()
+    def mount_all_pending() -> None:
+        while mount_next():
+            pass
+
+    def helper(started: _thread.LockType) -> None:
+        started.release()
+        mount_all_pending()
+
+    for _ in range(_thread_count(len(items))):
+        started = _thread.allocate_lock()
+        started.acquire()
+        try:
+            _thread.start_new_thread(helper, (started,))
+        except RuntimeError:  # "can't start new thread": fewer threads, or none
+            break
+        # One at a time, as threading does (the first lookups of the paths' common parents
+        # are then not all sent at once), but never waiting for ever.
+        started.acquire(timeout=1.0)
+    # The threads mostly wait in syscalls; between them they need the GIL only briefly.
+    # With the default 5 ms switch interval a thread ready to run can wait that long.
     sys.setswitchinterval(0.0001)
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
-    return failures
+    mount_all_pending()
+    with finished:
+        while done[0] < len(items):
+            finished.wait()
 
 
-def _tree_root_available(item: MountItem, missing_root: str, warn: Warn) -> bool:
+def _tree_root_available(item: MountItem, problem: str, missing_root: str, strict: bool, warn: Warn) -> bool:
     """A localised source is missing: was the release deleted, or is the tree not there?
 
-    Only reached on that failure path, so a normal launch pays nothing for it.  A missing
-    or empty root (an unmounted NFS mount point) is an error even without --strict: every
-    path of the tree would be missing and the job could only fail later, less clearly.
-    A profile with ``missing_root = "unlocalised"`` runs the job without that tree's
-    overlays instead (returns False after a warning).
+    ``problem`` is what the mount worker found listing the tree root ("": it is fine).  A
+    missing or empty root (an unmounted NFS mount point) is an error even without
+    --strict: every path of the tree would be missing and the job could only fail later,
+    less clearly.  A profile with ``missing_root = "unlocalised"`` runs the job without
+    that tree's overlays instead (returns False after a warning); ``strict`` refuses.
     """
-    if not item.root:
-        return True
-    try:
-        problem = "is empty (not mounted?)" if not os.listdir(item.root) else ""
-    except OSError as e:
-        problem = f"is not available ({e.strerror}; not mounted?)"
     if not problem:
         return True
-    if missing_root == "unlocalised":
-        warn(f"shared tree root {item.root} {problem}; running without localising it")
-        return False
-    raise TreeRootMissing(f"shared tree root {item.root} {problem}")
+    if missing_root != "unlocalised":
+        raise TreeRootMissing(f"shared tree root {item.root} {problem}")
+    if strict:
+        raise OvlrunError(f"shared tree root {item.root} {problem}; --strict: refusing to run the job unlocalised")
+    warn(f"shared tree root {item.root} {problem}; running without localising it")
+    return False

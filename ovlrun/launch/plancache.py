@@ -24,7 +24,12 @@ from ovlrun.store.layout import index_file, plan_file
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal as _signal
+
     from ovlrun.profile.locate import ProfileFile
+else:
+    # signal's functions without its enum wrappers: importing enum costs a launch ~1 ms.
+    import _signal
 
 FORMAT = 2  # 2: items carry the source identity (source_root, source_ino)
 
@@ -100,8 +105,19 @@ def save_cached(plan: JobPlan, keys: CacheKeys) -> None:
     data = {"keys": keys.as_tuple(), "name": plan.name, "network": plan.network, "missing_root": plan.missing_root,
             "items": [(i.path, i.source, i.snapshot_dir, i.root, i.source_root, i.source_ino) for i in plan.items],
             "missing": plan.missing}
+    # SIGTERM, SIGINT, SIGHUP held back while the file is written: write_atomic removes its
+    # temporary file on any failure, but a signal's default action would end the process
+    # between its creation and the rename, leaving it for ever (SIGKILL still can: gc
+    # removes what that leaves, see ovlrun.store.lifecycle.clean_plans).  The job starts
+    # a few milliseconds later either way; a pending signal is delivered right after.
+    held = _signal.pthread_sigmask(_signal.SIG_BLOCK, _HELD_SIGNALS)
     try:
         os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
         write_atomic(target, marshal.dumps(data), 0o600)
     except OSError:
         pass
+    finally:
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, held)
+
+
+_HELD_SIGNALS = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ovlrun.errors import OvlrunError
 from ovlrun.launch.plan import JobPlan, MountItem
 from ovlrun.launch.plancache import CacheKeys, save_cached
 from ovlrun.profile.locate import ProfileFile
@@ -43,11 +44,23 @@ def plan(profile: Profile, store: Store) -> JobPlan:
     return JobPlan(profile.name, profile.network, profile.missing_root, items, missing)
 
 
-def plan_job(profile: ProfileFile, store: str) -> JobPlan:
+def plan_job(profile: ProfileFile, store: str, *, private: bool = False) -> JobPlan:
     """Parse the profile (from the fd that was opened and checked), plan against the
-    store, and cache the plan for the next launch."""
+    store, and cache the plan for the next launch.
+
+    ``private``: the caller may not read the profile file (a sudo caller, a profile only
+    root reads).  Its parse errors quote what is in it, so they are not shown then: the
+    caller learns only that it is invalid and where an administrator sees why.
+    """
     keys = CacheKeys(profile, store)  # before reading either file: see save_cached
     path = Path(profile.path)
-    result = plan(parse_profile(path, path.stem, fd=profile.fd), Store.open(store))
+    try:
+        parsed = parse_profile(path, path.stem, fd=profile.fd)
+    except OvlrunError:
+        if not private:
+            raise
+        raise OvlrunError(f"profile {path} is invalid; you may not read it, so why is not shown "
+                          f"(an administrator sees it with: ovlrun profile check {path.stem})") from None
+    result = plan(parsed, Store.open(store))
     save_cached(result, keys)
     return result

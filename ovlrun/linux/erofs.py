@@ -9,7 +9,10 @@ Two ways, chosen by behaviour, never by kernel version:
   ``LOOP_CONFIGURE`` (5.8+; ``LOOP_SET_FD`` + ``LOOP_SET_STATUS64`` where it is missing)
   with ``LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR``, and ``source=/dev/loopN``.  Autoclear
   detaches the device when its last user goes: our descriptor (closed once the
-  superblock holds the device) and then the mount, e.g. with the job's namespace.
+  superblock holds the device) and then the mount, e.g. with the job's namespace.  One
+  device per image, shared by every job that mounts it (they then share one superblock
+  too): a device already bound to the image is found and reused, so a user's 30 jobs of
+  a 10-path profile hold 10 devices, not 300.
 
 The result is an fsmount(2) descriptor (``MOUNT_ATTR_RDONLY|NOSUID|NODEV``) for
 ``move_mount`` or for use as an overlay layer (``FSCONFIG_SET_FD``).  The image is given
@@ -32,6 +35,7 @@ from ovlrun.linux import syscalls
 LOOP_SET_FD = 0x4C00
 LOOP_CLR_FD = 0x4C01
 LOOP_SET_STATUS64 = 0x4C04
+LOOP_GET_STATUS64 = 0x4C05
 LOOP_CONFIGURE = 0x4C0A
 LOOP_CTL_GET_FREE = 0x4C82
 LO_FLAGS_READ_ONLY = 1
@@ -156,13 +160,55 @@ def _attach_loop(image_fd: int) -> tuple[int, str]:
 
 
 def _mount_loop(image_fd: int) -> int:
-    loop_fd, device = _attach_loop(image_fd)
+    """Mount the image through its loop device: the one already bound to it, else a new
+    one.  Under an flock of the image file (every launch opens the same file), so two
+    launches never bind two devices to one image."""
+    fcntl.flock(image_fd, fcntl.LOCK_EX)
     try:
-        return _erofs_mount(device)
+        loop_fd, device = _bound_loop(image_fd) or _attach_loop(image_fd)
+        try:
+            return _erofs_mount(device)
+        finally:
+            # Until the superblock holds the device, this fd keeps autoclear from detaching
+            # it; closed now, the device goes away with the last mount of the image (or
+            # right now if mounting failed and nobody else uses it).
+            os.close(loop_fd)
     finally:
-        # Until the superblock holds the device, this fd keeps autoclear from detaching it;
-        # closed now, the device goes away with the mount (or right now if mounting failed).
-        os.close(loop_fd)
+        fcntl.flock(image_fd, fcntl.LOCK_UN)
+
+
+def _bound_loop(image_fd: int) -> tuple[int, str] | None:
+    """A loop device already bound read-only and autoclear to the image ``image_fd``
+    (same device and inode, whole file), open: (fd, /dev/loopN); None if there is none.
+
+    The device is kept open from the check to the mount: an opener keeps autoclear from
+    detaching it, so it cannot be rebound to another file in between.  Only bound devices
+    are looked at (``/sys/block/loopN/loop`` exists): one open and one ioctl each.
+    """
+    st = os.fstat(image_fd)
+    try:
+        names = os.listdir("/sys/block")
+    except OSError:
+        return None
+    want = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR
+    for name in names:
+        if not name.startswith("loop") or not os.path.exists(f"/sys/block/{name}/loop"):
+            continue
+        device = f"/dev/{name}"
+        try:
+            fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # being cleared (ENXIO), or no node
+            continue
+        try:
+            info = _LOOP_INFO64.unpack(fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(_LOOP_INFO64.size)))
+        except OSError:  # unbound meanwhile
+            os.close(fd)
+            continue
+        lo_device, lo_inode, _, lo_offset, lo_sizelimit, _, _, _, lo_flags = info[:9]
+        if (lo_device, lo_inode, lo_offset, lo_sizelimit) == (st.st_dev, st.st_ino, 0, 0) and lo_flags & want == want:
+            return fd, device
+        os.close(fd)
+    return None
 
 
 def mount_image(image_fd: int, how: str = AUTO) -> int:

@@ -1,13 +1,17 @@
 """The file rules every part of ovlrun shares: which files root may trust, the one way
-it opens them (:func:`open_trusted`), and how a file is replaced (:func:`write_atomic`).
+it opens them (:func:`open_trusted`), the one way it opens a release directory on the
+shared tree (:func:`open_release`), and how a file is replaced (:func:`write_atomic`).
 
-Light on purpose (os and stat only): the launch path uses all of them.
+Light on purpose (os, stat and the syscall wrappers): the launch path uses all of them.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+
+from ovlrun.linux import syscalls
 
 # Masks for :func:`trust_problem`: what group and others may not do.
 NOT_WRITABLE = 0o022  # configuration root reads: profiles, the store's directories, job records
@@ -78,6 +82,56 @@ def open_trusted(path: str, *, dir_fd: int | None = None, directory: bool = Fals
         os.close(fd)
         raise
     return fd
+
+
+def open_from_root(path: str, flags: int = os.O_PATH | os.O_DIRECTORY) -> int:
+    """Open the absolute ``path`` from ``/`` following no symlink on the way (ELOOP, or
+    ENOTDIR on the fallback walk), never through ``..`` (EXDEV); mount points on the way
+    are crossed.  For what the administrator names by its real path: a tree root, the
+    published image directory."""
+    if not path.startswith("/"):
+        raise syscalls.SyscallError(errno.EINVAL, "open_from_root", path)
+    if not path.strip("/"):
+        return os.open("/", flags | os.O_CLOEXEC)
+    slash = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return syscalls.open_beneath(slash, path.strip("/"), flags)
+    finally:
+        os.close(slash)
+
+
+class TreeRootError(syscalls.SyscallError):
+    """:func:`open_release` could not open the tree root itself (from /, following no
+    symlink); its errno says why (ELOOP: a symlink on the way to it)."""
+
+
+def open_release(root: str, relative: str, flags: int = os.O_PATH | os.O_DIRECTORY) -> int:
+    """Open the release directory ``relative`` below the tree root ``root`` (the root's
+    real path, as a build records it) the one way root trusts one: build (the walk and
+    the inode it records), fetch (a published manifest's source identity checked against
+    this node) and launch (the directory an overlay is mounted on) all reach it so, so
+    they agree on which directory it is.
+
+    - the tree root is opened from ``/`` following no symlink (:func:`open_from_root`):
+      a parent directory swapped for a symlink (to ``/``, say) cannot move the release;
+      mount points on the way (the tree's own NFS mount, an automounter's) are crossed;
+    - the rest below it following no symlink, never leaving it (``..``) and never
+      crossing into another mount (``RESOLVE_NO_XDEV``): a FUSE file system a user
+      mounted on their own release is not the tree's release.
+
+    ``openat2`` where the kernel has it, else an ``O_NOFOLLOW`` walk (the same lookups as
+    a plain open of the whole path: no extra round trip to the shared tree).  Raises
+    :class:`TreeRootError` for the root's part, the call's ``OSError`` for the rest
+    (ELOOP: a symlink; EXDEV: ``..`` or another mount; ENOENT, ENOTDIR: missing).
+    """
+    try:
+        root_fd = open_from_root(root)
+    except OSError as e:
+        raise TreeRootError(e.errno or 0, "open tree root", root) from None
+    try:
+        return syscalls.open_beneath(root_fd, relative, flags, no_xdev=True)
+    finally:
+        os.close(root_fd)
 
 
 def temporary_name(path: str) -> str:

@@ -14,7 +14,9 @@ namespace and a failure inside the namespace cannot leave the caller half-switch
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 
 from ovlrun.errors import OvlrunError
 from ovlrun.linux import syscalls
@@ -246,9 +248,22 @@ def unpin(holder: Path) -> None:
             break
 
 
-def remove_tree(root: Path) -> None:
-    """Detach everything mounted below ``root``, then delete it (never crossing mounts)."""
-    if not root.exists():
+REMOVE_TIMEOUT = 60.0  # seconds an Epilog may spend deleting one job directory
+
+
+def remove_tree(root: Path, timeout: float = REMOVE_TIMEOUT) -> None:
+    """Detach everything mounted below ``root``, then delete it (never crossing mounts,
+    never following a symlink), giving up with OSError after ``timeout`` seconds.
+
+    A job owns what is in its private /tmp (it lives in the job directory): any depth, any
+    number of entries.  So no recursion (a 1,200-deep chain made shutil.rmtree raise
+    RecursionError and the Epilog fail, draining the node) and no descriptor per level:
+    a directory found inside a subdirectory is first renamed up into ``root`` (same file
+    system: one rename), so at most two directories are open at any time and the walk
+    never goes deeper than one level.  An entry that cannot be deleted is skipped; the
+    caller learns it from the OSError naming how many are left.
+    """
+    if not os.path.lexists(root):
         return
     detach_under(root)
     prefix = str(root).rstrip("/") + "/"
@@ -256,6 +271,80 @@ def remove_tree(root: Path) -> None:
     if left:
         # Deleting now could descend into a mounted filesystem: refuse.
         raise OSError(f"still mounted below {root}: {', '.join(left)}")
-    import shutil
+    import time
 
-    shutil.rmtree(root, ignore_errors=True)
+    deadline = time.monotonic() + timeout
+    try:
+        top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ENOTDIR, errno.ELOOP):  # a file or a symlink: just the name
+            os.unlink(root)
+            return
+        raise
+    try:
+        _empty(top, os.fstat(top).st_dev, deadline, root)
+    finally:
+        os.close(top)
+    os.rmdir(root)
+
+
+def _empty(top: int, dev: int, deadline: float, root: Path) -> None:
+    """Delete everything in the directory ``top`` (see :func:`remove_tree`)."""
+    import time
+
+    def check_time() -> None:
+        if time.monotonic() > deadline:
+            raise OSError(f"gave up removing {root} after its time limit "
+                          f"({len(os.listdir(top))} entries left at its top)")
+
+    skipped: set[str] = set()  # names in ``top`` that cannot be removed
+    while names := [n for n in os.listdir(top) if n not in skipped]:
+        for name in names:
+            check_time()
+            st = os.stat(name, dir_fd=top, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                if not _unlink(name, top):
+                    skipped.add(name)
+                continue
+            if st.st_dev != dev:  # another file system (none per mountinfo): never entered
+                skipped.add(name)
+                continue
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=top)
+            try:
+                for child in os.listdir(sub):
+                    check_time()
+                    cst = os.stat(child, dir_fd=sub, follow_symlinks=False)
+                    if stat.S_ISDIR(cst.st_mode) and cst.st_dev == dev:
+                        _move_up(child, sub, top)
+                    else:
+                        _unlink(child, sub)
+            finally:
+                os.close(sub)
+            try:
+                os.rmdir(name, dir_fd=top)
+            except OSError:
+                skipped.add(name)
+    if skipped:
+        raise OSError(f"could not remove {len(skipped)} entries of {root}")
+
+
+def _move_up(name: str, sub: int, top: int) -> None:
+    """Rename directory ``name`` of ``sub`` into ``top`` under a fresh, unguessable name
+    (a job could have planted the guessable ones)."""
+    while True:
+        try:
+            os.rename(name, f".ovlrun-rm.{os.urandom(8).hex()}", src_dir_fd=sub, dst_dir_fd=top)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+
+
+def _unlink(name: str, dir_fd: int) -> bool:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True

@@ -18,6 +18,7 @@ import os
 
 from ovlrun.errors import OvlrunError
 from ovlrun.linux import layerpaths, syscalls
+from ovlrun.linux.files import TreeRootError, open_release
 from ovlrun.linux.kernel import FD, MOUNT_DATA_ONLY, STRING, Features
 
 # fsconfig(2) string values are capped (syscalls.FSCONFIG_STRING_MAX); longer layer paths
@@ -56,14 +57,62 @@ class OverlaySetupError(syscalls.SyscallError):
     what overlayfs logged on the context, which explains most refusals."""
 
 
-class SourceMissing(OvlrunError):
+class PathFailure(OvlrunError):
+    """One localised path cannot be localised (its source, or its snapshot, is not usable):
+    that path stays unlocalised with a warning and the rest of the launch goes on
+    (``--strict`` refuses).  Never raised for what concerns the whole launch (resources,
+    the store's trust, the kernel)."""
+
+
+class SourceMissing(PathFailure):
     """The shared subtree to localise is not there (release deleted, tree not mounted)."""
 
+    # Set by the launch: why the path's tree root looks unmounted ("": it looks fine).
+    root_problem = ""
 
-class SourceChanged(OvlrunError):
+
+class SourceStale(SourceMissing):
+    """NFS said ESTALE: the release was deleted on the server while this client still
+    had it cached.  Opened once more (the handle is then looked up afresh); if that is
+    stale too, it is missing."""
+
+
+class SourceChanged(PathFailure):
     """The localised path is not the directory its snapshot was built from (replaced, or
-    a symlink now on the way below the tree root): mounting there could serve the
-    snapshot's names, with root's access to their data, over any directory."""
+    a symlink now on the way from / to it): mounting there could serve the snapshot's
+    names, with root's access to their data, over any directory."""
+
+
+class SourceUnreachable(PathFailure):
+    """The shared subtree cannot be opened by root: permission denied (root squashed, a
+    user's FUSE mount without allow_other), another file system mounted on the way below
+    the tree root, an I/O error."""
+
+
+# Failures of the launch itself, not of one path: never turned into a per-path warning
+# (under tight resource limits a path must not silently stay unlocalised).
+RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.ENOSPC))
+
+
+def _source_failure(e: OSError, spec: OverlaySpec, where: str) -> Exception:
+    """What an error opening ``spec``'s source means for that path (``where``: "to" or
+    "below" its tree root); a shortage of the launch's own (RESOURCE_ERRNOS) stays the
+    OSError it is."""
+    code = e.errno
+    if code in (errno.ENOENT, errno.ENOTDIR):
+        return SourceMissing(f"{spec.data} is missing on the shared tree")
+    if code == errno.ESTALE:
+        return _stale(spec)
+    if code == errno.ELOOP:
+        return SourceChanged(f"{spec.data} is not the directory its snapshot was built from "
+                             f"(a symlink on the way {where} its tree root {spec.source_root})")
+    if code == errno.EXDEV:
+        return SourceUnreachable(f"{spec.data}: another file system is mounted on the way below its tree root "
+                                 f"{spec.source_root} (a user's FUSE mount?); only the tree's own directories "
+                                 "are localised")
+    if code in RESOURCE_ERRNOS:
+        return e
+    return SourceUnreachable(f"{spec.data} cannot be opened on the shared tree: {os.strerror(code or 0)}")
 
 
 def open_source(spec: OverlaySpec) -> int:
@@ -73,14 +122,16 @@ def open_source(spec: OverlaySpec) -> int:
     for the mount target) saves remote lookups per localised path on a high-latency
     tree and leaves no window for the path to change between the steps.
 
-    With the snapshot's source identity (every launch): the tree root is opened by path
-    (the administrator's), the rest below it with openat2(RESOLVE_NO_SYMLINKS |
-    RESOLVE_BENEATH) -- the same lookups as a plain open of the whole path, so no extra
-    round trip to the shared tree -- and the directory found must have the inode the
-    snapshot was built from (fstat: attributes the lookup just fetched).  Otherwise
-    :class:`SourceChanged`: a release swapped for a symlink to /etc, or to the launcher's
-    own site-packages, must not get the overlay.  The fd is then both the data layer and
-    the mount target, so nothing is resolved by path again.
+    With the snapshot's source identity (every launch) the path is opened the one way
+    root trusts a release directory (:func:`ovlrun.linux.files.open_release`: the tree
+    root from / following no symlink, the rest below it following no symlink and
+    crossing no mount -- the same lookups as a plain open of the whole path, so no extra
+    round trip to the shared tree), and the directory found must have the inode the
+    snapshot was built from (fstat: attributes the lookup just fetched).  Otherwise a
+    :class:`PathFailure`: a release (or a parent of the tree root) swapped for a symlink
+    to /etc or to the launcher's own site-packages, or a FUSE mount a user made on the
+    way, must not get the overlay.  The fd is then both the data layer and the mount
+    target, so nothing is resolved by path again.
     """
     if not spec.source_ino:
         # Callers without an identity (tests of the mount itself); launches always pass one.
@@ -90,27 +141,19 @@ def open_source(spec: OverlaySpec) -> int:
             raise SourceMissing(f"{spec.data} is missing on the shared tree") from None
     changed = f"{spec.data} is not the directory its snapshot was built from"
     prefix = spec.source_root.rstrip("/") + "/"
-    if not spec.data.startswith(prefix):
+    if not spec.data.startswith(prefix) or not spec.source_root.startswith("/"):
         raise SourceChanged(f"{changed} (not below its tree root {spec.source_root})")
     try:
-        root_fd = os.open(spec.source_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
-        raise SourceMissing(f"{spec.data} is missing on the shared tree") from None
-    try:
-        fd = syscalls.open_beneath(root_fd, spec.data[len(prefix):], os.O_PATH | os.O_DIRECTORY)
+        fd = open_release(spec.source_root, spec.data[len(prefix):])
+    except TreeRootError as e:
+        raise _source_failure(e, spec, "to") from None
     except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENOTDIR):
-            raise SourceMissing(f"{spec.data} is missing on the shared tree") from None
-        if e.errno in (errno.ELOOP, errno.EXDEV):
-            raise SourceChanged(f"{changed} (a symlink on the way below {spec.source_root})") from None
-        raise
-    finally:
-        os.close(root_fd)
+        raise _source_failure(e, spec, "below") from None
     try:
         ino = os.fstat(fd).st_ino
-    except OSError:
+    except OSError as e:
         os.close(fd)
-        raise
+        raise _source_failure(e, spec, "below") from None
     if ino != spec.source_ino:
         os.close(fd)
         raise SourceChanged(f"{changed} (another directory under that name)")
@@ -243,16 +286,22 @@ def _mount(spec: OverlaySpec, features: Features) -> None:
         _mount_legacy(spec, data_only=features.method == MOUNT_DATA_ONLY)
 
 
-def _revalidate(path: str) -> None:
-    """Make an NFS client ask the server whether ``path`` is still there.
+def _revalidate(spec: OverlaySpec) -> None:
+    """Make an NFS client ask the server whether ``spec``'s source is still there.
 
     An open for reading (not O_PATH) makes the client check a directory's attributes with
     the server (close-to-open); a stale handle then makes it drop its cached entry, so
-    the next lookup asks the server again.  The fd is closed unused: the source is then
+    the next lookup asks the server again.  Opened as :func:`open_source` opens it (no
+    symlink, no other mount on the way); the fd is closed unused: the source is then
     opened again, checked, by :func:`open_source`.
     """
+    prefix = spec.source_root.rstrip("/") + "/"
     try:
-        os.close(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
+        if spec.source_ino and spec.data.startswith(prefix):
+            fd = open_release(spec.source_root, spec.data[len(prefix):], os.O_RDONLY | os.O_DIRECTORY)
+        else:  # callers without an identity (tests of the mount itself)
+            fd = os.open(spec.data, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        os.close(fd)
     except OSError:
         pass
 
@@ -260,25 +309,31 @@ def _revalidate(path: str) -> None:
 def mount_overlay(spec: OverlaySpec, features: Features) -> None:
     """Mount ``spec`` in the current mount namespace, best method the kernel offers.
 
-    Raises :class:`SourceMissing` or :class:`SourceChanged` (see :func:`open_source`),
-    :class:`OverlaySetupError` if the kernel refused the overlay's configuration, and the
-    failing call's OSError otherwise; the caller says which localised path it was.
+    Raises a :class:`PathFailure` for what concerns this path's source (see
+    :func:`open_source`), :class:`OverlaySetupError` if the kernel refused the overlay's
+    configuration, and the failing call's OSError otherwise; the caller says which
+    localised path it was.
 
     A source deleted on an NFS server while this client still caches it resolves from
-    the cache, and the mount then fails with ESTALE (the server no longer knows the
-    handle).  That is a missing source (:class:`SourceMissing`, as when the lookup itself
-    fails), after one more try once the client has checked the path with the server.
+    the cache, and the open or the mount then fails with ESTALE (the server no longer
+    knows the handle).  That is a missing source (:class:`SourceStale`, a
+    :class:`SourceMissing`), after one more try once the client has checked the path
+    with the server.
     """
     try:
         _mount(spec, features)
         return
-    except OSError as e:
-        if e.errno != errno.ESTALE:
+    except (SourceStale, OSError) as e:
+        if not isinstance(e, SourceStale) and e.errno != errno.ESTALE:
             raise
-    _revalidate(spec.data)
+    _revalidate(spec)
     try:
         _mount(spec, features)  # SourceMissing from open_source if it is gone now
     except OSError as e:
         if e.errno == errno.ESTALE:
-            raise SourceMissing(f"{spec.data} is missing on the shared tree (stale NFS file handle)") from None
+            raise _stale(spec) from None
         raise
+
+
+def _stale(spec: OverlaySpec) -> SourceStale:
+    return SourceStale(f"{spec.data} is missing on the shared tree (stale NFS file handle: deleted on the server)")

@@ -42,6 +42,16 @@ class Identity:
     def __repr__(self) -> str:
         return f"Identity({self.name!r}, uid={self.uid}, gid={self.gid}, groups={self.groups})"
 
+    def may_read(self, st: os.stat_result) -> bool:
+        """Whether the permission bits of ``st`` let this identity read the file (owner,
+        then group, then others, as the kernel decides; ACLs are not consulted, so a file
+        an ACL opens counts as closed: the careful side)."""
+        if st.st_uid == self.uid:
+            return bool(st.st_mode & 0o400)
+        if st.st_gid == self.gid or st.st_gid in self.groups:
+            return bool(st.st_mode & 0o040)
+        return bool(st.st_mode & 0o004)
+
     @classmethod
     def of_uid(cls, uid: int, gid: int | None = None) -> Identity:
         return cls._from_pw(pwd.getpwuid, uid, f"uid {uid} has no entry in the password database", gid)

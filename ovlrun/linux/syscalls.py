@@ -228,21 +228,24 @@ def openat2(dir_fd: int, path: str | bytes, flags: int, resolve: int) -> int:
     return _check(int(result), "openat2", path)
 
 
-def open_beneath(dir_fd: int, path: str, flags: int) -> int:
+def open_beneath(dir_fd: int, path: str, flags: int, *, no_xdev: bool = False) -> int:
     """Open ``path`` relative to ``dir_fd`` following no symlink and never leaving it.
 
     openat2(RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH) where the kernel has it; otherwise an
     O_NOFOLLOW walk, one component at a time (same result, same lookups).  A symlink on
-    the way fails with ELOOP (or ENOTDIR on the walk), '..' with EXDEV.
+    the way fails with ELOOP (or ENOTDIR on the walk), '..' with EXDEV.  With
+    ``no_xdev`` (RESOLVE_NO_XDEV) crossing into another mount fails with EXDEV too.
     """
+    resolve = RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH | (RESOLVE_NO_XDEV if no_xdev else 0)
     try:
-        return openat2(dir_fd, path, flags | os.O_CLOEXEC, RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH)
+        return openat2(dir_fd, path, flags | os.O_CLOEXEC, resolve)
     except OSError as e:
         if e.errno not in (_errno.ENOSYS, _errno.EPERM):  # kernel < 5.6, or a seccomp filter
             raise
     parts = [p for p in path.split("/") if p]
     if not parts or any(p in (".", "..") for p in parts):
         raise SyscallError(_errno.EXDEV, "open_beneath", path)  # as openat2 would say
+    mount = mount_id(dir_fd) if no_xdev else 0
     fd = dir_fd
     try:
         for i, part in enumerate(parts):
@@ -252,8 +255,19 @@ def open_beneath(dir_fd: int, path: str, flags: int) -> int:
             if fd != dir_fd:
                 os.close(fd)
             fd = nxt
+            if no_xdev and mount_id(fd) != mount:
+                raise SyscallError(_errno.EXDEV, "open_beneath", path)
     except BaseException:
         if fd != dir_fd:
             os.close(fd)
         raise
     return fd
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount ``fd`` is on (``mnt_id`` in /proc/self/fdinfo, Linux 3.15+)."""
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+        for line in f:
+            if line.startswith(b"mnt_id:"):
+                return int(line.split()[1])
+    raise SyscallError(_errno.ENOSYS, "mount_id", f"/proc/self/fdinfo/{fd}")

@@ -38,6 +38,19 @@ def profile_dirs(environ: dict[str, str] | None = None) -> list[str]:
     return list(DEFAULT_PROFILE_DIRS)
 
 
+def profile_names(dirs: list[str] | None = None) -> list[str]:
+    """The names of the profiles installed in the search directories (the first of a name
+    wins, as for :func:`open_profile`), sorted."""
+    names: set[str] = set()
+    for directory in profile_dirs() if dirs is None else dirs:
+        try:
+            entries = os.listdir(directory)
+        except OSError:
+            continue  # no such directory: nothing installed there
+        names.update(n[:-5] for n in entries if n.endswith(".toml") and valid_name(n[:-5]))
+    return sorted(names)
+
+
 def is_path_spec(spec: str) -> bool:
     return "/" in spec or spec.endswith(".toml")
 

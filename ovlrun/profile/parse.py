@@ -72,8 +72,9 @@ def format_size(n: int) -> str:
     return f"{n} B"
 
 
-def parse_size(value: object) -> int:
-    """A size: an integer (bytes) or a string "N", "N B", "N KiB", "N MiB", "N GiB"."""
+def parse_size(value: object, maximum: int = MAX_INLINE_MAX) -> int:
+    """A size: an integer (bytes) or a string "N", "N B", "N KiB", "N MiB", "N GiB"; at
+    most ``maximum``."""
     if isinstance(value, int) and not isinstance(value, bool):
         n = value
     elif isinstance(value, str):
@@ -85,8 +86,8 @@ def parse_size(value: object) -> int:
         n = int(digits) * _UNITS[unit]
     else:
         raise ValueError(f"must be a size (an integer or a string like \"256KiB\"), not {_type_name(value)}")
-    if not 0 < n <= MAX_INLINE_MAX:
-        raise ValueError(f"{value!r} is out of range (1 B to {format_size(MAX_INLINE_MAX)})")
+    if not 0 < n <= maximum:
+        raise ValueError(f"{value!r} is out of range (1 B to {format_size(maximum)})")
     return n
 
 

@@ -51,7 +51,7 @@ from ovlrun.store.bounded import DEFAULT_TIMEOUT, run_bounded
 from ovlrun.store.image.tree import ImageError, ImageStats, Node
 from ovlrun.store.image.writer import write_image
 from ovlrun.store.index import Manifest, Snapshot, Store, format_time, new_snapshot_id
-from ovlrun.store.walk import BuildError, WalkState, WalkSummary, node_of, open_source, walk
+from ovlrun.store.walk import BuildError, WalkState, WalkSummary, describe_open_failure, node_of, open_source, walk
 
 Reporter = Callable[[str], None]
 
@@ -106,7 +106,11 @@ def build_image(source_root: str, source: str, image: Path, inline: Inline | Non
     (a new file), storing the files ``inline`` selects whole."""
     state = WalkState()
     limit = redirect_max()
-    src_fd = open_source(source_root, source)
+    try:
+        src_fd = open_source(source_root, source)
+    except OSError as e:
+        raise BuildError(f"cannot open {source} as a launch will: {describe_open_failure(e)} "
+                         "(localise real release directories of the tree)") from None
     # The inlined files' data, until the image is written (unnamed: gone with the worker).
     spool = tempfile.TemporaryFile(dir=image.parent) if inline is not None else None
     try:

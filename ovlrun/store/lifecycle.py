@@ -123,7 +123,8 @@ def verify_one(path: str, snapshot: Snapshot, *, timeout: float = DEFAULT_TIMEOU
         elif e.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
             # Swapped for a symlink (or reached through one now): launches leave it
             # unlocalised; refresh tries to rebuild it (and says why it cannot).
-            drift.status, drift.message = "changed", f"{source} is now reached through a symlink"
+            drift.status, drift.message = "changed", (f"{source} is now reached through a symlink or "
+                                                      "another mount")
             drift.changed, drift.counts["changed"] = ["/"], 1
         else:
             drift.status, drift.message = "error", f"cannot walk {source}: {e}"
@@ -330,7 +331,23 @@ def gc(store: Store, in_use: Callable[[], set[tuple[str, str]]], *, dry_run: boo
         if not dry_run:
             _collect(store, index, report)
     leftovers = 0 if dry_run else clean_tmp(store)
+    if not dry_run:
+        clean_plans(store)
     return report, leftovers
+
+
+def clean_plans(store: Store) -> None:
+    """Remove temporary files of plan-cache writers killed (SIGKILL: other signals are
+    held while one writes) between creating and renaming them.  One being written right
+    now may go too: that launch then just caches nothing this time."""
+    try:
+        names = os.listdir(store.path / layout.PLANS)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(".") and name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                os.unlink(store.path / layout.PLANS / name)
 
 
 def clean_tmp(store: Store) -> int:

@@ -6,6 +6,7 @@ snapshot images are and which account may have written them.
     image_dir = "/sw/.ovlrun-images"   # what `snapshot fetch` (no --from) and the Slurm Prolog read
     image_owner = "swadmin"            # account (name or uid) that owns DIR and everything in it
     fetch_timeout = 5                  # seconds the Prolog may spend fetching a job's images
+    max_image_bytes = "4GiB"           # a published image larger than this is never fetched
 
 Every key is optional; without the file, nothing is fetched implicitly and the image
 owner is root.  The file decides what root mounts on every node, so it is read only if
@@ -25,10 +26,16 @@ from typing import NamedTuple
 
 from ovlrun.errors import OvlrunError
 from ovlrun.linux.files import UntrustedError, open_trusted
+from ovlrun.profile.parse import parse_size
 
 DEFAULT_CONFIG = "/etc/ovlrun/ovlrun.toml"
 DEFAULT_FETCH_TIMEOUT = 5.0
-KEYS = ("image_dir", "image_owner", "fetch_timeout")
+# A published image is copied into every node's store: one larger than this is refused
+# before a byte is copied (a snapshot image holds metadata and the inlined files; a
+# million entries take a few hundred MB).  The store's free space is checked too.
+DEFAULT_MAX_IMAGE_BYTES = 4 << 30
+MAX_IMAGE_BYTES_LIMIT = 1 << 40
+KEYS = ("image_dir", "image_owner", "fetch_timeout", "max_image_bytes")
 
 
 class Owner(NamedTuple):
@@ -44,6 +51,7 @@ class SiteConfig(NamedTuple):
     image_dir: str | None = None
     image_owner: Owner = Owner("root", 0, 0)
     fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
 
 def config_path(environ: dict[str, str] | None = None) -> str:
@@ -115,4 +123,8 @@ def validate(data: dict[str, object], path: str) -> SiteConfig:
     timeout = data.get("fetch_timeout", DEFAULT_FETCH_TIMEOUT)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
         raise OvlrunError(f"{path}: fetch_timeout: must be a number of seconds, more than 0 and at most 3600")
-    return SiteConfig(path, image_dir, owner, float(timeout))
+    try:
+        max_image_bytes = parse_size(data.get("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES), MAX_IMAGE_BYTES_LIMIT)
+    except ValueError as e:
+        raise OvlrunError(f"{path}: max_image_bytes: {e}") from None
+    return SiteConfig(path, image_dir, owner, float(timeout), max_image_bytes)

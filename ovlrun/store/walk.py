@@ -9,6 +9,7 @@ Every entry is fingerprinted and, for verify, recorded.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ovlrun.errors import OvlrunError
-from ovlrun.linux import syscalls
+from ovlrun.linux.files import TreeRootError, open_release
 from ovlrun.linux.kernel import redirect_max
 from ovlrun.profile.parse import Inline
 from ovlrun.store.image.reader import read_image
@@ -254,15 +255,25 @@ def _list(fd: int, where: bytes) -> list[str]:
         raise BuildError(f"cannot list {os.fsdecode(where)!r} in the source: permission denied") from None
 
 
-def open_source(source_root: str, source: str, flags: int = os.O_RDONLY | os.O_DIRECTORY) -> int:
-    """Open ``source`` as a launch will: the root by path, then the rest without following
-    any symlink and without leaving the root (so the walk and its recorded inode are the
-    directory a launch will check against)."""
-    root_fd = os.open(source_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        return syscalls.open_beneath(root_fd, source[len(source_root.rstrip("/")) + 1:], flags)
-    finally:
-        os.close(root_fd)
+def open_source(source_root: str, source: str) -> int:
+    """Open ``source`` (below the real tree root ``source_root``) for a walk, the one way
+    a launch will open it (:func:`ovlrun.linux.files.open_release`), so the walk and the
+    inode it records are the directory a launch checks against.  Raises its OSError
+    (:func:`describe_open_failure` words it)."""
+    prefix = source_root.rstrip("/") + "/"
+    if not source.startswith(prefix):
+        raise BuildError(f"{source} is not below its tree root {source_root}")
+    return open_release(source_root, source[len(prefix):], os.O_RDONLY | os.O_DIRECTORY)
+
+
+def describe_open_failure(e: OSError) -> str:
+    """Why :func:`open_source` failed, in words."""
+    where = "to its tree root" if isinstance(e, TreeRootError) else "below its tree root"
+    if e.errno == errno.ELOOP:
+        return f"a symlink on the way {where}"
+    if e.errno == errno.EXDEV:
+        return f"another file system is mounted on the way {where}"
+    return os.strerror(e.errno or 0)
 
 
 def image_records(image: Path) -> dict[bytes, Record]:

@@ -195,14 +195,14 @@ def _gc_published(directory: str, grace: float | None, dry_run: bool, as_json: b
 
 
 def _image_dir(given: str | None, option: str) -> tuple[str, Any]:
-    """The image directory (``given``, else the site config's) and the trusted owner."""
+    """The image directory (``given``, else the site config's) and the site config."""
     from ovlrun.store.siteconfig import config_path, load_site_config
 
     config = load_site_config()
     directory = given or config.image_dir
     if directory is None:
         raise OvlrunError(f"no image directory: give {option} DIR or set image_dir in {config.path or config_path()}")
-    return directory, config.image_owner
+    return directory, config
 
 
 def _print_outcomes(outcomes: list[Any], as_json: bool) -> None:
@@ -230,8 +230,8 @@ def snapshot_publish(to: Annotated[str | None, typer.Option("--to", metavar="DIR
 
     require_root("snapshot publish", "the store is readable by root only")
     selected = _selected_profile(profile, all_)
-    directory, owner = _image_dir(to, "--to")
-    outcomes = publish(Store.open(), directory, selected, owner, timeout=timeout)
+    directory, config = _image_dir(to, "--to")
+    outcomes = publish(Store.open(), directory, selected, config.image_owner, timeout=timeout)
     _print_outcomes(outcomes, as_json)
     skipped = [o for o in outcomes if o.status == "skipped"]
     if skipped:
@@ -244,21 +244,28 @@ def snapshot_fetch(from_: Annotated[str | None, typer.Option("--from", metavar="
                                                              "configuration).")] = None,
                    profile: Annotated[str | None, typer.Option("--profile", "-p", help="Only the published paths "
                                                                "this profile localises.")] = None,
-                   all_: Annotated[bool, typer.Option("--all", help="Every path in DIR's index.")] = False,
+                   all_: Annotated[bool, typer.Option("--all", help="Every path in DIR's index below a tree "
+                                                      "root of this node's profiles (any other path is "
+                                                      "refused).")] = False,
                    as_json: JsonOpt = False,
                    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds the whole fetch may "
                                                           "take (a stalled DIR).")] = 300.0) -> None:
-    """Copy the published images this node lacks into the local store (checked against
-    their manifests' sha256) and make them current, as if built here.  Idempotent; a DIR
-    that cannot be reached leaves the store as it is.  Exits 1 if anything failed."""
+    """Copy the published images this node lacks into the local store and make them
+    current, as if built here.  Each is checked first: its manifest against this node's
+    own view of the tree (tree root, source path and inode), its size against the free
+    space and max_image_bytes, its sha256, and that it is an image ovlrun writes; a
+    version older than the node's current one is kept out.  One fetch per node at a
+    time.  Idempotent; a DIR that cannot be reached leaves the store as it is.  Exits 1
+    if anything failed."""
     from ovlrun.store.fleet.fetch import fetch
     from ovlrun.store.index import Store
 
     require_root("snapshot fetch")
     selected = _selected_profile(profile, all_)
-    directory, owner = _image_dir(from_, "--from")
+    directory, config = _image_dir(from_, "--from")
     try:
-        outcomes = fetch(Store.open(), directory, owner, selected, timeout=timeout)
+        outcomes = fetch(Store.open(), directory, config.image_owner, selected, timeout=timeout,
+                         max_image_bytes=config.max_image_bytes)
     except OvlrunError as e:
         raise OvlrunError(f"{e.message}; nothing fetched, the local store is unchanged", status=1) from None
     _print_outcomes(outcomes, as_json)

@@ -26,13 +26,28 @@ sees an index naming a missing image (gc removes only versions the index stopped
 naming at least the grace period ago).
 
 Trust: a node mounts what it fetches with root's trust (``trusted.overlay.*`` xattrs
-decide what a job sees), so DIR, every directory and file read from it must be owned by
-the image owner and not group/other-writable, checked with ``fstat`` on the very fd that
-is read; every name is opened with ``O_NOFOLLOW`` relative to the fd of its directory,
-so no symlink is ever followed; the image's sha256 must match the manifest's; and the
-manifest may only localise a path under its tree root (and, with a profile, the root of
-the profile's tree that selected it), whose source must resolve inside that root on this
-node: an image owner can change what a release looks like, never mount over /etc.
+decide what a job sees), so DIR is opened from / following no symlink, and DIR, every
+directory and file read from it must be owned by the image owner and not
+group/other-writable, checked with ``fstat`` on the very fd that is read; every name is
+opened with ``O_NOFOLLOW`` relative to the fd of its directory, so no symlink is ever
+followed.  The image owner decides what a release looks like, never where a mount lands
+or what enters a node's store:
+
+- only paths this node's profiles give a tree root are fetched (the profile's tree for
+  ``--profile`` and the Prolog; for ``--all``, any of the node's profiles' trees), and
+  the manifest's tree root must be that one;
+- its source and source identity must be what this node finds itself: ``source_root``
+  the real path of the tree root here, ``source`` the path below it reached without any
+  symlink or mount crossing (:func:`ovlrun.linux.files.open_release`, as build and
+  launch open it), ``source_ino`` that directory's inode;
+- the image's size (from DIR's index, equal to the manifest's) must be within the site's
+  ``max_image_bytes`` and fit the store's free space before a byte is copied, and the
+  copy stops at that size; its sha256 must match; and it must be an image ovlrun writes
+  (:func:`ovlrun.store.image.reader.check_image`: superblock, bounds, types, xattrs,
+  redirects), all before it enters the store's index;
+- a version the node has replaced is never made current again (no rollback);
+- one fetch per node at a time (``locks/fetch.lock``), held by the fetch's bounded
+  workers too, so a stalled DIR costs one stuck worker per node, not one per Prolog.
 
 Every access to DIR runs in a bounded worker (:func:`ovlrun.store.bounded.run_bounded`):
 a stalled or unreachable DIR costs at most the timeout, and the node keeps what it has.

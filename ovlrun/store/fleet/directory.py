@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ovlrun.errors import OvlrunError
-from ovlrun.linux.files import UntrustedError, open_trusted, write_atomic
+from ovlrun.linux.files import UntrustedError, open_from_root, open_trusted, write_atomic
 from ovlrun.linux.privileges import Identity, drop_to
 from ovlrun.store.siteconfig import Owner
 
@@ -91,15 +91,31 @@ def _is_symlink(name: str, dir_fd: int | None) -> bool:
 
 
 def open_top(directory: str, owner: Owner) -> int:
+    """DIR, opened from / following no symlink (mount points on the way, DIR's own NFS
+    mount, are crossed) and checked like every file in it: whoever may replace a parent
+    directory of DIR by a symlink must not choose what every node fetches."""
     if not directory.startswith("/"):
         raise OvlrunError(f"published image directory {directory!r} must be an absolute path")
-    # No trailing slash: with one, the last component would be resolved (symlinks
-    # followed) before O_NOFOLLOW could refuse it.
     directory = posixpath.normpath(directory)
+    what = f"published image directory {directory}"
+    parent, name = posixpath.split(directory)
+    if not name:
+        raise OvlrunError(f"published image directory {directory!r} cannot be /")
     try:
-        return open_checked(directory, None, owner, f"published image directory {directory}", directory=True)
+        parent_fd = open_from_root(parent)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.realpath(parent) != parent:
+            raise refuse(what, f"a symlink on the way to it (give its real path: "
+                         f"{os.path.realpath(directory)})") from None
+        if e.errno == errno.ENOENT:
+            raise OvlrunError(f"{what} does not exist (not mounted?)") from None
+        raise OvlrunError(f"cannot open {what}: {e.strerror}") from None
+    try:
+        return open_checked(name, parent_fd, owner, what, directory=True)
     except FileNotFoundError:
-        raise OvlrunError(f"published image directory {directory} does not exist (not mounted?)") from None
+        raise OvlrunError(f"{what} does not exist (not mounted?)") from None
+    finally:
+        os.close(parent_fd)
 
 
 def read_small(fd: int, what: str) -> bytes:
@@ -138,7 +154,7 @@ def read_index(dir_fd: int, owner: Owner, directory: str) -> dict[str, Entry]:
                 raise ValueError(f"bad entry for {path!r}")
             out[path] = entry
         return out
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RecursionError) as e:  # RecursionError: JSON nested too deep
         raise OvlrunError(f"{what} is not a valid published index: {e}") from None
 
 

@@ -183,3 +183,35 @@ def read_image(data: bytes | mmap.mmap) -> Node:
         if seen_dots != 2:
             raise ImageError(f"directory without . and .. at nid {nid}")
     return root
+
+
+def check_image(data: bytes | mmap.mmap) -> None:
+    """Raise :class:`ImageError` unless ``data`` is an image :func:`~.writer.write_image`
+    could have written: what a node checks before a fetched image enters its store (the
+    image owner wrote it, and the kernel mounts it with root's trust).
+
+    :func:`read_image` (the superblock, every inode and directory in bounds, names in
+    order, no directory linked twice, only regular files, directories and symlinks, only
+    the overlay xattrs ovlrun writes, metacopy files without data blocks) plus: names
+    that are one path component each, and redirects that are normalised absolute paths
+    (the kernel resolves them inside the data-only layer, the release).  Iterative, one
+    pass over the metadata: no recursion, whatever the image's depth.
+    """
+    try:
+        root = read_image(data)
+    except ImageError:
+        raise
+    except (struct.error, IndexError, ValueError, OverflowError) as e:  # an offset outside the image
+        raise ImageError(f"malformed image: {e}") from None
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node.redirect is not None:
+            path = node.redirect
+            parts = path.split(b"/")
+            if not path.startswith(b"/") or any(p in (b"", b".", b"..") for p in parts[1:]) or b"\0" in path:
+                raise ImageError(f"redirect {path!r} is not a normalised absolute path")
+        for name, child in (node.children or {}).items():
+            if not name or b"/" in name or b"\0" in name:
+                raise ImageError(f"directory entry name {name!r} is not one path component")
+            stack.append(child)
