@@ -77,7 +77,7 @@ def tables(results: list[dict[str, object]]) -> str:
         ["kernel", "NFS", "what", "cache", "failed names", *[g for g, _ in GROUPS], "other", "total"], rows))
     out.append("#### goals\n\n" + table(
         ["kernel", "NFS", "cache", "imports: LOOKUP+GETATTR+ACCESS direct -> ovlrun", "fewer",
-         "beyond 1 LOOKUP per opened file", "libsearch: failed names direct -> ovlrun", "fewer",
+         "beyond 1 LOOKUP per opened file", "with .pyc inlined", "libsearch: failed names direct -> ovlrun", "fewer",
          "ls -lR: all ops direct -> ovlrun"], goal_rows(results)))
     return "\n\n".join(out)
 
@@ -99,7 +99,7 @@ def goal_rows(results: list[dict[str, object]]) -> list[list[object]]:
         by = {(r["workload"], r["mode"], r["temp"]): r for r in res["rows"]}  # type: ignore[attr-defined]
         for temp in ("cold", "warm"):
             lga = {m: sum(by[("imports", m, temp)]["ops"].get(k, 0) for k in ("LOOKUP", "GETATTR", "ACCESS"))
-                   for m in ("direct", "ovlrun")}
+                   for m in ("direct", "ovlrun", "ovlrun-inline") if ("imports", m, temp) in by}
             failed = {m: failed_names(by[("libsearch", m, temp)]) for m in ("direct", "ovlrun")}
             total = {m: sum(by[("lsR", m, temp)]["ops"].values()) for m in ("direct", "ovlrun")}
             # The floor of an open through a data-only layer: one LOOKUP (the redirect walk)
@@ -108,6 +108,8 @@ def goal_rows(results: list[dict[str, object]]) -> list[list[object]]:
             rows.append([res["kernel_label"], res["config"], temp, f"{lga['direct']} -> {lga['ovlrun']}",
                          _pct(lga["direct"], lga["ovlrun"]) + " (goal 95 %)",
                          f"{beyond}: {_pct(lga['direct'], max(beyond, 0))}",
+                         (f"{lga['ovlrun-inline']}: {_pct(lga['direct'], lga['ovlrun-inline'])}"
+                          if "ovlrun-inline" in lga else "-"),
                          f"{failed['direct']} -> {failed['ovlrun']}",
                          _pct(failed["direct"], failed["ovlrun"]) + " (goal 99 %)",
                          f"{total['direct']} -> {total['ovlrun']}"])

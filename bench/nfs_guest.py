@@ -11,6 +11,7 @@ caches dropped) and warm (at once again):
   need (the rest, and python3's own, are found in the system after all 10 fail);
 - ``imports``: python3 importing 200 modules spread over 10 releases on PYTHONPATH
   (byte-compiled, as installed software is), after Python's own start-up searched them;
+  also inside a profile that stores the ``.pyc`` files whole in its images (``inline``);
 - ``lsR``: ``ls -lR`` of a release of 235 entries (copies of 8 stdlib packages).
 
 Counts come from /proc/self/mountstats, read just before and after the workload by the
@@ -128,16 +129,21 @@ def run_config(name: str, source: str) -> dict[str, object]:
     tree_root = f"{point}/bench-{name}/sw"
     base = Path(f"/var/tmp/ovlrun-nfsbench-{name}")
     shutil.rmtree(base, ignore_errors=True)
-    (base / "profiles").mkdir(parents=True)
-    (base / "profiles" / "p.toml").write_text(
-        f'[[tree]]\nroot = "{tree_root}"\nlocalise = ["lib*/1.0", "py*/1.0", "doc/1.0"]\n')
+    # The same profile twice: as is, and with the byte-compiled modules stored whole in
+    # the images (issue 17: ``inline``), each in a store of its own (a store holds one
+    # snapshot per release, built with its profile's inline settings).
+    localise = 'localise = ["lib*/1.0", "py*/1.0", "doc/1.0"]'
+    for variant, extra in (("plain", ""), ("inline", 'inline = ["**/*.pyc"]\n')):
+        (base / variant).mkdir(parents=True)
+        (base / variant / "p.toml").write_text(f'[[tree]]\nroot = "{tree_root}"\n{localise}\n{extra}')
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
            "PYTHONPATH": source, "PYTHONDONTWRITEBYTECODE": "1", "OVLRUN_STORE": str(base / "store"),
-           "OVLRUN_PROFILE_PATH": str(base / "profiles")}
+           "OVLRUN_PROFILE_PATH": str(base / "plain")}
+    env_inline = {**env, "OVLRUN_STORE": str(base / "store-inline"), "OVLRUN_PROFILE_PATH": str(base / "inline")}
 
-    def ovlrun(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "ovlrun", *argv], env=env, text=True, capture_output=True,
-                              timeout=600, cwd=base)
+    def ovlrun(*argv: str, inline: bool = False) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ovlrun", *argv], env=env_inline if inline else env, text=True,
+                              capture_output=True, timeout=600, cwd=base)
 
     def outside(fn: object) -> tuple[dict[str, int], dict[str, int], object]:
         before = mountstats.read()[point]
@@ -152,6 +158,9 @@ def run_config(name: str, source: str) -> dict[str, object]:
     if r.returncode != 0:  # type: ignore[attr-defined]
         raise SystemExit(f"build failed: {r.stderr}")  # type: ignore[attr-defined]
     rows.append({"workload": "snapshot build", "mode": "build", "temp": "cold", "ops": ops, "errors": errors})
+    r = ovlrun("snapshot", "build", "--profile", "p", inline=True)
+    if r.returncode != 0:
+        raise SystemExit(f"build (inline) failed: {r.stderr}")
     for temp in ("cold", "warm"):
         if temp == "cold":
             drop_caches()
@@ -161,13 +170,14 @@ def run_config(name: str, source: str) -> dict[str, object]:
     for workload, spec in specs.items():
         spec_json = json.dumps({**spec, "tree_root": tree_root})  # type: ignore[dict-item]
         drive = [sys.executable, str(Path(__file__).resolve()), "driver", point, workload, spec_json]
-        for mode in ("direct", "ovlrun"):
+        for mode in ("direct", "ovlrun", "ovlrun-inline") if workload == "imports" else ("direct", "ovlrun"):
             for temp in ("cold", "warm"):
                 if temp == "cold":
                     drop_caches()
                 argv = drive if mode == "direct" else [sys.executable, "-m", "ovlrun", "--profile", "p", "--", *drive]
-                whole_ops, _, r = outside(lambda argv=argv: subprocess.run(
-                    argv, env=env, text=True, capture_output=True, timeout=600, cwd=base))
+                run_env = env_inline if mode == "ovlrun-inline" else env
+                whole_ops, _, r = outside(lambda argv=argv, run_env=run_env: subprocess.run(
+                    argv, env=run_env, text=True, capture_output=True, timeout=600, cwd=base))
                 try:
                     got = json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[attr-defined]
                 except (ValueError, IndexError):

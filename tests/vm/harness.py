@@ -20,6 +20,7 @@ kept for diagnosis only.  Every step has a timeout and qemu is killed on failure
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import shutil
@@ -104,8 +105,13 @@ def _module_closure(kernel: Kernel) -> list[str]:
 
 
 def build_initramfs(kernel: Kernel) -> Path:
-    out = CACHE / "initramfs" / f"{kernel.release}.cpio.gz"
-    if out.exists() and out.stat().st_mtime > Path(__file__).stat().st_mtime:
+    # One per kernel, this harness and checkout: /init names the checkout's path, and
+    # checkouts share the cache (a CI clone's initramfs booted by another checkout could
+    # not find its checkout: every VM test failed there).
+    checkout = str(Path(__file__).resolve().parents[2])
+    digest = hashlib.sha256(Path(__file__).read_bytes() + b"\0" + checkout.encode()).hexdigest()[:16]
+    out = CACHE / "initramfs" / f"{kernel.release}-{digest}.cpio.gz"
+    if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
@@ -130,7 +136,7 @@ def build_initramfs(kernel: Kernel) -> Path:
         modules_on_host = str(kernel.modules)
         init = root / "init"
         init.write_text(INIT.replace("@RELEASE@", kernel.release).replace("@MODULES@", modules_on_host)
-                        .replace("@CHECKOUT@", str(Path(__file__).resolve().parents[2]))
+                        .replace("@CHECKOUT@", checkout)
                         .replace("@BOOTED@", BOOTED))
         init.chmod(0o755)
         files = subprocess.run("find . -print0 | cpio --null -o -H newc --quiet | gzip -1", shell=True, cwd=root,
