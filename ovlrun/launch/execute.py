@@ -147,6 +147,19 @@ def exec_job(command: list[str], env: dict[str, str], identity: Identity | None,
 def run(plan: JobPlan, command: list[str], *, store: str, identity: Identity | None, strict: bool,
         environ: dict[str, str], login: bool = False, env_shell: bool = True) -> int:
     """Set up the job's namespace from ``plan`` and exec ``command`` in it (as root)."""
+    argv, env, cwd = prepare(plan, command, store=store, identity=identity, strict=strict, environ=environ,
+                             login=login, env_shell=env_shell)
+    return exec_job(argv, env, identity, cwd)
+
+
+def prepare(plan: JobPlan, command: list[str], *, store: str, identity: Identity | None, strict: bool,
+            environ: dict[str, str], login: bool = False,
+            env_shell: bool = True) -> tuple[list[str], dict[str, str], str | None]:
+    """Everything a launch does before its exec, as root: the job's namespace with the
+    plan's overlays, and its job record.  Returns the command (``command``, or the shell),
+    its environment and the working directory to re-enter, for :func:`exec_job`.
+    (``ovlrun learn --profile`` runs it in the job's first process, before the tracer
+    attaches.)"""
     import time
 
     started = time.time()
@@ -189,7 +202,7 @@ def run(plan: JobPlan, command: list[str], *, store: str, identity: Identity | N
                           "(profiles may allow it with missing_root = \"unlocalised\")") from None
     if record is not None:
         _save_launch_record(*record, ns_ino, mounted, warnings)
-    return exec_job(command, env, identity, cwd, login=login, env_shell=env_shell)
+    return command, env, cwd
 
 
 def _launch_record(plan: JobPlan, identity: Identity | None, started: float,
