@@ -20,8 +20,10 @@ import sys
 
 from ovlrun.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, OvlrunError
 from ovlrun.jobs import records
+from ovlrun.jobs.stats import given, snapshot_name
 from ovlrun.launch.mount import TreeRootMissing, mount_items, report_missing, warn_stderr
 from ovlrun.linux import limits
+from ovlrun.linux.kernel import probe
 from ovlrun.linux.namespaces import enter_private_namespace
 from ovlrun.linux.privileges import Identity, drop_to
 
@@ -201,7 +203,7 @@ def prepare(plan: JobPlan, command: list[str], *, store: str, identity: Identity
         raise OvlrunError(f"{e}; refusing to run the job there "
                           "(profiles may allow it with missing_root = \"unlocalised\")") from None
     if record is not None:
-        _save_launch_record(*record, ns_ino, mounted, warnings)
+        _save_launch_record(*record, ns_ino, mounted, warnings, plan)
     return command, env, cwd
 
 
@@ -225,13 +227,17 @@ def _launch_record(plan: JobPlan, identity: Identity | None, started: float,
 
 
 def _save_launch_record(record: records.JobRecord, dir_fd: int, ns_ino: int, mounted: list[MountItem],
-                        warnings: list[str]) -> None:
+                        warnings: list[str], plan: JobPlan) -> None:
     """Write the record relative to its directory's fd (nothing is resolved by path after
     the first mount); a failure costs the record, not the job."""
     record.ns_ino = ns_ino
     record.localised = [item.path for item in mounted]
     record.state = records.LOCALISED if mounted else records.UNLOCALISED
     record.messages = warnings
+    features = probe()  # as mount_items found them (probed once per process)
+    record.stats["given"] = given([(item.path, snapshot_name(item.snapshot_dir)) for item in mounted],
+                                  plan.missing + [item.path for item in plan.items if item not in mounted],
+                                  features.data_only_layers, record.started, features.method)
     try:
         record.save(dir_fd)
     except OSError as e:
