@@ -206,3 +206,47 @@ def test_the_history_is_bounded(tmp_path: Path) -> None:
         assert sorted(p.name for p in tmp_path.iterdir()) == ["103.json", "104.json", "notes.txt"]
     finally:
         os.close(fd)
+
+
+# -- learn --inline (issue 17, item 3) -----------------------------------------------------
+
+@requires_root
+def test_learn_proposes_the_inline_set_from_what_the_job_opened(world: World) -> None:
+    """The kinds of files the job opened below the proposed release, up to --inline-max,
+    with what the image grows by (every such file of the release, opened or not)."""
+    lib = world.sw / "app" / "1.0" / "lib"
+    (lib / "libbig.so.2").write_bytes(b"\0" * (64 << 10))  # opened, over the limit: stays metacopy
+    (lib / "python" / "other.py").write_text("X = 1\n")  # not opened, grows the image all the same
+    (lib / "python" / "data").write_text("no extension\n")
+    script = (f"ls {world.sw}/app/1.0/lib/nothere; cat {lib}/libfoo.so.1 {lib}/libbig.so.2 {lib}/python/mod.py "
+              f"{lib}/python/mod.py {lib}/python/data >/dev/null")
+    proposal = world.base / "learned.toml"
+    report_file = world.base / "report.json"
+    r = learn(world, "--tracer", "strace", "--tree", str(world.sw), "--inline", "--inline-max", "16KiB",
+              "--output", str(proposal), "--json", "--report", str(report_file), "--", "/bin/sh", "-c", script,
+              cwd="/")
+    assert r.returncode == 0, r.stderr
+    [inline] = json.loads(report_file.read_text())["proposal"]["inline"]
+    foo, mod, other = (lib / "libfoo.so.1").stat().st_size, (lib / "python" / "mod.py").stat().st_size, 6
+    assert inline["root"] == str(world.sw) and inline["max_bytes"] == 16 << 10
+    assert inline["kinds"] == [
+        {"pattern": "**/*.py", "files": 1, "opens": 2, "opened_bytes": mod, "larger": 0},
+        {"pattern": "**/*.so*", "files": 1, "opens": 1, "opened_bytes": foo, "larger": 1}]
+    assert (inline["growth_files"], inline["growth_bytes"]) == (3, foo + mod + other)
+    text = proposal.read_text()
+    assert 'inline_max = "16KiB"' in text and '"**/*.so*"' in text, text
+    check = world.ovlrun("profile", "check", str(proposal))
+    assert check.returncode == 0 and "inline **/*.py, **/*.so* (files up to 16 KiB)" in check.stdout, check
+    # Without --inline, nothing of it.
+    r = learn(world, "--tracer", "strace", "--tree", str(world.sw), "--output", str(proposal), "--", "/bin/sh", "-c",
+              script, cwd="/")
+    assert r.returncode == 0 and "inline" not in proposal.read_text(), r.stderr
+
+
+def test_learn_refuses_a_bad_inline_max_before_running_the_job(world: World) -> None:
+    marker = world.base / "ran"
+    r = learn(world, "--tracer", "strace", "--tree", str(world.sw), "--inline", "--inline-max", "lots", "--",
+              "/bin/sh", "-c", f"touch {marker}")
+    assert r.returncode == 125 and not marker.exists(), r
+    assert r.stderr.splitlines() == ["ovlrun: --inline-max: 'lots' is not a size (write it as bytes, or with B, KiB, "
+                                     'MiB or GiB: "256KiB")'], r.stderr

@@ -26,9 +26,7 @@ from ovlrun.jobs.records import (
     RUNDIR_MODE,
     JobRecord,
     check_id,
-    node_dirs,
     open_record_dir,
-    rundir,
     valid_record_id,
 )
 from ovlrun.linux.files import UntrustedError, open_trusted
@@ -112,24 +110,7 @@ def prune(history_fd: int, *, now: float, keep: int = MAX_ENDED, max_age: float 
 
 def ended_records() -> list[JobRecord]:
     """Every readable ended record of every node of this host (root)."""
-    base = rundir()
-    out = []
-    for directory in [base] + [os.path.join(base, d) for d in node_dirs(base)]:
-        history = os.path.join(directory, ENDED)
-        try:
-            names = sorted(os.listdir(history))
-        except OSError:
-            continue
-        for name in names:
-            if not name.endswith(RECORD_SUFFIX) or not valid_record_id(name[:-len(RECORD_SUFFIX)]):
-                continue
-            try:
-                record = JobRecord.load_path(os.path.join(history, name))
-            except (OvlrunError, ValueError):
-                continue
-            if record is not None:
-                out.append(record)
-    return out
+    return JobRecord.all(within=ENDED)
 
 
 def recent(limit: int) -> list[JobRecord]:

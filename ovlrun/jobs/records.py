@@ -303,12 +303,14 @@ class JobRecord:
         return cls.load_path(found[0]) if found else None
 
     @classmethod
-    def all(cls, kind: str | None = None) -> list[JobRecord]:
-        """Every readable, trusted record (of ``kind``, if given) of every node of this host;
+    def all(cls, kind: str | None = None, within: str = "") -> list[JobRecord]:
+        """Every readable, trusted record (of ``kind``, if given) of every node of this host
+        (in each node's subdirectory ``within``, e.g. the history of ended jobs);
         unreadable ones are skipped."""
         base = rundir()
         out = []
         for directory in [base] + [os.path.join(base, d) for d in node_dirs(base)]:
+            directory = os.path.join(directory, within) if within else directory
             try:
                 names = sorted(os.listdir(directory))
             except OSError:
@@ -352,7 +354,7 @@ class JobRecord:
 
     def alive(self) -> bool:
         """Is the job still running?  A launch: its process (same pid, same start time) is;
-        a Slurm job: its record exists until the Epilog removes it."""
+        a Slurm job: its record is running until the Epilog ends it (jobs/history.py)."""
         if self.ended is not None:
             return False
         if self.kind != LAUNCH:

@@ -67,17 +67,28 @@ def learn(command: Annotated[list[str], typer.Argument(metavar="-- CMD [ARGS...]
                                               "strace), bpftrace or strace.")] = "auto",
           user: Annotated[str | None, typer.Option("--user", "-u", help="Run CMD as USER (root only).")] = None,
           output: OutputOpt = None, as_json: JsonOpt = False, glob: GlobOpt = False, min_enoent: MinEnoentOpt = 1,
+          inline: Annotated[bool, typer.Option("--inline", help=(
+              "Also propose which files to store whole in the snapshots (the profile's inline option): the kinds "
+              "of files the job opened below the proposed releases, with the image growth."))] = False,
+          inline_max: Annotated[str, typer.Option("--inline-max", metavar="SIZE", help=(
+              "With --inline: only files up to SIZE (bytes, or KiB/MiB/GiB)."))] = "256KiB",
           events: Annotated[str | None, typer.Option("--events", metavar="FILE", help=(
               "Write every lookup there, one JSON object a line."))] = None,
           report: Annotated[str | None, typer.Option("--report", metavar="FILE", help=(
               "Write the report there instead of stderr."))] = None) -> int:
     from ovlrun.jobs.nfs import format_lines
     from ovlrun.learn import job, propose
+    from ovlrun.learn.inline import propose as propose_inline
     from ovlrun.learn.report import format_table, to_json
     from ovlrun.learn.trees import make_trees
     from ovlrun.learn.view import job_view
+    from ovlrun.profile.parse import parse_size
     from ovlrun.profile.patterns import Pattern
 
+    try:
+        max_bytes = parse_size(inline_max)
+    except ValueError as e:
+        raise OvlrunError(f"--inline-max: {e}") from None
     view = job_view(command, profile, user)
     profile_trees: dict[str, list[Pattern]] | None = None
     if view.profile is not None:
@@ -98,8 +109,10 @@ def learn(command: Annotated[list[str], typer.Argument(metavar="-- CMD [ARGS...]
     candidates = [propose.Candidate(root, rel, c.lookups, c.enoent, c.opens)
                   for (root, rel), c in tally.releases.items()]
     chosen = propose.choose(candidates, trees, min_enoent=min_enoent, glob=glob)
+    inlined = (propose_inline(tally, [(c.root, c.pattern) for c in chosen.chosen], max_bytes)
+               if inline and chosen.chosen else [])
     text = propose.render(chosen, f"proposed by ovlrun learn from: {' '.join(command)}"[:200],
-                          f"{outcome.tracer} tracing {' '.join(command)!r}"[:300]) if chosen.chosen else ""
+                          f"{outcome.tracer} tracing {' '.join(command)!r}"[:300], inlined) if chosen.chosen else ""
     if text:
         propose.check(text, output or "<proposal>")
         if output:
@@ -112,7 +125,8 @@ def learn(command: Annotated[list[str], typer.Argument(metavar="-- CMD [ARGS...]
                                     "complete": outcome.complete, "notes": outcome.notes, **to_json(tally),
                                     "nfs": outcome.nfs,
                                     "proposal": {"file": output, "patterns": [c._asdict() for c in chosen.chosen],
-                                                 "skipped": chosen.skipped, "text": text}}
+                                                 "skipped": chosen.skipped, "text": text,
+                                                 "inline": [p.to_json() for p in inlined]}}
             out.write(json.dumps(data, indent=1) + "\n")
         else:
             header = (f"ovlrun learn: {' '.join(command)[:80]} exited with {outcome.status}; "
@@ -122,6 +136,11 @@ def learn(command: Annotated[list[str], typer.Argument(metavar="-- CMD [ARGS...]
                 out.write(line + "\n")
             for note in outcome.notes:
                 out.write(f"ovlrun learn: warning: {note}\n")
+            for p in inlined:
+                out.write(p.describe() + "\n")
+            if inline and chosen.chosen and not inlined:
+                out.write("nothing to inline: the job opened no file with an extension of at most "
+                          f"{inline_max} below the proposed releases\n")
             if not text:
                 out.write(f"nothing to propose: no release directory had {min_enoent} or more ENOENT lookups\n")
             elif output:

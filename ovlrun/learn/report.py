@@ -74,6 +74,7 @@ class Tally:
         self.truncated = 0
         self.processes = 0  # set by whoever ran the job (aggregated lookups carry no process)
         self.paths: dict[str, Counts] = {}
+        self.opened: dict[str, int] = {}  # after finish(): path -> data opens
         self.outside = Counts()  # not under any tree
         self.releases: dict[tuple[str, str], Counts] = {}
         self.top: dict[str, Counts] = {}  # per tree root: lookups at the top levels
@@ -102,6 +103,9 @@ class Tally:
                 self.outside.merge(counts)
                 continue
             self._bucket(place).merge(counts, self._is_local(place, path) if self.localised else None)
+        # Kept past the per-path counts: which files' data the job opened, how often
+        # (learn --inline proposes what to store whole from them).
+        self.opened = {path: counts.opens for path, counts in self.paths.items() if counts.opens}
         self.paths = {}
 
     def _bucket(self, place: Place) -> Counts:

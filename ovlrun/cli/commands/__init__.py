@@ -49,7 +49,8 @@ COMMANDS = (
     Command("slurm", SUDO_ROOT_ONLY, "Slurm hooks (see docs/slurm.md)"),
     Command("learn", SUDO_AS_YOURSELF, "trace a job's lookups, propose a profile", "[OPTIONS] -- CMD | watch | propose",
             wrapper=True, sudo_hint="in a profile's view: sudo ovlrun --profile NAME -- ovlrun learn -- CMD"),
-    Command("jobs", SUDO_ROOT_ONLY, "recent jobs: what each was given and saved (root)", "[--json]"),
+    Command("jobs", SUDO_ROOT_ONLY, "recent jobs: what each was given and saved (root)",
+            "[--json] [--limit N]"),
 )
 
 
