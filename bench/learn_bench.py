@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.learn_workloads import WORKLOADS, Workload, build  # noqa: E402
 
-LEARN = [sys.executable, "-I", "-m", "ovlrun.learn"]
+LEARN = [sys.executable, "-I", "-m", "ovlrun", "learn"]
 RESULTS = Path(__file__).resolve().parent / "results"
 STORM_C = r"""
 #include <stdio.h>

@@ -16,12 +16,13 @@ import pytest
 
 from tests.conftest import IS_ROOT, World
 
-LEARN = [sys.executable, "-I", "-m", "ovlrun.learn"]
+LEARN = [sys.executable, "-I", "-m", "ovlrun", "learn"]
 
 
 def learn(world: World, *args: str, env: dict[str, str] | None = None, timeout: float = 300,
           **kw: Any) -> subprocess.CompletedProcess[str]:
-    full = {"OVLRUN_STORE": str(world.store), "OVLRUN_PROFILE_PATH": str(world.profiles), "LC_ALL": "C.UTF-8",
+    full = {"OVLRUN_STORE": str(world.store), "OVLRUN_PROFILE_PATH": str(world.profiles),
+            "OVLRUN_JOB_RUNDIR": str(world.rundir), "LC_ALL": "C.UTF-8",
             "PATH": "/usr/bin:/bin", **(env or {})}
     return subprocess.run([*LEARN, *args], env=full, text=True, capture_output=True, timeout=timeout, **kw)
 

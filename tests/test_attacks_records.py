@@ -67,7 +67,15 @@ def test_another_user_cannot_read_a_slurm_jobs_record(world: World, test_user: s
         assert "Permission denied" in su(VICTIM_USER, f"cat {record}").stderr
     finally:
         assert _hook("epilog", env).returncode == 0
-    assert not any(world.rundir.glob(f"**/{job_id}*"))
+    # The Epilog keeps the record in the node's history (ovlrun jobs), root's alone; the
+    # views go with the job.
+    ended = world.rundir / NODE / ".ended" / f"{job_id}.json"
+    assert [p.relative_to(world.rundir) for p in world.rundir.glob(f"**/{job_id}*")] == [ended.relative_to(world.rundir)]
+    assert (ended.stat().st_uid, ended.stat().st_mode & 0o777) == (0, 0o600)
+    assert json.loads(ended.read_text())["ended"] is not None
+    seen = _reads(TEST_USER, ended, ended.parent)
+    assert all("Permission denied" in out and "rc=0" not in out for out in seen.values()), seen
+    assert "Permission denied" in su(VICTIM_USER, f"cat {ended}").stderr
 
 
 @pytest.mark.usefixtures("victim")

@@ -497,12 +497,24 @@ def test_site_config_is_checked(tmp_path: Path) -> None:
             load_site_config(str(conf))
         return e.value.message
 
-    assert error('image_dirr = "/x"\n') == f"{conf}: image_dirr: unknown key (allowed: fetch_timeout, image_dir, image_owner, max_image_bytes)"
+    assert error('image_dirr = "/x"\n') == f"{conf}: image_dirr: unknown key (allowed: fetch_timeout, image_dir, image_owner, learn_tree, max_image_bytes)"
     assert error('image_dir = "x"\n') == f"{conf}: image_dir: must be an absolute path"
     assert error("fetch_timeout = 0\n").startswith(f"{conf}: fetch_timeout: must be a number of seconds")
     assert error('image_owner = "no-such-user-here"\n') == f"{conf}: image_owner: no such account 'no-such-user-here'"
     assert error("image_owner = true\n") == f"{conf}: image_owner: must be an account name or a uid"
     assert "TOML syntax error" in error("image_dir = \n")
+    assert error('learn_tree = "/sw"\n').startswith(f"{conf}: learn_tree: must be tables")
+    assert error('[[learn_tree]]\nroot = "/sw"\ndepth = 2\n') == (f"{conf}: learn_tree #1: depth: unknown key "
+                                                                "(allowed: root, release_depth)")
+    assert error("[[learn_tree]]\nrelease_depth = 2\n") == f"{conf}: learn_tree #1: root: missing"
+    assert error('[[learn_tree]]\nroot = "sw"\n') == f"{conf}: learn_tree #1: root: must be an absolute path"
+    assert "'..' components" in error('[[learn_tree]]\nroot = "/sw/../etc"\n')
+    assert "cannot be a software tree" in error('[[learn_tree]]\nroot = "/"\n')
+    for depth in ("0", "33", "true", '"2"', "1.5"):
+        assert error(f'[[learn_tree]]\nroot = "/sw"\nrelease_depth = {depth}\n') == (
+            f"{conf}: learn_tree #1: release_depth: must be a whole number from 1 to 32"), depth
+    assert error('[[learn_tree]]\nroot = "/sw"\n[[learn_tree]]\nroot = "/sw/"\n') == (
+        f"{conf}: learn_tree #2: root: /sw is named twice")
     assert "group/other-writable" in error('image_dir = "/x"\n', mode=0o664)
     assert "owned by uid 4242, not root" in error('image_dir = "/x"\n', uid=4242)
     conf.unlink()
@@ -514,6 +526,9 @@ def test_site_config_is_checked(tmp_path: Path) -> None:
     conf.chmod(0o644)
     config = load_site_config(str(conf))
     assert (config.image_dir, config.image_owner.uid, config.fetch_timeout) == ("/sw/.ovlrun-images", NOBODY, 2.0)
+    assert config.learn_trees == ()
+    conf.write_text('[[learn_tree]]\nroot = "/sw/"\nrelease_depth = 2\n[[learn_tree]]\nroot = "/opt/sw"\n')
+    assert [tuple(t) for t in load_site_config(str(conf)).learn_trees] == [("/sw", 2), ("/opt/sw", None)]
     assert config_path({"OVLRUN_CONFIG": str(conf)}) == str(conf)
     with pytest.raises(OvlrunError, match="OVLRUN_CONFIG is only honoured for root callers"):
         config_path({"OVLRUN_CONFIG": str(conf), "SUDO_UID": "4242"})

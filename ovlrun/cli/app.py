@@ -8,14 +8,13 @@ click would find another copy (or none).
 from __future__ import annotations
 
 import importlib
-import sys
 
 import typer
 
 from ovlrun import __version__
 from ovlrun.cli.commands import COMMANDS, find
 from ovlrun.cli.launch import LAUNCH_HELP, LAUNCH_USAGE
-from ovlrun.errors import EXIT_OVLRUN, EXIT_USAGE, OvlrunError
+from ovlrun.cli.options import run_typer
 
 
 def build() -> tuple[typer.Typer, dict[str, list[str]]]:
@@ -43,25 +42,6 @@ def help_text(subcommands: dict[str, list[str]]) -> str:
             "mounting, default 60; then it exits 125).\n")
 
 
-def _usage_error(e: Exception) -> int | None:
-    """Report typer's usage error ``e`` in one line; None if ``e`` is not one.
-
-    typer raises its (vendored) click's ``ClickException`` subclasses for bad usage; they
-    are recognised by click's documented interface (``exit_code``, ``format_message``,
-    ``ctx``) rather than by class, which would mean importing click.
-    """
-    exit_code = getattr(e, "exit_code", None)
-    format_message = getattr(e, "format_message", None)
-    if not isinstance(exit_code, int) or not callable(format_message):
-        return None
-    if type(e).__name__ == "NoArgsIsHelpError":  # help was printed already
-        return EXIT_USAGE
-    ctx = getattr(e, "ctx", None)
-    where = getattr(ctx, "command_path", "ovlrun")
-    print(f"{where}: {format_message()} (see '{where} --help')", file=sys.stderr)
-    return exit_code
-
-
 def run(args: list[str]) -> int:
     """Run a subcommand (or ``--help``, ``--version``): its own status, 0 for --help, 2
     for bad usage (one line; 125 for a wrapper's, see the table)."""
@@ -72,16 +52,5 @@ def run(args: list[str]) -> int:
     if args and args[0] in ("-h", "--help"):
         print(help_text(subcommands), end="")
         return 0
-    try:
-        result = app(args=args, prog_name="ovlrun", standalone_mode=False)
-    except (typer.Exit, typer.Abort) as e:
-        return getattr(e, "exit_code", 1)
-    except OvlrunError:
-        raise
-    except Exception as e:
-        code = _usage_error(e)
-        if code is None:
-            raise
-        command = find(args[0]) if args else None
-        return EXIT_OVLRUN if command is not None and command.wrapper else code
-    return result if isinstance(result, int) else 0
+    command = find(args[0]) if args else None
+    return run_typer(app, args, "ovlrun", wrapper=command is not None and command.wrapper)

@@ -25,10 +25,11 @@ def sudo_gate(name: str) -> None:
     """Refuse command ``name`` to a non-root caller who came through sudo unless the table
     allows it (``enter``).
 
-    They need no root (``profile check``, ``status``: run them without sudo), or are the
-    administrator's alone (``snapshot``: root writing what every job trusts; ``doctor``;
-    ``slurm``: slurmd's).  The shipped sudoers drop-in allows only launches and ``enter``
-    too; this is the first line of defence, sudoers the second.
+    They need no root (``profile check``, ``status``, ``learn``: run them without sudo), or
+    are the administrator's alone (``snapshot``: root writing what every job trusts;
+    ``doctor``; ``jobs``: every user's jobs; ``slurm``: slurmd's).  The shipped sudoers
+    drop-in allows only launches and ``enter`` too; this is the first line of defence,
+    sudoers the second.
     """
     import os
 
@@ -39,7 +40,8 @@ def sudo_gate(name: str) -> None:
         return
     raise OvlrunError(f"'ovlrun {name}' is not available through sudo: "
                       + ("run it without sudo, as yourself" if command.sudo == SUDO_AS_YOURSELF
-                         else "it is for the administrator (root) only"))
+                         else "it is for the administrator (root) only")
+                      + (f" ({command.sudo_hint})" if command.sudo_hint else ""))
 
 
 def dispatch(args: list[str]) -> int:

@@ -36,6 +36,7 @@ from pathlib import Path
 from ovlrun.errors import OvlrunError
 from ovlrun.hooks.slurmjob import JobContainerConf, SlurmJob, jc_conf_path, read_job_container_conf, requested_profile
 from ovlrun.hooks.slurmversion import create_mode_problem
+from ovlrun.jobs import history
 from ovlrun.jobs.records import (
     LOCALISED,
     PREPARING,
@@ -47,9 +48,11 @@ from ovlrun.jobs.records import (
     record_dir,
     valid_job_id,
 )
+from ovlrun.jobs.stats import given, snapshot_name
 from ovlrun.launch.mount import mount_items, report_missing
 from ovlrun.launch.planner import plan
 from ovlrun.linux import namespaces, syscalls
+from ovlrun.linux.kernel import MOUNT_FALLBACK, probe
 from ovlrun.profile.parse import Profile, load_profile
 from ovlrun.store.index import Store
 
@@ -130,7 +133,21 @@ def _mount_overlays(profile: Profile, store: Store) -> Notes:
     report_missing(job_plan, strict=False, warn=messages.append)
     mounted = mount_items(job_plan.items, str(store.path), strict=False, warn=messages.append,
                           missing_root=profile.missing_root)
-    return {"localised": [item.path for item in mounted], "messages": messages}
+    return {"localised": [item.path for item in mounted], "messages": messages,
+            "snapshots": [snapshot_name(item.snapshot_dir) for item in mounted],
+            "unlocalised": job_plan.missing + [item.path for item in job_plan.items if item not in mounted],
+            "method": [probe().method]}
+
+
+def _apply_notes(record: JobRecord, notes: Notes) -> None:
+    """What the mount step (in the namespace's helper process) reported, into the job's
+    record: the localised paths, the warnings, what the job was given (jobs/stats.py)."""
+    record.localised = notes["localised"]
+    record.messages += notes["messages"]
+    if notes.get("method"):
+        method = notes["method"][0]
+        record.stats["given"] = given(list(zip(record.localised, notes.get("snapshots", []), strict=False)),
+                                      notes.get("unlocalised", []), method != MOUNT_FALLBACK, record.started, method)
 
 
 def _private_dirs(job: SlurmJob, jc: JobContainerConf, job_dir: Path) -> None:
@@ -216,8 +233,7 @@ def _prolog(job: SlurmJob, name: str, env: Mapping[str, str], log: HookLog) -> i
     if notes is None:
         return 0  # failure already recorded; job runs unlocalised
     record.state = REQUESTED if target.mode == "record" else LOCALISED
-    record.localised = notes["localised"]
-    record.messages += notes["messages"]
+    _apply_notes(record, notes)
     record.save()
     for m in record.messages:
         if m not in fetch_notes:
@@ -382,9 +398,14 @@ def epilog(env: Mapping[str, str] | None = None) -> int:
         except OSError:
             pass
     try:
-        JobRecord.remove(job_id, node)
-    except OvlrunError as e:
-        log("error", str(e))
+        # Kept in the node's bounded history (``ovlrun jobs``).
+        history.finish(job_id, node=node)
+    except Exception as e:  # whatever it is: an Epilog that fails drains the node
+        log("error", f"ending the job record: {e}")
+        try:
+            JobRecord.remove(job_id, node)
+        except OvlrunError as e:
+            log("error", str(e))
     return 0
 
 
@@ -414,8 +435,7 @@ def clone_ns_script(env: Mapping[str, str] | None = None) -> int:
                      job, record.profile, log)
     if notes is not None:
         record.ns_path = ns
-        record.localised = notes["localised"]
-        record.messages += notes["messages"]
+        _apply_notes(record, notes)
         record.state = LOCALISED
         record.save()
         log("info", f"profile {record.profile!r}: {len(record.localised)} localised path(s)")

@@ -14,20 +14,23 @@ go with a reboot; ``OVLRUN_JOB_RUNDIR`` elsewhere, for root callers only)::
                                  owned by the job's user, 0400, made by root with O_EXCL |
                                  O_NOFOLLOW and never read by root for any decision
     RUNDIR/JOBID/.ns             a namespace a Prolog pinned without a job_container plugin
+    RUNDIR/.ended/ID.json        ended jobs' records, a bounded history (jobs/history.py)
     RUNDIR/NODE/...              the same for another slurmd node of this host
 
-A Slurm record lives from the Prolog to the Epilog, which removes it.  A launch execs its
-command (the command *is* the job process), so nobody writes its end: the record says
-what identifies the job's liveness -- the process id with its start time (``pid``,
-``pid_start``, from ``/proc/PID/stat``) and its mount namespace's inode (``ns_ino``) --
-and :meth:`JobRecord.alive` infers the rest; ``prune_ended`` removes old ones.
+A Slurm record lives from the Prolog to the Epilog, which moves it into the history.  A
+launch execs its command (the command *is* the job process), so nobody writes its end
+(unless learn ran it): the record says what identifies the job's liveness -- the
+process id with its start time (``pid``, ``pid_start``, from ``/proc/PID/stat``) and
+its mount namespace's inode (``ns_ino``) -- and :meth:`JobRecord.alive` infers the rest;
+``prune_ended`` removes old ones.
 
 States: ``preparing`` (saved before anything is mounted, so whatever a killed hook left
 can be found and removed), ``requested`` (a later hook, CloneNSScript, mounts),
 ``localised``, ``unlocalised`` (the job runs on the plain shared tree; messages say why).
 
-On the launch path: imports os and stat only.  Records are JSON, written by hand here
-(:func:`encode`) because the json module imports re; readers are cold and use json.
+On the launch path: imports os and stat only.
+Records are JSON, written by hand here (:func:`encode`) because the json module imports
+re; readers are cold and use json.
 """
 
 from __future__ import annotations
@@ -219,7 +222,7 @@ class JobRecord:
         readers; a launch writes relative to its directory's fd and never asks."""
         from pathlib import Path
 
-        _check_id(job_id)
+        check_id(job_id)
         return Path(record_dir(node), job_id + suffix)
 
     @classmethod
@@ -232,24 +235,30 @@ class JobRecord:
 
     # -- writing -----------------------------------------------------------------------
 
-    def save(self, dir_fd: int | None = None) -> None:
+    def save(self, dir_fd: int | None = None, *, views: bool = True) -> None:
         """Write (replace) the record, root-only, in its node's record directory, or in the
-        one ``dir_fd`` holds (a launch opened it before its first mount).  A Slurm job's
-        view files for its user are written beside it."""
+        one ``dir_fd`` holds (a launch opened it before its first mount).  The user's view
+        files are written beside it (``views``; a record moving into the history has none):
+        a Slurm job's environment and messages."""
         own = dir_fd is None
         if dir_fd is None:
             dir_fd = open_record_dir(self.node)
         try:
-            _check_id(self.job_id)  # it becomes a file name
+            check_id(self.job_id)  # it becomes a file name
             # Not fsynced: a record means nothing after a crash (its jobs are gone, and /run
             # is normally a tmpfs), and a launch must not wait for a disk.
             write_atomic(self.job_id + RECORD_SUFFIX, encode(self.to_dict()).encode(), 0o600, dir_fd=dir_fd,
                          durable=False)
-            if self.kind == SLURM:
+            if views and self.kind == SLURM:
                 self._save_views(dir_fd)
         finally:
             if own:
                 os.close(dir_fd)
+
+    def _save_view(self, dir_fd: int, suffix: str, text: str) -> None:
+        """A file of the record's for its user: owned by them, 0400, replaced atomically
+        in root's directory (they cannot write there); root never reads it back."""
+        write_atomic(self.job_id + suffix, text.encode(), 0o400, dir_fd=dir_fd, owner=(self.uid, -1), durable=False)
 
     def _save_views(self, dir_fd: int) -> None:
         # The messages as plain lines, for readers without Python: the optional Slurm
@@ -260,8 +269,7 @@ class JobRecord:
         # `ovlrun status` to read (profile names are [A-Za-z0-9_.+-], job ids digits).
         env = f"OVLRUN_PROFILE={self.profile}\nOVLRUN_JOB_ID={self.job_id}\n" if self.state == LOCALISED else ""
         for suffix, text in ((".messages", notes), (".env", env)):
-            write_atomic(self.job_id + suffix, text.encode(), 0o400, dir_fd=dir_fd, owner=(self.uid, -1),
-                         durable=False)
+            self._save_view(dir_fd, suffix, text)
 
     @classmethod
     def remove(cls, job_id: str, node: str | None = None) -> None:
@@ -277,7 +285,7 @@ class JobRecord:
     def load(cls, job_id: str, node: str | None = None) -> JobRecord | None:
         """The record, None if there is none; OvlrunError if root did not write it,
         ValueError if it is not a record."""
-        return cls._load_path(cls.path_for(job_id, node))
+        return cls.load_path(cls.path_for(job_id, node))
 
     @classmethod
     def find(cls, job_id: str) -> JobRecord | None:
@@ -285,22 +293,24 @@ class JobRecord:
         an error if several do (a job spanning nodes of a multiple-slurmd host)."""
         base = rundir()
         name = job_id + RECORD_SUFFIX
-        candidates = [str(cls.path_for(job_id))] + [os.path.join(base, d, name) for d in _node_dirs(base)]
+        candidates = [str(cls.path_for(job_id))] + [os.path.join(base, d, name) for d in node_dirs(base)]
         found = [p for p in candidates if os.path.lexists(p)]
         if len(found) > 1:
             nodes = ", ".join(os.path.basename(os.path.dirname(p)) if os.path.dirname(p) != base else host_node()
                               for p in found)
             raise OvlrunError(f"job {job_id} runs on several nodes of this host ({nodes}); "
                               "enter it from a session on the node you mean")
-        return cls._load_path(found[0]) if found else None
+        return cls.load_path(found[0]) if found else None
 
     @classmethod
-    def all(cls, kind: str | None = None) -> list[JobRecord]:
-        """Every readable, trusted record (of ``kind``, if given) of every node of this host;
+    def all(cls, kind: str | None = None, within: str = "") -> list[JobRecord]:
+        """Every readable, trusted record (of ``kind``, if given) of every node of this host
+        (in each node's subdirectory ``within``, e.g. the history of ended jobs);
         unreadable ones are skipped."""
         base = rundir()
         out = []
-        for directory in [base] + [os.path.join(base, d) for d in _node_dirs(base)]:
+        for directory in [base] + [os.path.join(base, d) for d in node_dirs(base)]:
+            directory = os.path.join(directory, within) if within else directory
             try:
                 names = sorted(os.listdir(directory))
             except OSError:
@@ -312,7 +322,7 @@ class JobRecord:
                 if kind is not None and valid_job_id(record_id) != (kind == SLURM):
                     continue  # told by the name, before reading it (gc reads Slurm ones only)
                 try:
-                    record = cls._load_path(os.path.join(directory, name))
+                    record = cls.load_path(os.path.join(directory, name))
                 except (OvlrunError, ValueError):
                     continue
                 if record is not None:
@@ -320,11 +330,14 @@ class JobRecord:
         return out
 
     @classmethod
-    def _load_path(cls, path: str | Path) -> JobRecord | None:
+    def load_path(cls, path: str | Path, dir_fd: int | None = None) -> JobRecord | None:
+        """The record in file ``path`` (relative to ``dir_fd`` if given), None if there is
+        none; OvlrunError if root did not write it, ValueError if it is not a record."""
         import json
 
         try:
-            fd = open_trusted(str(path))  # only a record root wrote: the directory could be misconfigured
+            # Only a record root wrote: the directory could be misconfigured.
+            fd = open_trusted(str(path), dir_fd=dir_fd)
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -341,7 +354,7 @@ class JobRecord:
 
     def alive(self) -> bool:
         """Is the job still running?  A launch: its process (same pid, same start time) is;
-        a Slurm job: its record exists until the Epilog removes it."""
+        a Slurm job: its record is running until the Epilog ends it (jobs/history.py)."""
         if self.ended is not None:
             return False
         if self.kind != LAUNCH:
@@ -358,14 +371,14 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "pid_start": int, "node": str, "started": (int, float), "ended": (int, float, type(None)), "stats": dict}
 
 
-def _check_id(job_id: str) -> None:
+def check_id(job_id: str) -> None:
     if not valid_record_id(job_id):
         # Job ids come from the environment of a root hook or the command line of
         # `ovlrun enter`; never let them name a path outside the run directory.
         raise OvlrunError(f"invalid job id {job_id!r}: expected digits")
 
 
-def _node_dirs(base: str) -> list[str]:
+def node_dirs(base: str) -> list[str]:
     """Subdirectories of ``base`` that hold another slurmd node's records."""
     try:
         return sorted(d for d in os.listdir(base) if valid_node_name(d) and not valid_job_id(d)

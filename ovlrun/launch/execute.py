@@ -20,8 +20,10 @@ import sys
 
 from ovlrun.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, OvlrunError
 from ovlrun.jobs import records
+from ovlrun.jobs.stats import given, snapshot_name
 from ovlrun.launch.mount import TreeRootMissing, mount_items, report_missing, warn_stderr
 from ovlrun.linux import limits
+from ovlrun.linux.kernel import probe
 from ovlrun.linux.namespaces import enter_private_namespace
 from ovlrun.linux.privileges import Identity, drop_to
 
@@ -147,6 +149,19 @@ def exec_job(command: list[str], env: dict[str, str], identity: Identity | None,
 def run(plan: JobPlan, command: list[str], *, store: str, identity: Identity | None, strict: bool,
         environ: dict[str, str], login: bool = False, env_shell: bool = True) -> int:
     """Set up the job's namespace from ``plan`` and exec ``command`` in it (as root)."""
+    argv, env, cwd = prepare(plan, command, store=store, identity=identity, strict=strict, environ=environ,
+                             login=login, env_shell=env_shell)
+    return exec_job(argv, env, identity, cwd)
+
+
+def prepare(plan: JobPlan, command: list[str], *, store: str, identity: Identity | None, strict: bool,
+            environ: dict[str, str], login: bool = False,
+            env_shell: bool = True) -> tuple[list[str], dict[str, str], str | None]:
+    """Everything a launch does before its exec, as root: the job's namespace with the
+    plan's overlays, and its job record.  Returns the command (``command``, or the shell),
+    its environment and the working directory to re-enter, for :func:`exec_job`.
+    (``ovlrun learn --profile`` runs it in the job's first process, before the tracer
+    attaches.)"""
     import time
 
     started = time.time()
@@ -188,8 +203,8 @@ def run(plan: JobPlan, command: list[str], *, store: str, identity: Identity | N
         raise OvlrunError(f"{e}; refusing to run the job there "
                           "(profiles may allow it with missing_root = \"unlocalised\")") from None
     if record is not None:
-        _save_launch_record(*record, ns_ino, mounted, warnings)
-    return exec_job(command, env, identity, cwd, login=login, env_shell=env_shell)
+        _save_launch_record(*record, ns_ino, mounted, warnings, plan)
+    return command, env, cwd
 
 
 def _launch_record(plan: JobPlan, identity: Identity | None, started: float,
@@ -212,13 +227,17 @@ def _launch_record(plan: JobPlan, identity: Identity | None, started: float,
 
 
 def _save_launch_record(record: records.JobRecord, dir_fd: int, ns_ino: int, mounted: list[MountItem],
-                        warnings: list[str]) -> None:
+                        warnings: list[str], plan: JobPlan) -> None:
     """Write the record relative to its directory's fd (nothing is resolved by path after
     the first mount); a failure costs the record, not the job."""
     record.ns_ino = ns_ino
     record.localised = [item.path for item in mounted]
     record.state = records.LOCALISED if mounted else records.UNLOCALISED
     record.messages = warnings
+    features = probe()  # as mount_items found them (probed once per process)
+    record.stats["given"] = given([(item.path, snapshot_name(item.snapshot_dir)) for item in mounted],
+                                  plan.missing + [item.path for item in plan.items if item not in mounted],
+                                  features.data_only_layers, record.started, features.method)
     try:
         record.save(dir_fd)
     except OSError as e:

@@ -1,8 +1,8 @@
 """The ``learn`` command line: ``learn [OPTIONS] -- CMD``, ``learn watch``, ``learn propose``.
 
-Until it is an entry of ovlrun's command table it runs as ``python -m ovlrun.learn``;
-:func:`main` is what that entry will call (it raises :class:`OvlrunError`, which the CLI
-edge prints).  typer through its public API only (never click).
+``ovlrun learn ARGS`` (:mod:`ovlrun.cli.commands.learn`) runs the app :func:`app_for`
+picks; errors are :class:`OvlrunError`, which the CLI edge prints.  typer through its
+public API only (never click).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import IO, Annotated, Any
 
 import typer
 
-from ovlrun.errors import EXIT_OVLRUN, EXIT_USAGE, OvlrunError
+from ovlrun.errors import OvlrunError
 
 SUBCOMMANDS = ("watch", "propose")
 CONTEXT = {"help_option_names": ["-h", "--help"], "allow_interspersed_args": False}
@@ -25,7 +25,8 @@ sub_app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 TreeOpt = Annotated[list[str] | None, typer.Option("--tree", metavar="ROOT[:DEPTH]", help=(
     "A shared tree to attribute lookups to, optionally with the depth of its release directories "
-    "(repeatable; default: the trees of the installed profiles, or of --profile)."))]
+    "(repeatable; default: the trees of --profile, else the site configuration's [[learn_tree]], else those of "
+    "the installed profiles)."))]
 JsonOpt = Annotated[bool, typer.Option("--json", help="The report as JSON.")]
 MinEnoentOpt = Annotated[int, typer.Option("--min-enoent", min=0, metavar="N", help=(
     "Propose a release directory only if at least N of its lookups failed with ENOENT (0: every release "
@@ -66,21 +67,35 @@ def learn(command: Annotated[list[str], typer.Argument(metavar="-- CMD [ARGS...]
                                               "strace), bpftrace or strace.")] = "auto",
           user: Annotated[str | None, typer.Option("--user", "-u", help="Run CMD as USER (root only).")] = None,
           output: OutputOpt = None, as_json: JsonOpt = False, glob: GlobOpt = False, min_enoent: MinEnoentOpt = 1,
+          inline: Annotated[bool, typer.Option("--inline", help=(
+              "Also propose which files to store whole in the snapshots (the profile's inline option): the kinds "
+              "of files the job opened below the proposed releases, with the image growth."))] = False,
+          inline_max: Annotated[str, typer.Option("--inline-max", metavar="SIZE", help=(
+              "With --inline: only files up to SIZE (bytes, or KiB/MiB/GiB)."))] = "256KiB",
           events: Annotated[str | None, typer.Option("--events", metavar="FILE", help=(
               "Write every lookup there, one JSON object a line."))] = None,
           report: Annotated[str | None, typer.Option("--report", metavar="FILE", help=(
               "Write the report there instead of stderr."))] = None) -> int:
+    from ovlrun.jobs.nfs import format_lines
     from ovlrun.learn import job, propose
-    from ovlrun.learn.nfs import format_lines
+    from ovlrun.learn.inline import propose as propose_inline
     from ovlrun.learn.report import format_table, to_json
-    from ovlrun.learn.trees import TreeSpec, make_trees
+    from ovlrun.learn.trees import make_trees
     from ovlrun.learn.view import job_view
+    from ovlrun.profile.parse import parse_size
+    from ovlrun.profile.patterns import Pattern
 
+    try:
+        max_bytes = parse_size(inline_max)
+    except ValueError as e:
+        raise OvlrunError(f"--inline-max: {e}") from None
     view = job_view(command, profile, user)
-    if tree or view.profile is None:
-        trees = make_trees(tree or [])
-    else:
-        trees = [TreeSpec(t.root, os.path.realpath(t.root), None, t.patterns) for t in view.profile.trees]
+    profile_trees: dict[str, list[Pattern]] | None = None
+    if view.profile is not None:
+        profile_trees = {}
+        for t in view.profile.trees:
+            profile_trees.setdefault(t.root, []).extend(t.patterns)
+    trees = make_trees(tree or [], profile_trees)
     events_file = _open_out(events) if events else None
     try:
         outcome = job.run(job.Request(command, trees, tracer, profile, user, events_file, _map_keys()), view.prepare,
@@ -88,12 +103,16 @@ def learn(command: Annotated[list[str], typer.Argument(metavar="-- CMD [ARGS...]
     finally:
         if events_file is not None:
             events_file.close()
+    if outcome.job_id:
+        _record_learned(outcome)
     tally = outcome.tally
     candidates = [propose.Candidate(root, rel, c.lookups, c.enoent, c.opens)
                   for (root, rel), c in tally.releases.items()]
     chosen = propose.choose(candidates, trees, min_enoent=min_enoent, glob=glob)
+    inlined = (propose_inline(tally, [(c.root, c.pattern) for c in chosen.chosen], max_bytes)
+               if inline and chosen.chosen else [])
     text = propose.render(chosen, f"proposed by ovlrun learn from: {' '.join(command)}"[:200],
-                          f"{outcome.tracer} tracing {' '.join(command)!r}"[:300]) if chosen.chosen else ""
+                          f"{outcome.tracer} tracing {' '.join(command)!r}"[:300], inlined) if chosen.chosen else ""
     if text:
         propose.check(text, output or "<proposal>")
         if output:
@@ -102,19 +121,26 @@ def learn(command: Annotated[list[str], typer.Argument(metavar="-- CMD [ARGS...]
     try:
         if as_json:
             data: dict[str, Any] = {"command": command, "status": outcome.status, "tracer": outcome.tracer,
+                                    "job_id": outcome.job_id or None,
                                     "complete": outcome.complete, "notes": outcome.notes, **to_json(tally),
                                     "nfs": outcome.nfs,
                                     "proposal": {"file": output, "patterns": [c._asdict() for c in chosen.chosen],
-                                                 "skipped": chosen.skipped, "text": text}}
+                                                 "skipped": chosen.skipped, "text": text,
+                                                 "inline": [p.to_json() for p in inlined]}}
             out.write(json.dumps(data, indent=1) + "\n")
         else:
             header = (f"ovlrun learn: {' '.join(command)[:80]} exited with {outcome.status}; "
                       f"{tally.total.lookups:,} lookups by {tally.processes:,} processes, traced by {outcome.tracer}")
             out.write(format_table(tally, header) + "\n")
-            for line in format_lines(outcome.nfs or {}):
+            for line in format_lines(outcome.nfs):
                 out.write(line + "\n")
             for note in outcome.notes:
                 out.write(f"ovlrun learn: warning: {note}\n")
+            for p in inlined:
+                out.write(p.describe() + "\n")
+            if inline and chosen.chosen and not inlined:
+                out.write("nothing to inline: the job opened no file with an extension of at most "
+                          f"{inline_max} below the proposed releases\n")
             if not text:
                 out.write(f"nothing to propose: no release directory had {min_enoent} or more ENOENT lookups\n")
             elif output:
@@ -125,6 +151,25 @@ def learn(command: Annotated[list[str], typer.Argument(metavar="-- CMD [ARGS...]
         if out is not sys.stderr:
             out.close()
     return outcome.status
+
+
+def _record_learned(outcome: Any) -> None:
+    """learn --profile ran the job as a launch: its record gets what learn saw, and its end."""
+    from ovlrun.jobs import history
+    from ovlrun.learn.report import job_figures
+
+    figures: dict[str, object] = {"tracer": outcome.tracer, "complete": outcome.complete,
+                                  **job_figures(outcome.tally)}
+
+    def change(record: Any) -> None:
+        record.stats["learned"] = figures
+        if outcome.nfs is not None:
+            record.stats["nfs"] = outcome.nfs
+
+    try:
+        history.finish(outcome.job_id, change)
+    except (OSError, ValueError, OvlrunError) as e:
+        _warn(f"the job record {outcome.job_id} could not take learn's figures: {e}")
 
 
 @sub_app.command("watch", help="Count lookups under the trees across all jobs of this node (bpftrace, root) and "
@@ -208,33 +253,9 @@ def _warn(message: str) -> None:
     print(f"ovlrun learn: {message}", file=sys.stderr)
 
 
-def _usage_error(e: Exception, where: str) -> int | None:
-    """typer's usage errors (its vendored click's exceptions, recognised by their interface)
-    as one line; None if ``e`` is not one."""
-    exit_code = getattr(e, "exit_code", None)
-    format_message = getattr(e, "format_message", None)
-    if not isinstance(exit_code, int) or not callable(format_message):
-        return None
-    if type(e).__name__ == "NoArgsIsHelpError":
-        return EXIT_USAGE
-    where = getattr(getattr(e, "ctx", None), "command_path", None) or where
-    print(f"{where}: {format_message()} (see '{where} --help')", file=sys.stderr)
-    return exit_code
-
-
-def main(argv: list[str], prog: str = "ovlrun learn") -> int:
-    """Run ``learn ARGS``; raises :class:`OvlrunError` for the CLI edge to print."""
-    app, name = (sub_app, prog) if argv and argv[0] in SUBCOMMANDS else (run_app, prog)
-    try:
-        result = app(args=argv, prog_name=name, standalone_mode=False)
-    except (typer.Exit, typer.Abort) as e:
-        return getattr(e, "exit_code", 1)
-    except OvlrunError:
-        raise
-    except Exception as e:
-        code = _usage_error(e, name)
-        if code is None:
-            raise
-        # learn itself is a wrapper like env(1): its own failures are 125, CMD's are CMD's.
-        return code if app is sub_app else EXIT_OVLRUN
-    return result if isinstance(result, int) else 0
+def app_for(argv: list[str]) -> tuple[typer.Typer, bool]:
+    """The typer app for ``learn ARGS`` and whether it is a wrapper (learn itself: its
+    usage errors are 125, CMD's status is CMD's; ``watch`` and ``propose``: 2)."""
+    if argv and argv[0] in SUBCOMMANDS:
+        return sub_app, False
+    return run_app, True

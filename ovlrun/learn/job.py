@@ -26,15 +26,16 @@ import os
 import selectors
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import IO, NamedTuple
 
 import prctl
 
 from ovlrun.errors import EXIT_OVLRUN, OvlrunError
+from ovlrun.jobs import nfs
 from ovlrun.learn import bpftrace
 from ovlrun.learn.collect import Collector
-from ovlrun.learn.nfs import NfsCounters
 from ovlrun.learn.report import Tally
 from ovlrun.learn.resolve import Resolver
 from ovlrun.learn.spawn import find_program
@@ -61,7 +62,9 @@ class Outcome(NamedTuple):
     tally: Tally
     notes: list[str]  # what made the counts incomplete or uncertain
     complete: bool
-    nfs: dict[str, dict[str, int]] | None = None  # NFS operations per mount during the job (:mod:`.nfs`)
+    nfs: dict[str, object] | None = None  # NFS operations during the job (:func:`ovlrun.jobs.nfs.finish`)
+    job_id: str = ""  # the launch's job record (--profile)
+    started: float = 0.0  # when the gate opened
 
 
 class Aborted(Exception):
@@ -82,7 +85,7 @@ def _abort(signum: int, _frame: object) -> None:
 class Gate:
     """The job's first process, forked and held until the tracer is attached."""
 
-    def __init__(self, prepare: Callable[[], None], run: Callable[[], int]) -> None:
+    def __init__(self, prepare: Callable[[], str], run: Callable[[], int]) -> None:
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         go_r, self.go_w = os.pipe2(os.O_CLOEXEC)
         learn = os.getpid()
@@ -97,12 +100,13 @@ class Gate:
         self.pidfd = os.pidfd_open(self.pid)
         with os.fdopen(ready_r, "rb") as f:
             reply = f.read(1 << 16)
-        if reply != b"r":
+        if not reply.startswith(b"r"):
             os.waitpid(self.pid, 0)
             os.close(self.go_w)
             os.close(self.pidfd)
             raise OvlrunError(reply[1:].decode(errors="replace") if reply.startswith(b"E") else
                               "the job's process could not be prepared")
+        self.job_id = reply[1:].decode()  # the launch's job record (learn --profile), or ""
 
     def open(self) -> None:
         os.write(self.go_w, b"g")
@@ -117,17 +121,17 @@ class Gate:
         os.close(self.pidfd)
 
 
-def _gate_child(prepare: Callable[[], None], run: Callable[[], int], ready_w: int, go_r: int,
+def _gate_child(prepare: Callable[[], str], run: Callable[[], int], ready_w: int, go_r: int,
                 learn: int, mark: int) -> int:  # pragma: no cover (child)
     try:
-        prepare()
+        job_id = prepare()
         # Yama (ptrace_scope 1) lets a process trace only its descendants unless the
         # tracee names a ptracer: learn, whose child strace is.
         try:
             prctl.set_ptracer(learn)
         except OSError:
             pass  # no Yama in this kernel: nothing to allow
-        os.write(ready_w, b"r")
+        os.write(ready_w, b"r" + job_id.encode())
         os.close(ready_w)
         if os.read(go_r, 1) != b"g":
             return EXIT_OVLRUN  # learn gave up (or died): never run CMD untraced
@@ -190,7 +194,7 @@ def _start(kind: str, program: str, pid: int, mark: int, map_keys: int) -> Trace
 # ------------------------------------------------------------------ running
 
 
-def run(req: Request, prepare: Callable[[], None], exec_job: Callable[[], int], *,
+def run(req: Request, prepare: Callable[[], str], exec_job: Callable[[], int], *,
         mountinfo_of_job: bool, warn: Callable[[str], None]) -> Outcome:
     """Trace one job: ``prepare`` and ``exec_job`` run in the gate's child (see
     :mod:`ovlrun.learn.cli` for what they do); ``mountinfo_of_job`` reads the job's
@@ -217,10 +221,13 @@ def run(req: Request, prepare: Callable[[], None], exec_job: Callable[[], int], 
             signal.signal(s, forward)
         for s in IGNORED:
             signal.signal(s, signal.SIG_IGN)
-        nfs = NfsCounters(req.trees)
-        nfs.start()
+        roots = nfs.tree_roots([t.root for t in req.trees])
+        begun = nfs.start(roots, gate.job_id)
+        started = time.time()
         gate.open()
-        return _follow(req, gate, tracer, localised)._replace(nfs=nfs.finish())
+        outcome = _follow(req, gate, tracer, localised)
+        return outcome._replace(nfs=nfs.finish(begun, gate.job_id, started) if begun else None,
+                                job_id=gate.job_id, started=started)
     except Aborted as e:
         raise OvlrunError(f"interrupted by {signal.Signals(e.signum).name} before the job started",
                           status=128 + e.signum) from None

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ovlrun.errors import OvlrunError
+from ovlrun.learn.inline import InlineProposal
 from ovlrun.learn.trees import TreeSpec, release_real_path
-from ovlrun.profile.parse import Profile, validate
+from ovlrun.profile.parse import Profile, format_size, validate
 from ovlrun.profile.patterns import Pattern, is_glob, overlap
 
 
@@ -122,8 +123,11 @@ def _without_overlaps(chosen: list[Choice], skipped: list[tuple[str, str]]) -> l
     return sorted(kept, key=lambda c: (-c.saved, c.root, c.pattern))
 
 
-def render(proposal: Proposal, description: str, source: str) -> str:
-    """The profile text, with the evidence for each pattern as a comment."""
+def render(proposal: Proposal, description: str, source: str,
+           inline: list[InlineProposal] | None = None) -> str:
+    """The profile text, with the evidence for each pattern as a comment; ``inline``: the
+    files to store whole, per tree (``learn --inline``)."""
+    inline_of = {p.root: p for p in inline or ()}
     when = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     lines = [f"# Proposed by ovlrun learn on {when} from {source}.",
              "# Review it: jobs using this profile see each path below as it was when its snapshot was built.",
@@ -135,7 +139,18 @@ def render(proposal: Proposal, description: str, source: str) -> str:
                    "reach the tree")
             note = f"; {c.note}" if c.note else ""
             lines.append(f"    {json.dumps(c.pattern, ensure_ascii=False)},  # {why}{note}")
-        lines += ["]", ""]
+        lines.append("]")
+        if root in inline_of:
+            p = inline_of[root]
+            lines.append(f"# Stored whole: the images grow by {format_size(p.growth_bytes)} "
+                         f"({p.growth_files:,} files).")
+            lines.append("inline = [")
+            for k in p.kinds:
+                lines.append(f"    {json.dumps(k.pattern)},  # {k.files:,} files opened {k.opens:,} times, "
+                             f"{format_size(k.opened_bytes)}" + (f"; {k.larger:,} larger ones stay metacopy"
+                                                                  if k.larger else ""))
+            lines += ["]", f"inline_max = {json.dumps(format_size(p.max_bytes).replace(' ', ''))}"]
+        lines.append("")
     for path, why in proposal.skipped:
         lines.append(f"# not proposed: {path!r}: {why}")
     return "\n".join(lines).rstrip("\n") + "\n"

@@ -74,6 +74,7 @@ class Tally:
         self.truncated = 0
         self.processes = 0  # set by whoever ran the job (aggregated lookups carry no process)
         self.paths: dict[str, Counts] = {}
+        self.opened: dict[str, int] = {}  # after finish(): path -> data opens
         self.outside = Counts()  # not under any tree
         self.releases: dict[tuple[str, str], Counts] = {}
         self.top: dict[str, Counts] = {}  # per tree root: lookups at the top levels
@@ -102,6 +103,9 @@ class Tally:
                 self.outside.merge(counts)
                 continue
             self._bucket(place).merge(counts, self._is_local(place, path) if self.localised else None)
+        # Kept past the per-path counts: which files' data the job opened, how often
+        # (learn --inline proposes what to store whole from them).
+        self.opened = {path: counts.opens for path, counts in self.paths.items() if counts.opens}
         self.paths = {}
 
     def _bucket(self, place: Place) -> Counts:
@@ -135,13 +139,31 @@ class Tally:
                  for (root, top), c in sorted(self.unrecognised.items())]
         return rows
 
-    def residual(self) -> dict[str, int]:
+    def under_trees(self) -> Counts:
+        """Every lookup below the trees' roots (releases, top levels, unrecognised)."""
         under = Counts()
         for c in (*self.releases.values(), *self.top.values(), *self.unrecognised.values()):
             under.merge(c)
+        return under
+
+    def residual(self) -> dict[str, int]:
+        under = self.under_trees()
         release_enoent = sum(c.remote_enoent for c in self.releases.values())
         return {"local": under.local, "remote": under.remote, "remote_enoent": under.remote_enoent,
                 "remote_enoent_in_releases": release_enoent, "remote_opens": under.opens}
+
+
+def job_figures(tally: Tally) -> dict[str, int]:
+    """A job's lookups under the trees as ``JobRecord.stats`` keeps them (``learned``):
+    ``lookups``, ``enoent``, ``opens``, and where they were answered,
+    ``local`` (by a snapshot) and ``remote`` (``remote_enoent`` of them failed)."""
+    under = tally.under_trees()
+    out = {"lookups": under.lookups, "enoent": under.enoent, "opens": under.opens}
+    if tally.localised:
+        out.update(local=under.local, remote=under.remote, remote_enoent=under.remote_enoent)
+    else:  # no localised path: everything reached the tree
+        out.update(local=0, remote=under.lookups, remote_enoent=under.enoent)
+    return out
 
 
 def _share(part: int, whole: int) -> str:

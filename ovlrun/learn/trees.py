@@ -3,7 +3,8 @@
 A tree's releases live at some depth below its root (``/sw/app/1.0``: depth 2), below
 levels that keep gaining releases.  For each path learn finds that depth, in order:
 
-1. given per tree (``--tree /sw:2``);
+1. given per tree (``--tree /sw:2``, or ``release_depth`` of a ``[[learn_tree]]`` in the
+   site configuration);
 2. from the installed profiles' patterns for that root: a pattern ``app/1.0`` says the
    directories next to ``1.0`` under ``app`` are releases, whatever their names;
 3. from the tree's shape as the job's (or the node's) paths show it: the first component
@@ -81,13 +82,26 @@ def installed_profile_trees() -> dict[str, list[Pattern]]:
     return found
 
 
-def make_trees(options: list[str]) -> list[TreeSpec]:
-    """The trees to attribute to: ``--tree`` options, else the installed profiles' trees."""
+def make_trees(options: list[str], profile_trees: dict[str, list[Pattern]] | None = None) -> list[TreeSpec]:
+    """The trees to attribute to: ``--tree`` options, else ``profile_trees`` (learn
+    ``--profile``: that profile's), else the site configuration's ``[[learn_tree]]``,
+    else the installed profiles' trees.  A tree's release depth is its ``--tree
+    ROOT:DEPTH``, else its ``release_depth`` in the site configuration, else learned
+    (see :class:`Attributor`)."""
+    from ovlrun.store.siteconfig import load_site_config
+
     known = installed_profile_trees()
-    wanted: list[tuple[str, int | None]] = [parse_tree_option(o) for o in options] or [(r, None) for r in known]
+    for root, patterns in (profile_trees or {}).items():
+        known.setdefault(root, []).extend(patterns)
+    configured = {t.root: t.release_depth for t in load_site_config().learn_trees}
+    if options:
+        wanted = [parse_tree_option(o) for o in options]
+    else:
+        wanted = [(r, None) for r in (profile_trees or configured or known)]
     if not wanted:
         where = ", ".join(locate.profile_dirs())
-        raise OvlrunError(f"no tree to attribute lookups to: give --tree ROOT (no installed profiles in {where})")
+        raise OvlrunError("no tree to attribute lookups to: give --tree ROOT (no [[learn_tree]] in the site "
+                          f"configuration, no installed profiles in {where})")
     trees = []
     for root, depth in wanted:
         if not root.startswith("/") or "\0" in root:
@@ -97,6 +111,7 @@ def make_trees(options: list[str]) -> list[TreeSpec]:
             raise OvlrunError("--tree /: the root directory cannot be a software tree")
         if not os.path.isdir(root):
             raise OvlrunError(f"tree {root} does not exist or is not a directory (not mounted?)")
+        depth = depth if depth is not None else configured.get(root)
         trees.append(TreeSpec(root, os.path.realpath(root), depth, tuple(known.get(root, ()))))
     return trees
 

@@ -1,14 +1,15 @@
 """What the job's first process does before CMD: the launch's steps, in learn's gate.
 
 With ``--profile NAME`` (root) the gate's child builds the job's view exactly as a launch
-does: the plan from the profile and the store's index (never the shared tree), a
-private mount namespace, the profile's overlays (:func:`ovlrun.launch.mount.mount_items`,
-trust checks included), then the verified privilege drop
-(:func:`ovlrun.linux.privileges.drop_to`) and, after the gate, the launch's own exec
-(:func:`ovlrun.launch.execute.exec_job`: working directory and PATH search with the
-job's rights).  Users get the same view the other way round, through sudo, with learn
-inside the job: ``sudo ovlrun --profile NAME -- ovlrun learn -- CMD`` (strace, their own
-rights); learn then finds the localised paths in its own mount table.
+does (:func:`ovlrun.launch.execute.prepare`: the plan from the profile and the store's
+index, never the shared tree; a private mount namespace with the profile's overlays,
+trust checks included; the launch's job record), then, once the caller's resource
+limits are back, the verified privilege drop (:func:`ovlrun.linux.privileges.drop_to`)
+and, after the gate, the launch's own exec (:func:`ovlrun.launch.execute.exec_job`:
+working directory and PATH search with the job's rights).  Users get the same view the
+other way round, through sudo, with learn inside the job: ``sudo ovlrun --profile NAME
+-- ovlrun learn -- CMD`` (strace, their own rights); learn then finds the localised paths
+in its own mount table.
 """
 
 from __future__ import annotations
@@ -18,16 +19,14 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from ovlrun.errors import OvlrunError
-from ovlrun.launch.execute import current_directory, exec_job
-from ovlrun.launch.mount import TreeRootMissing, mount_items, report_missing, warn_stderr
-from ovlrun.launch.plan import JobPlan
-from ovlrun.linux.namespaces import enter_private_namespace
+from ovlrun.launch import execute
+from ovlrun.linux import limits
 from ovlrun.linux.privileges import Identity, drop_to
 from ovlrun.profile.parse import Profile
 
 
 class JobView(NamedTuple):
-    prepare: Callable[[], None]  # in the gate's child, before the tracer attaches
+    prepare: Callable[[], str]  # in the gate's child, before the tracer attaches: the job record's id ("": none)
     run: Callable[[], int]  # in the gate's child, after: exec CMD (returns only if that failed)
     own_namespace: bool  # the job has a mount table of its own (read the localised paths there)
     profile: Profile | None
@@ -48,11 +47,8 @@ def job_view(command: list[str], profile_spec: str | None, user: str | None) -> 
     identity = Identity.of_name(user) if user is not None else None
     if identity is not None and identity.uid == 0:
         identity = None
-    env = dict(os.environ)
-    if identity is not None:
-        env.setdefault("HOME", identity.home)
-    cwd = current_directory()
-    plan: JobPlan | None = None
+    argv, env, cwd = command, dict(os.environ), execute.current_directory()
+    plan = None
     profile: Profile | None = None
     store = ""
     if profile_spec is not None:
@@ -64,20 +60,18 @@ def job_view(command: list[str], profile_spec: str | None, user: str | None) -> 
         profile = load_profile(profile_spec)
         store = store_dir()
         plan = make_plan(profile, Store.open(store))
-        env["OVLRUN_PROFILE"] = plan.name
 
-    def prepare() -> None:
+    def prepare() -> str:
+        nonlocal argv, env, cwd
         if plan is not None:
-            report_missing(plan, strict=False, warn=warn_stderr)
-            enter_private_namespace()
-            try:
-                mount_items(plan.items, store, strict=False, warn=warn_stderr, missing_root=plan.missing_root)
-            except TreeRootMissing as e:
-                raise OvlrunError(f"{e}; refusing to run the job there") from None
+            argv, env, cwd = execute.prepare(plan, command, store=store, identity=identity, strict=False, environ=env)
+        limits.restore()  # as the launch's exec does: the caller's limits, before the drop
         if identity is not None:
+            env.setdefault("HOME", identity.home)
             drop_to(identity)
+        return env.get("OVLRUN_JOB_ID", "") if plan is not None else ""
 
     def run() -> int:
-        return exec_job(command, env, None, cwd)
+        return execute.exec_job(argv, env, None, cwd)
 
     return JobView(prepare, run, plan is not None, profile)

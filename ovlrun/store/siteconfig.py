@@ -1,5 +1,6 @@
 """The site configuration, ``/etc/ovlrun/ovlrun.toml``: where a fleet's published
-snapshot images are and which account may have written them.
+snapshot images are and which account may have written them, and which trees ``ovlrun
+learn`` counts lookups in.
 
 ::
 
@@ -7,6 +8,9 @@ snapshot images are and which account may have written them.
     image_owner = "swadmin"            # account (name or uid) that owns DIR and everything in it
     fetch_timeout = 5                  # seconds the Prolog may spend fetching a job's images
     max_image_bytes = "4GiB"           # a published image larger than this is never fetched
+    [[learn_tree]]                     # a tree `ovlrun learn` and `learn watch` count lookups in
+    root = "/sw"
+    release_depth = 2                  # where its release directories are: /sw/APP/VERSION (optional)
 
 Every key is optional; without the file, nothing is fetched implicitly and the image
 owner is root.  The file decides what root mounts on every node, so it is read only if
@@ -35,7 +39,9 @@ DEFAULT_FETCH_TIMEOUT = 5.0
 # million entries take a few hundred MB).  The store's free space is checked too.
 DEFAULT_MAX_IMAGE_BYTES = 4 << 30
 MAX_IMAGE_BYTES_LIMIT = 1 << 40
-KEYS = ("image_dir", "image_owner", "fetch_timeout", "max_image_bytes")
+KEYS = ("image_dir", "image_owner", "fetch_timeout", "max_image_bytes", "learn_tree")
+LEARN_TREE_KEYS = ("root", "release_depth")
+MAX_RELEASE_DEPTH = 32
 
 
 class Owner(NamedTuple):
@@ -46,12 +52,21 @@ class Owner(NamedTuple):
     gid: int
 
 
+class LearnTree(NamedTuple):
+    """A shared tree ``learn`` attributes lookups to; ``release_depth``: how many
+    components below ``root`` its release directories are (None: learn finds out)."""
+
+    root: str
+    release_depth: int | None = None
+
+
 class SiteConfig(NamedTuple):
     path: str  # the file it came from ("" for the defaults)
     image_dir: str | None = None
     image_owner: Owner = Owner("root", 0, 0)
     fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    learn_trees: tuple[LearnTree, ...] = ()
 
 
 def config_path(environ: dict[str, str] | None = None) -> str:
@@ -112,11 +127,7 @@ def validate(data: dict[str, object], path: str) -> SiteConfig:
             raise OvlrunError(f"{path}: {key}: unknown key (allowed: {', '.join(sorted(KEYS))})")
     image_dir = data.get("image_dir")
     if image_dir is not None:
-        if not isinstance(image_dir, str) or not image_dir.startswith("/") or "\0" in image_dir:
-            raise OvlrunError(f"{path}: image_dir: must be an absolute path")
-        if any(c == ".." for c in image_dir.split("/")):
-            raise OvlrunError(f"{path}: image_dir: {image_dir!r} has '..' components")
-        image_dir = posixpath.normpath(image_dir)
+        image_dir = _absolute(image_dir, f"{path}: image_dir")
     owner = Owner("root", 0, 0)
     if "image_owner" in data:
         owner = resolve_owner(data["image_owner"], f"{path}: image_owner")
@@ -127,4 +138,38 @@ def validate(data: dict[str, object], path: str) -> SiteConfig:
         max_image_bytes = parse_size(data.get("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES), MAX_IMAGE_BYTES_LIMIT)
     except ValueError as e:
         raise OvlrunError(f"{path}: max_image_bytes: {e}") from None
-    return SiteConfig(path, image_dir, owner, float(timeout), max_image_bytes)
+    return SiteConfig(path, image_dir, owner, float(timeout), max_image_bytes,
+                      _learn_trees(data.get("learn_tree", []), path))
+
+
+def _absolute(value: object, where: str) -> str:
+    """An absolute path without '..' components, normalised; an error naming ``where``."""
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise OvlrunError(f"{where}: must be an absolute path")
+    if any(c == ".." for c in value.split("/")):
+        raise OvlrunError(f"{where}: {value!r} has '..' components")
+    return posixpath.normpath(value)
+
+
+def _learn_trees(value: object, path: str) -> tuple[LearnTree, ...]:
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise OvlrunError(f"{path}: learn_tree: must be tables ([[learn_tree]] with root = ...)")
+    out: list[LearnTree] = []
+    for i, table in enumerate(value, 1):
+        where = f"{path}: learn_tree #{i}"
+        for key in table:
+            if key not in LEARN_TREE_KEYS:
+                raise OvlrunError(f"{where}: {key}: unknown key (allowed: {', '.join(LEARN_TREE_KEYS)})")
+        if "root" not in table:
+            raise OvlrunError(f"{where}: root: missing")
+        root = _absolute(table["root"], f"{where}: root")
+        if root == "/":
+            raise OvlrunError(f"{where}: root: the root directory cannot be a software tree")
+        depth = table.get("release_depth")
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int)
+                                  or not 1 <= depth <= MAX_RELEASE_DEPTH):
+            raise OvlrunError(f"{where}: release_depth: must be a whole number from 1 to {MAX_RELEASE_DEPTH}")
+        if any(t.root == root for t in out):
+            raise OvlrunError(f"{where}: root: {root} is named twice")
+        out.append(LearnTree(root, depth))
+    return tuple(out)

@@ -23,15 +23,17 @@ SUDO_ROOT_ONLY = "root only"  # the administrator's (or slurmd's)
 class Command:
     """One entry of the table."""
 
-    __slots__ = ("arguments", "name", "sudo", "summary", "wrapper")
+    __slots__ = ("arguments", "name", "sudo", "sudo_hint", "summary", "wrapper")
 
-    def __init__(self, name: str, sudo: str, summary: str, arguments: str = "", *, wrapper: bool = False) -> None:
+    def __init__(self, name: str, sudo: str, summary: str, arguments: str = "", *, wrapper: bool = False,
+                 sudo_hint: str = "") -> None:
         self.name = name  # also its module: ovlrun.cli.commands.NAME
         self.sudo = sudo  # SUDO_ALLOWED, SUDO_AS_YOURSELF or SUDO_ROOT_ONLY
         self.summary = summary  # for ovlrun --help
         self.arguments = arguments  # after the (sub)command, for ovlrun --help
         # A wrapper like the launch and env(1): its own usage errors exit 125, not 2.
         self.wrapper = wrapper
+        self.sudo_hint = sudo_hint  # added to the sudo gate's refusal
 
     @property
     def module(self) -> str:
@@ -45,6 +47,10 @@ COMMANDS = (
     Command("status", SUDO_AS_YOURSELF, "inside a job: what is localised"),
     Command("enter", SUDO_ALLOWED, "join the namespace a prolog prepared (sudo)", "JOBID [-- CMD]", wrapper=True),
     Command("slurm", SUDO_ROOT_ONLY, "Slurm hooks (see docs/slurm.md)"),
+    Command("learn", SUDO_AS_YOURSELF, "trace a job's lookups, propose a profile", "[OPTIONS] -- CMD | watch | propose",
+            wrapper=True, sudo_hint="in a profile's view: sudo ovlrun --profile NAME -- ovlrun learn -- CMD"),
+    Command("jobs", SUDO_ROOT_ONLY, "recent jobs: what each was given and saved (root)",
+            "[--json] [--limit N]"),
 )
 
 
