@@ -251,6 +251,10 @@ RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
+# Linux 5.12+ (EINVAL before): the walk uses only what the dentry cache already holds and
+# fails with EAGAIN where it would have to ask a file system (a lookup, a revalidation, an
+# automount), so it never waits on a server.
+RESOLVE_CACHED = 0x20
 
 
 class _OpenHow(ctypes.Structure):
