@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import IS_ROOT, REPO, TEST_UID, World
+from tests.conftest import REPO, TEST_UID, World, ensure_user
 from tests.faultfs import FaultFS, faultfs_binary
 
 VICTIM_USER = "ovlvictim"
@@ -29,10 +29,7 @@ SECRET_NAME = "victim-secret-name.txt"
 @pytest.fixture(scope="session")
 def victim() -> Path:
     """Another unprivileged user whose 0700 home holds a private directory."""
-    if not IS_ROOT:
-        pytest.skip("needs root to create users")
-    if subprocess.run(["id", VICTIM_USER], capture_output=True).returncode != 0:
-        subprocess.run(["useradd", "-m", "-u", str(VICTIM_UID), "-s", "/bin/bash", VICTIM_USER], check=True)
+    ensure_user(VICTIM_USER, VICTIM_UID)
     home = Path(f"/home/{VICTIM_USER}")
     private = home / "private"
     private.mkdir(parents=True, exist_ok=True)

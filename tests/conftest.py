@@ -39,13 +39,18 @@ TEST_USER = "ovltest"
 TEST_UID = 4242
 
 
-@pytest.fixture(scope="session")
-def test_user() -> str:
+def ensure_user(name: str, uid: int) -> None:
     """An unprivileged user with a home and a login shell (useradd if missing)."""
     if not IS_ROOT:
-        pytest.skip("needs root to create the test user")
-    if subprocess.run(["id", TEST_USER], capture_output=True).returncode != 0:
-        subprocess.run(["useradd", "-m", "-u", str(TEST_UID), "-s", "/bin/bash", TEST_USER], check=True)
+        pytest.skip(f"needs root to create the user {name}")
+    if subprocess.run(["id", name], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "-m", "-u", str(uid), "-s", "/bin/bash", name], check=True)
+
+
+@pytest.fixture(scope="session")
+def test_user() -> str:
+    """The suite's unprivileged user (see :func:`ensure_user`)."""
+    ensure_user(TEST_USER, TEST_UID)
     return TEST_USER
 
 

@@ -337,7 +337,9 @@ def run(suite: str, commit: str = "HEAD", commands: tuple[str, ...] = QUICK_STAR
             "test_env": {"PATH": DEBIAN_PATH, "OVLRUN_NESTED": "1",
                          "OVLRUN_SLURM_PORT_BASE": str(SLURM_PORT_BASE[suite]), "OVLRUN_SLURM_STATE": SLURM_STATE},
         }
-        logfile = LOGS / f"{suite}-{short}.log"
+        # Other commands (a test's, a developer's) get a log of their own: the quick
+        # start's is what a failed CI run points to.
+        logfile = LOGS / f"{suite}-{short}{'' if commands == QUICK_START else f'-pid{os.getpid()}'}.log"
         _run_in_namespaces(spec, steps, stages, logfile, seen, echo)
         result = Result(suite, short, steps, stages, logfile)
         # Progress lines redrawn with \r (dpkg's "Reading database ...") count once.

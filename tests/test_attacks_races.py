@@ -76,13 +76,19 @@ def test_cwd_swap_race_launch(world: World, test_user: str, victim: Path, shippe
     assert all(where.startswith((str(world.base / "race"), "/home/ovltest")) for where in seen), seen
 
 
-def test_cwd_swap_race_enter(world: World, test_user: str, victim: Path, shipped_sudoers: Path) -> None:
-    world.simple_profile()
-    world.build()
-    job_id = str(970_000_000 + os.getpid() % 1_000_000)
+def _prolog(world: World, base: int) -> tuple[str, dict[str, str], subprocess.CompletedProcess[str]]:
+    """A Slurm Prolog for a job id of this test run (``base`` keeps tests apart)."""
+    job_id = str(base + os.getpid() % 1_000_000)
     env = slurm_env(world, job_id)
     r = subprocess.run([sys.executable, "-m", "ovlrun", "slurm", "prolog"], env=env, capture_output=True,
                        text=True, timeout=120, cwd="/")
+    return job_id, env, r
+
+
+def test_cwd_swap_race_enter(world: World, test_user: str, victim: Path, shipped_sudoers: Path) -> None:
+    world.simple_profile()
+    world.build()
+    job_id, env, r = _prolog(world, 970_000_000)
     try:
         assert r.returncode == 0, r.stderr
         hits, seen = _race(world, victim, ["enter", job_id])
@@ -116,10 +122,7 @@ def test_gc_keeps_snapshots_mounted_in_pinned_namespaces(world: World, test_user
     world.simple_profile()
     world.build()
     old = _snapshot_ids(world)
-    job_id = str(960_000_000 + os.getpid() % 1_000_000)
-    env = slurm_env(world, job_id)
-    r = subprocess.run([sys.executable, "-m", "ovlrun", "slurm", "prolog"], env=env, capture_output=True,
-                       text=True, timeout=120, cwd="/")
+    job_id, env, r = _prolog(world, 960_000_000)
     try:
         assert r.returncode == 0, r.stderr
         # SLURMD_NODENAME is not this host's name: the record is in that node's directory

@@ -31,16 +31,21 @@ def _mount_points(world: World, profile: str = "p", **kw: object) -> list[str]:
     return r.stdout.split()
 
 
-def test_release_swapped_for_a_symlink_after_its_build_is_not_mounted_elsewhere(world: World,
-                                                                               test_user: str) -> None:
-    rel = world.sw / "app" / "1.0"
+def _built_with_secret(world: World, name: str) -> tuple[Path, Path]:
+    """app/1.0 built into the store, and a directory the user may traverse whose file
+    ``name`` is root's alone (mode 0600): what a swapped release must never reach."""
     world.simple_profile()
     world.build()
-    # Somewhere the user may traverse but whose README is root's alone.
     secret = world.base / "secret"
     secret.mkdir()
-    (secret / "README").write_text("TOPSECRET\n")
-    (secret / "README").chmod(0o600)
+    (secret / name).write_text("TOPSECRET\n")
+    (secret / name).chmod(0o600)
+    return world.sw / "app" / "1.0", secret
+
+
+def test_release_swapped_for_a_symlink_after_its_build_is_not_mounted_elsewhere(world: World,
+                                                                               test_user: str) -> None:
+    rel, secret = _built_with_secret(world, "README")
     rel.rename(rel.with_name(".1.0.orig"))  # what a maintainer of app/ can do
     rel.symlink_to(secret)
     r = world.as_sudo("--profile", "p", "--", "sh", "-c", f"cat {rel}/README; cut -d' ' -f5 /proc/self/mountinfo",
@@ -208,13 +213,7 @@ def test_subdirectory_swapped_for_a_symlink_serves_no_data_from_its_target(world
     symlink to a directory with a root-only file of the same name: the metacopy file's
     data is looked up beneath the data-only layer without following symlinks, so the job
     gets an error, never the target's data."""
-    rel = world.sw / "app" / "1.0"
-    world.simple_profile()
-    world.build()
-    secret = world.base / "secret"
-    secret.mkdir()
-    (secret / "libfoo.so.1").write_text("TOPSECRET\n")
-    (secret / "libfoo.so.1").chmod(0o600)
+    rel, secret = _built_with_secret(world, "libfoo.so.1")
     (rel / "lib").rename(rel / ".lib.orig")
     (rel / "lib").symlink_to(secret)
     r = world.as_sudo("--profile", "p", "--", "sh", "-c", f"cat {rel}/lib/libfoo.so.1; ls {rel}/lib", uid=TEST_UID)

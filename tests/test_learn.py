@@ -115,3 +115,21 @@ def test_bpftrace_and_strace_see_the_same_lookups_event_for_event(world: World) 
     assert failed_opens > 100
     assert failed_opens == sum(1 for s, p, res in seen if s == "openat" and p.startswith(f"{world.sw}/")
                                and res == "ENOENT")
+
+
+def test_bpftrace_finds_the_job_from_inside_a_pid_namespace(world: World) -> None:
+    """learn run inside a PID namespace (a container, a fresh root, a job step with its
+    own namespace) knows its job by a pid bpftrace does not use: bpftrace's ``pid`` and
+    ``tid`` are the host's.  The job must still be found and its lookups counted."""
+    require_bpftrace(world)
+    w = build("libsearch", world.sw)
+    out = _out(world)
+    full = {"OVLRUN_STORE": str(world.store), "OVLRUN_PROFILE_PATH": str(world.profiles), "LC_ALL": "C.UTF-8",
+            "PATH": "/usr/bin:/bin", **w.env}
+    r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", *LEARN, "--tracer", "bpftrace", "--tree",
+                        str(world.sw), "--json", "--report", str(out / "r.json"), "--", *w.command],
+                       env=full, cwd=out, text=True, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = report(out / "r.json")
+    failing = {rel for rel, row in rows(data).items() if row["enoent"]}
+    assert failing and failing <= set(w.releases), data

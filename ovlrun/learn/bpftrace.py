@@ -25,8 +25,12 @@ Limits, each accounted for rather than hidden:
 
 The job is followed by its process tree, not a cgroup: moving a job into a cgroup of our
 own would take it out of the scheduler's (Slurm's limits and accounting).  The first
-process is added to ``@job`` in BEGIN; ``sched_process_fork`` adds every child of a
-member, ``sched_process_exit`` removes it.  bpftrace attaches BEGIN first and the other
+process adds itself to ``@job``: once the tracer is attached it calls getpgid(2) with
+a mark no process can have (:func:`mark`; ESRCH), which a probe recognises.  Not its
+pid written into the program: bpftrace's ``pid``/``tid`` (and the sched tracepoints')
+are the initial PID namespace's, learn's may not be (a container, a job step with a
+namespace of its own, the suite's fresh Debian roots).  ``sched_process_fork`` adds
+every child of a member, ``sched_process_exit`` removes it.  bpftrace attaches BEGIN first and the other
 probes afterwards, so readiness is its ``__BPFTRACE_NOTIFY_PROBES_ATTACHED`` line on
 stderr (printed once every probe is attached, since 0.12, still in 0.23).
 
@@ -40,6 +44,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import subprocess
 from collections.abc import Callable
 from typing import NamedTuple
@@ -196,8 +201,15 @@ def _not_fd_only(f: Fields) -> str:
 EXECVE = next(i for i, s in enumerate(LOOKUP_SYSCALLS) if s.name == "execve")
 
 
-def job_program(fields: list[Fields], pid: int, extra: list[str] | None = None) -> str:
-    """The lookups of process ``pid`` and its descendants.
+def mark() -> int:
+    """A getpgid(2) argument that names this learn's job to its program: above
+    PID_MAX_LIMIT (2**22), so no process has it, and random, so concurrent learns
+    (each with its own bpftrace) do not take each other's jobs."""
+    return (1 << 30) | secrets.randbits(29)
+
+
+def job_program(fields: list[Fields], mark: int, extra: list[str] | None = None) -> str:
+    """The lookups of the process that calls getpgid(``mark``) and its descendants.
 
     A lookup of an absolute path is counted in the kernel, per (syscall, result, path),
     in ``@l`` (``@n`` counts them all, so a full map shows), and printed at the end: a
@@ -209,7 +221,8 @@ def job_program(fields: list[Fields], pid: int, extra: list[str] | None = None) 
     def aggregate(code: str, result: str, path: str) -> str:
         return f"@n = count(); @l[{code}, {result}, {path}] = count();"
 
-    lines = [f"BEGIN {{ @job[{pid}] = 1; }}",
+    lines = [f"tracepoint:syscalls:sys_enter_getpgid /args->pid == {mark}/ {{ @job[tid] = 1; "
+             "printf(\"J %llu %d\\n\", nsecs, tid); }",
              "tracepoint:sched:sched_process_fork /@job[args->parent_pid]/ { @job[args->child_pid] = 1; "
              "if (@job[args->child_pid]) { printf(\"F %llu %d %d %d\\n\", nsecs, pid, args->parent_pid, "
              "args->child_pid); } else { printf(\"U %llu %d %d\\n\", nsecs, pid, args->child_pid); } }",
@@ -329,7 +342,7 @@ def parse(line: bytes, strlen: int) -> tuple[int, Raw | Control]:
     tag, _, rest = text.partition(" ")
     if tag == "D":
         return 0, Control("dump")
-    if tag not in ("L", "E", "F", "X", "C", "U", "P"):
+    if tag not in ("L", "E", "F", "X", "C", "U", "P", "J"):
         return 0, Control("other", data)
     ns, _, rest = rest.partition(" ")
     return int(ns), _record(tag, rest, strlen)
@@ -351,6 +364,8 @@ def _record(tag: str, rest: str, strlen: int) -> Raw | Control:
         return Raw("exit", "exit", fields[0], fields[1], 0)
     if tag == "C":
         return Raw("fchdir", "fchdir", fields[0], fields[1], fields[2], fields[3])
+    if tag == "J":  # the job's first process, by its id in the tracer's PID namespace
+        return Raw("first", "getpgid", fields[0], fields[0], 0)
     if tag == "U":
         return Raw("untracked", "clone", fields[0], fields[0], fields[1])
     if tag == "P":  # a descriptor copied: pid tid old new close-on-exec

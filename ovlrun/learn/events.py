@@ -56,8 +56,8 @@ class Raw(NamedTuple):
     """One record from a tracer, before paths are resolved.
 
     ``what`` is "lookup", "fork" (``ret`` is the child's id), "exit", "fchdir", "dup"
-    (``ret`` is a copy of descriptor ``dirfd``) or "untracked" (a child the tracer could
-    not follow).  ``ret`` is the syscall's
+    (``ret`` is a copy of descriptor ``dirfd``), "untracked" (a child the tracer could
+    not follow) or "first" (the job's first process: its id as the tracer sees it).  ``ret`` is the syscall's
     return value (a negative errno on failure).  ``dirpath`` is set when the tracer
     itself knew what ``dirfd`` (or, for AT_FDCWD, the working directory) was: strace -y.
     """

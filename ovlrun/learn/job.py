@@ -86,11 +86,12 @@ class Gate:
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         go_r, self.go_w = os.pipe2(os.O_CLOEXEC)
         learn = os.getpid()
+        self.mark = bpftrace.mark()
         self.pid = os.fork()
         if self.pid == 0:  # pragma: no cover (the child execs or exits)
             os.close(ready_r)
             os.close(self.go_w)
-            os._exit(_gate_child(prepare, run, ready_w, go_r, learn))
+            os._exit(_gate_child(prepare, run, ready_w, go_r, learn, self.mark))
         os.close(ready_w)
         os.close(go_r)
         self.pidfd = os.pidfd_open(self.pid)
@@ -117,7 +118,7 @@ class Gate:
 
 
 def _gate_child(prepare: Callable[[], None], run: Callable[[], int], ready_w: int, go_r: int,
-                learn: int) -> int:  # pragma: no cover (child)
+                learn: int, mark: int) -> int:  # pragma: no cover (child)
     try:
         prepare()
         # Yama (ptrace_scope 1) lets a process trace only its descendants unless the
@@ -131,6 +132,10 @@ def _gate_child(prepare: Callable[[], None], run: Callable[[], int], ready_w: in
         if os.read(go_r, 1) != b"g":
             return EXIT_OVLRUN  # learn gave up (or died): never run CMD untraced
         os.close(go_r)
+        try:
+            os.getpgid(mark)  # bpftrace's program adds this process to the job (see bpftrace.mark)
+        except ProcessLookupError:
+            pass  # ESRCH: always, no process has that id
         return run()
     except OvlrunError as e:
         message = e.message
@@ -170,10 +175,10 @@ def choose_tracer(wanted: str, is_root: bool) -> tuple[str, str, str]:
     return "strace", st, note
 
 
-def _start(kind: str, program: str, pid: int, map_keys: int) -> Tracer:
+def _start(kind: str, program: str, pid: int, mark: int, map_keys: int) -> Tracer:
     if kind == "bpftrace":
         bt = Bpftrace(program, map_keys)
-        bt.start(lambda fields, tracing: bpftrace.job_program(fields, pid, bpftrace.dup_probes(tracing)))
+        bt.start(lambda fields, tracing: bpftrace.job_program(fields, mark, bpftrace.dup_probes(tracing)))
         bt.wait_ready()
         return bt
     st = Strace(program)
@@ -201,12 +206,12 @@ def run(req: Request, prepare: Callable[[], None], exec_job: Callable[[], int], 
         gate = Gate(prepare, exec_job)
         localised = localised_paths(f"/proc/{gate.pid}/mountinfo" if mountinfo_of_job else "/proc/self/mountinfo")
         try:
-            tracer = _start(kind, program, gate.pid, req.map_keys)
+            tracer = _start(kind, program, gate.pid, gate.mark, req.map_keys)
         except OvlrunError as e:
             if req.tracer != "auto" or kind == "strace":
                 raise
             warn(f"{e.message}; using strace")
-            tracer = _start("strace", find_program("strace") or "strace", gate.pid, req.map_keys)
+            tracer = _start("strace", find_program("strace") or "strace", gate.pid, gate.mark, req.map_keys)
         forward = _forwarder(gate.pid)
         for s in FORWARDED:
             signal.signal(s, forward)
@@ -286,8 +291,9 @@ def _follow(req: Request, gate: Gate, tracer: Tracer, localised: list[str]) -> O
                     tracer.stop()
     uncounted = collect.finish()
     tally.finish()
-    outlived = sum(1 for pid in resolver.processes if pid != gate.pid and pid not in resolver.exited)
-    tally.processes = resolver.exits + outlived + (gate.pid not in resolver.exited)
+    first = resolver.first if resolver.first is not None else gate.pid  # the tracer's id for it
+    outlived = sum(1 for pid in resolver.processes if pid != first and pid not in resolver.exited)
+    tally.processes = resolver.exits + outlived + (first not in resolver.exited)
     complete = not notes and not (collect.lost or uncounted or resolver.untracked)
     return Outcome(status, tracer.name, tally, _notes(notes, collect, uncounted, resolver, tally, tracer, outlived),
                    complete)

@@ -52,6 +52,7 @@ class Resolver:
         self.untracked = 0  # children the tracer could not follow (their lookups are missing)
         self.exited: set[int] = set()
         self.exits = 0  # processes seen ending (ids are reused: a set would undercount)
+        self.first: int | None = None  # the job's first process, when the tracer names it
 
     def _process(self, pid: int) -> _Process:
         proc = self.processes.get(pid)
@@ -67,6 +68,10 @@ class Resolver:
         return proc
 
     def feed(self, raw: Raw) -> Iterator[Lookup]:
+        if raw.what == "first":
+            self.first = raw.pid
+            self.processes.setdefault(raw.pid, _Process(self.initial_cwd, {}))
+            return
         if raw.what == "fork":
             if raw.ret > 0:
                 # The child inherits what its parent has at the time of the fork: take a

@@ -46,7 +46,11 @@ mount -t devtmpfs devtmpfs /dev
 fail() { echo "OVLRUN-VM-INIT-FAILED: $*"; echo b > /proc/sysrq-trigger; }
 for m in $(cat /modules.order); do insmod "/modules/$m" || fail "insmod $m"; done
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro root /newroot || fail "9p root"
+# The checkout may itself lie under one of the directories that get a tmpfs (a clone in
+# /var/tmp): keep its 9p view aside and put it back on top of the tmpfs.
+mkdir -p /keep; mount --bind "/newroot@CHECKOUT@" /keep || fail "checkout"
 for d in tmp run var/tmp; do mount -t tmpfs -o mode=1777 tmpfs "/newroot/$d" || fail "tmpfs $d"; done
+mkdir -p "/newroot@CHECKOUT@" 2>/dev/null; mount --move /keep "/newroot@CHECKOUT@" || fail "checkout back"
 mkdir -p /newroot/run/ovlrun-vm/out /newroot/run/ovlrun-vm/modroot/lib/modules/@RELEASE@
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 out /newroot/run/ovlrun-vm/out || fail "9p out"
 mount --bind "/newroot@MODULES@" /newroot/run/ovlrun-vm/modroot/lib/modules/@RELEASE@ || fail "modules"
@@ -126,6 +130,7 @@ def build_initramfs(kernel: Kernel) -> Path:
         modules_on_host = str(kernel.modules)
         init = root / "init"
         init.write_text(INIT.replace("@RELEASE@", kernel.release).replace("@MODULES@", modules_on_host)
+                        .replace("@CHECKOUT@", str(Path(__file__).resolve().parents[2]))
                         .replace("@BOOTED@", BOOTED))
         init.chmod(0o755)
         files = subprocess.run("find . -print0 | cpio --null -o -H newc --quiet | gzip -1", shell=True, cwd=root,
