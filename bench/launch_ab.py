@@ -44,7 +44,7 @@ def launcher(checkout: Path, target: Path) -> Path:
 def write_profiles(lib_dirs: list[str], nfs: Path) -> None:
     d = SCRATCH / "profiles"
     d.mkdir(parents=True, exist_ok=True)
-    for where, root in (("local", TREE_DIR / "sw"), ("fuse", nfs / "sw")):
+    for where, root in (("local", TREE_DIR), ("fuse", nfs)):
         for n in COUNTS:
             patterns = ", ".join(json.dumps(p) for p in lib_dirs[:n])
             (d / f"{where}{n}.toml").write_text(f'[[tree]]\nroot = "{root}"\nlocalise = [{patterns}]\n')
@@ -62,7 +62,10 @@ def run(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
 
 
 def compare(a: list[str], b: list[str], env: dict[str, str], pairs: int) -> dict[str, float]:
-    for cmd in (a, b, a, b):  # warm-up: caches, the plan cache
+    for cmd in (a, b):  # warm-up (caches, the plan cache), which must not warn: all localised
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if r.returncode != 0 or r.stderr:
+            raise SystemExit(f"{cmd}: exit {r.returncode}: {r.stderr}")
         run(cmd, env)
     ra, rb = [], []
     for i in range(pairs):
