@@ -223,6 +223,13 @@ def test_root_imports_nothing_after_the_first_mount(world: World, test_user: str
     paths: no Python module file is opened by any launcher process between the first
     mount and the privilege drop, whether the launch mounts in-process (a local tree) or
     from its worker's threads (a tree on FUSE)."""
+    for lines in _trace_local_and_fuse_launches(world, test_user):
+        _assert_no_import_after_the_first_mount(lines)
+
+
+def _trace_local_and_fuse_launches(world: World, user: str = "") -> tuple[list[str], list[str]]:
+    """strace -f of a launch of two paths on the world's local tree, then on the same
+    tree served through faultfs."""
     if shutil.which("strace") is None:
         pytest.skip("strace is not installed")
     world.simple_profile(patterns=("app/1.0", "app/1.1"))
@@ -231,13 +238,13 @@ def test_root_imports_nothing_after_the_first_mount(world: World, test_user: str
     def local(argv: list[str]) -> subprocess.CompletedProcess[str]:
         return subprocess.run(argv, env=world.env, capture_output=True, text=True, timeout=120)
 
-    _assert_no_import_after_the_first_mount(_trace_launch(local, world.base / "local.strace", test_user))
+    on_disk = _trace_launch(local, world.base / "local.strace", user)
     backing, mnt = _fuse_tree(world, '"app/1.0", "app/1.1"')
     env = {**world.env, "PATH": "/usr/bin:/bin"}
     with FaultFS(world.base, backing, mnt) as fs:
         assert fs.ovlrun("snapshot", "build", "--profile", "p", env=env).returncode == 0
-        lines = _trace_launch(lambda argv: fs.run(argv, env=env, timeout=120), world.base / "fuse.strace", test_user)
-    _assert_no_import_after_the_first_mount(lines)
+        on_fuse = _trace_launch(lambda argv: fs.run(argv, env=env, timeout=120), world.base / "fuse.strace", user)
+    return on_disk, on_fuse
 
 
 def _trace_launch(run: Callable[[list[str]], subprocess.CompletedProcess[str]], log: Path,
@@ -332,21 +339,9 @@ def test_mount_phase_forks_its_bounded_worker_unless_every_tree_is_local(world: 
     and threads: a tree on a local disk cannot stall, so its launch mounts in-process and
     starts nothing; a tree on FUSE (NFS's stand-in) still goes through the worker.  The
     decision is made on the opened tree root's mount, not on its path."""
-    if shutil.which("strace") is None:
-        pytest.skip("strace is not installed")
-    world.simple_profile(patterns=("app/1.0", "app/1.1"))
-    world.build()
-
-    def local(argv: list[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(argv, env=world.env, capture_output=True, text=True, timeout=120)
-
-    assert _forks(_trace_launch(local, world.base / "local.strace")) == 0
-    backing, mnt = _fuse_tree(world, '"app/1.0", "app/1.1"')
-    env = {**world.env, "PATH": "/usr/bin:/bin"}
-    with FaultFS(world.base, backing, mnt) as fs:
-        assert fs.ovlrun("snapshot", "build", "--profile", "p", env=env).returncode == 0
-        lines = _trace_launch(lambda argv: fs.run(argv, env=env, timeout=120), world.base / "fuse.strace")
-    assert _forks(lines) >= 1
+    on_disk, on_fuse = _trace_local_and_fuse_launches(world)
+    assert _forks(on_disk) == 0
+    assert _forks(on_fuse) >= 1
 
 
 def _forks(lines: list[str]) -> int:
