@@ -257,7 +257,8 @@ def _root_problem(root: str, cache: dict[str, str], lock: _thread.LockType) -> s
 
 def _mount_all(items: list[MountItem], image_fds: list[int], features: Features, report: Report,
                threads: bool) -> None:
-    """In the worker: one tmpfs over each store's ``snapshots/`` (one store per launch,
+    """In the worker from ``threads`` (or in the launch itself, one by one, where nothing
+    can stall): one tmpfs over each store's ``snapshots/`` (one store per launch,
     normally), with a ``KEY/ID/tree`` directory per item where its image is attached
     while its overlay is made; detached (with the image mounts on it) once all are made.
     One tmpfs for all paths, not one each: a launch of 20 paths saves 38 mount and
