@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.standin.server import StandIn  # noqa: E402
-from bench.tree import TREE_DIR, ensure_tree  # noqa: E402
+from bench.tree import BENCH_CACHE, TREE_DIR, ensure_tree  # noqa: E402
 
-SCRATCH = Path("/var/tmp/ovlrun-bench-launch-ab")
+SCRATCH = BENCH_CACHE / "launch-ab"
 COUNTS = (1, 20, 100)
 FLOOR = "python -I -S -c pass"
 
