@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -219,19 +220,44 @@ def test_job_gets_the_callers_limits_back_through_sudo(world: World, test_user: 
 
 def test_root_imports_nothing_after_the_first_mount(world: World, test_user: str) -> None:
     """README: after the first mount root imports nothing.  strace -f of a launch of two
-    paths (the mount threads): no Python module file is opened by any launcher process
-    between the first mount and the privilege drop."""
+    paths: no Python module file is opened by any launcher process between the first
+    mount and the privilege drop, whether the launch mounts in-process (a local tree) or
+    from its worker's threads (a tree on FUSE)."""
+    for lines in _trace_local_and_fuse_launches(world, test_user):
+        _assert_no_import_after_the_first_mount(lines)
+
+
+def _trace_local_and_fuse_launches(world: World, user: str = "") -> tuple[list[str], list[str]]:
+    """strace -f of a launch of two paths on the world's local tree, then on the same
+    tree served through faultfs."""
     if shutil.which("strace") is None:
         pytest.skip("strace is not installed")
     world.simple_profile(patterns=("app/1.0", "app/1.1"))
     world.build()
-    log = world.base / "strace.log"
-    r = subprocess.run(["strace", "-f", "-qq", "-o", str(log), "-e",
-                        "trace=open,openat,openat2,mount,fsmount,move_mount,setgroups,setresuid,execve",
-                        sys.executable, "-m", "ovlrun", "--profile", "p", "--user", test_user, "--", "true"],
-                       env=world.env, capture_output=True, text=True, timeout=120)
+
+    def local(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, env=world.env, capture_output=True, text=True, timeout=120)
+
+    on_disk = _trace_launch(local, world.base / "local.strace", user)
+    backing, mnt = _fuse_tree(world, '"app/1.0", "app/1.1"')
+    env = {**world.env, "PATH": "/usr/bin:/bin"}
+    with FaultFS(world.base, backing, mnt) as fs:
+        assert fs.ovlrun("snapshot", "build", "--profile", "p", env=env).returncode == 0
+        on_fuse = _trace_launch(lambda argv: fs.run(argv, env=env, timeout=120), world.base / "fuse.strace", user)
+    return on_disk, on_fuse
+
+
+def _trace_launch(run: Callable[[list[str]], subprocess.CompletedProcess[str]], log: Path,
+                  user: str = "") -> list[str]:
+    """strace -f of a launch of profile p: opens, mounts, the privilege drop, forks."""
+    r = run(["strace", "-f", "-qq", "-o", str(log), "-e",
+             "trace=open,openat,openat2,mount,fsmount,move_mount,setgroups,setresuid,execve,clone,clone3,fork,vfork",
+             sys.executable, "-m", "ovlrun", "--profile", "p", *(["--user", user] if user else []), "--", "true"])
     assert r.returncode == 0, r.stderr
-    lines = log.read_text().splitlines()
+    return log.read_text().splitlines()
+
+
+def _assert_no_import_after_the_first_mount(lines: list[str]) -> None:
     first_mount = next(i for i, line in enumerate(lines) if re.search(r"\b(mount|fsmount|move_mount)\(", line)
                        and not re.search(r"= -1 ", line))
     drop = next(i for i, line in enumerate(lines) if i > first_mount and re.search(r"\b(setgroups|setresuid)\(", line))
@@ -306,3 +332,18 @@ def test_loop_devices_are_bounded_by_images_not_by_jobs(world: World, test_user:
         for p in jobs:
             p.communicate("")
     assert len(held) <= 3, held
+
+
+def test_mount_phase_forks_its_bounded_worker_unless_every_tree_is_local(world: World) -> None:
+    """The worker that bounds the mount phase (a stalled tree) costs every launch a fork
+    and threads: a tree on a local disk cannot stall, so its launch mounts in-process and
+    starts nothing; a tree on FUSE (NFS's stand-in) still goes through the worker.  The
+    decision is made on the opened tree root's mount, not on its path."""
+    on_disk, on_fuse = _trace_local_and_fuse_launches(world)
+    assert _forks(on_disk) == 0
+    assert _forks(on_fuse) >= 1
+
+
+def _forks(lines: list[str]) -> int:
+    """Processes and threads a traced launch started."""
+    return sum(1 for line in lines if re.search(r"\b(clone3?|v?fork)\(", line))

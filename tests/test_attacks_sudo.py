@@ -167,10 +167,13 @@ def test_generated_launcher_keeps_the_stdlib_first(tmp_path: Path) -> None:
     # Run the launcher with its final import replaced by a report of sys.path.
     text = target.read_text()
     assert "from ovlrun.cli.main import main; sys.exit(main())" in text
-    target.write_text(text.replace("from ovlrun.cli.main import main; sys.exit(main())",
-                                   "import json; print(json.dumps(sys.path))"))
-    out = subprocess.run(["/bin/sh", str(target)], capture_output=True, text=True, check=True, cwd="/").stdout
-    path = json.loads(out)
+    target.write_text(text.replace(
+        "from ovlrun.cli.main import main; sys.exit(main())",
+        "import json; print(json.dumps([sys.path, sys.flags.isolated, sys.flags.no_site, 'site' in sys.modules]))"))
+    out = subprocess.run([str(target)], capture_output=True, text=True, check=True, cwd="/",
+                         env={**os.environ, "PYTHONPATH": "/nonexistent"}).stdout
+    path, isolated, no_site, site_loaded = json.loads(out)
+    assert isolated and no_site and not site_loaded and "/nonexistent" not in path
     stdlib = sysconfig.get_paths()["stdlib"]
     assert path.index(stdlib) < path.index(str(REPO))
     assert all(path.index(stdlib) < path.index(p) for p in path if "site-packages" in p)

@@ -233,3 +233,27 @@ def test_site_configuration_that_is_a_fifo_is_refused_at_once(tmp_path: os.PathL
     r = subprocess.run([sys.executable, "-c", code, conf], capture_output=True, text=True, timeout=30,
                        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
     assert r.stdout.strip() == f"site configuration {conf} is not a regular file", r
+
+
+LOCALITY = (
+    "23 1 254:0 / / rw - ext4 /dev/vda rw\n"
+    "30 23 0:40 / /sw rw - nfs4 server:/sw rw\n"
+    "31 30 254:1 / /sw/local rw - xfs /dev/vdb rw\n"
+    "32 23 0:41 / /tmp rw - tmpfs tmpfs rw\n"
+    "33 23 7:0 / /images rw - ext4 /dev/loop0 rw\n"
+    "34 32 0:42 / /tmp/fuse rw - fuse.sshfs host:/x rw\n"
+)
+
+
+def test_mounts_local_follows_each_mount_up_to_the_root(tmp_path: os.PathLike[str]) -> None:
+    """Local: a disk or memory file system, and every mount it hangs on; a mount on NFS
+    (even a local disk mounted below it: walking to it asks the server), FUSE, a loop
+    device (its file may be remote) or one the table does not list is not."""
+    path = os.path.join(tmp_path, "mountinfo")
+    with open(path, "w") as f:
+        f.write(LOCALITY)
+    assert mountinfo.mounts_local({23, 32}, path)
+    assert mountinfo.mounts_local(set(), path)
+    for remote in (30, 31, 33, 34, 99):
+        assert not mountinfo.mounts_local({23, remote}, path), remote
+    assert not mountinfo.mounts_local({23}, os.path.join(tmp_path, "absent"))

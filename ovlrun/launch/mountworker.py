@@ -12,18 +12,21 @@ mounts is the job's) that reports each item as soon as it is done, and waits for
 reports at most ``timeout`` seconds.  Past that it gives up (:class:`MountStalled`, exit
 125): the worker is left with a pending SIGKILL (and PR_SET_PDEATHSIG) and exits as soon
 as its request completes, taking nothing with it, since its mounts are in the job's
-namespace, which dies with it.  Costs one fork per launch (about 1 ms).
+namespace, which dies with it.  Costs one fork per launch (1-3 ms of CPU), so a mount
+phase that cannot stall (every image and tree root on a local file system:
+``ovlrun.launch.mount``) skips it: :func:`run_here` runs the same work in the launch's
+own process and hands back its failures exactly as a worker's would come back.
 
-On the launch path: standard library modules that are builtins or already loaded, and
-python-prctl (loaded for the privilege drop anyway); nothing after the first mount.
+On the launch path: standard library modules that are builtins or already loaded;
+nothing after the first mount.
 """
 
 from __future__ import annotations
 
+import _thread
 import marshal
 import os
 import select
-import threading
 import time
 
 from ovlrun.errors import OvlrunError
@@ -107,32 +110,76 @@ def _worker(labels: list[str], work: Callable[[Report], None], w: int, parent: i
     null = os.open(os.devnull, os.O_RDWR)  # fd 0: the lowest free
     os.dup2(null, 1)
     os.dup2(null, 2)
-    lock = threading.Lock()
+    lock = _thread.allocate_lock()
 
     def report(i: int, failure: BaseException | None) -> None:
-        record: tuple[int, str, str, str]
-        if failure is None:
-            record = (i, "", "", "")
-        elif isinstance(failure, OvlrunError):
-            record = (i, type(failure).__name__, failure.message, str(getattr(failure, "root_problem", "")))
-        elif isinstance(failure, OSError):  # a call's failure the work gave no context
-            record = (i, "OvlrunError", f"cannot localise {labels[i]}: {failure}", "")
-        else:  # a bug: told, never a traceback to the user
-            record = (i, "OvlrunError", f"internal error while mounting {labels[i]}: {failure!r}", "")
-        _send(w, lock, record)
+        _send(w, lock, _record(labels, i, failure))
 
-    try:
-        work(report)
-    except OvlrunError as e:
-        _send(w, lock, (-1, "OvlrunError", e.message, ""))
-    except OSError as e:
-        _send(w, lock, (-1, "OvlrunError", f"cannot mount the localised paths: {e}", ""))
-    except BaseException as e:
-        _send(w, lock, (-1, "OvlrunError", f"internal error while mounting: {e!r}", ""))
+    message = _run(work, report)
+    if message is not None:
+        _send(w, lock, (-1, "OvlrunError", message, ""))
     return 0
 
 
-def _send(w: int, lock: threading.Lock, record: tuple[int, str, str, str]) -> None:
+def run_here(labels: list[str], work: Callable[[Report], None], failures: dict[str, type[OvlrunError]]
+             ) -> list[BaseException | None]:
+    """:func:`run_in_worker` without the worker, for a mount phase that cannot stall (no
+    remote file system on the way: :func:`ovlrun.linux.mountinfo.all_local`): the same
+    work in this process, and each failure as the launch would get it back from a worker
+    (the same records, rebuilt the same way), so both ways behave alike."""
+    result: list[BaseException | None] = [None] * len(labels)
+    reported: set[int] = set()
+
+    def report(i: int, failure: BaseException | None) -> None:
+        reported.add(i)
+        result[i] = _rebuild(_record(labels, i, failure), failures)
+
+    message = _run(work, report)
+    if message is not None:
+        raise OvlrunError(message)
+    if len(reported) != len(labels):
+        raise OvlrunError("internal error while mounting: an item was not reported")
+    return result
+
+
+def _run(work: Callable[[Report], None], report: Report) -> str | None:
+    """``work(report)``; the message of its own failure, if it failed."""
+    try:
+        work(report)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except OvlrunError as e:
+        return e.message
+    except OSError as e:
+        return f"cannot mount the localised paths: {e}"
+    except BaseException as e:
+        return f"internal error while mounting: {e!r}"
+    return None
+
+
+def _record(labels: list[str], i: int, failure: BaseException | None) -> tuple[int, str, str, str]:
+    """What crosses back for item ``i``: (i, class name or "", message, root problem)."""
+    if failure is None:
+        return (i, "", "", "")
+    if isinstance(failure, OvlrunError):
+        return (i, type(failure).__name__, failure.message, str(getattr(failure, "root_problem", "")))
+    if isinstance(failure, OSError):  # a call's failure the work gave no context
+        return (i, "OvlrunError", f"cannot localise {labels[i]}: {failure}", "")
+    # a bug: told, never a traceback to the user
+    return (i, "OvlrunError", f"internal error while mounting {labels[i]}: {failure!r}", "")
+
+
+def _rebuild(record: tuple[int, str, str, str], classes: dict[str, type[OvlrunError]]) -> BaseException | None:
+    _, kind, message, problem = record
+    if not kind:
+        return None
+    failure = classes.get(kind, OvlrunError)(message)
+    if problem:
+        failure.root_problem = problem  # type: ignore[attr-defined]
+    return failure
+
+
+def _send(w: int, lock: _thread.LockType, record: tuple[int, str, str, str]) -> None:
     data = marshal.dumps(record)
     frame = len(data).to_bytes(4, "little") + data
     with lock:  # whole frames only: threads report concurrently
@@ -161,17 +208,14 @@ def _collect(labels: list[str], classes: dict[str, type[OvlrunError]], r: int, p
         buffer += chunk
         while len(buffer) >= 4 and len(buffer) >= 4 + int.from_bytes(buffer[:4], "little"):
             size = int.from_bytes(buffer[:4], "little")
-            i, kind, message, problem = marshal.loads(buffer[4:4 + size])
+            record = marshal.loads(buffer[4:4 + size])
             buffer = buffer[4 + size:]
+            i = record[0]
             if i < 0:
                 os.waitpid(pid, 0)
-                raise OvlrunError(message)
+                raise OvlrunError(record[2])
             done.add(i)
-            if kind:
-                failure = classes.get(kind, OvlrunError)(message)
-                if problem:
-                    failure.root_problem = problem  # type: ignore[attr-defined]
-                failures[i] = failure
+            failures[i] = _rebuild(record, classes)
     _, wstatus = os.waitpid(pid, 0)
     if len(done) != len(labels):
         raise OvlrunError(f"the mount worker exited early (status {os.waitstatus_to_exitcode(wstatus)})")

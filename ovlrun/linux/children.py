@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 from ovlrun.errors import OvlrunError
+from ovlrun.linux import syscalls
 
 # pickle (which imports re) and traceback are imported where used, in the child and on
 # its report's way back: the launch path imports this module (through namespaces) and
@@ -73,13 +74,11 @@ def die_with_parent(parent: int) -> None:
     """SIGKILL this process when ``parent`` dies (PR_SET_PDEATHSIG).  Set it again after any
     credential change: the kernel clears it then (:func:`ovlrun.linux.privileges.drop_to`
     does).  If the parent is already gone, no signal will come: exit now."""
-    import prctl
-
     if TYPE_CHECKING:
         import signal as _signal
     else:
         import _signal  # not signal: its enum wrappers cost a launch's mount worker ~1 ms
 
-    prctl.set_pdeathsig(_signal.SIGKILL)
+    syscalls.set_pdeathsig(_signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(1)

@@ -14,9 +14,8 @@ from __future__ import annotations
 import os
 import pwd
 
-import prctl
-
 from ovlrun.errors import OvlrunError
+from ovlrun.linux import syscalls
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: this module is on the launch path
@@ -77,7 +76,7 @@ def _last_cap() -> int:
         with open("/proc/sys/kernel/cap_last_cap") as f:
             return int(f.read())
     except (OSError, ValueError):
-        return int(max(prctl.ALL_CAPS))
+        return syscalls.last_capability()
 
 
 def capability_sets() -> dict[str, int]:
@@ -92,20 +91,20 @@ def drop_to(ident: Identity) -> None:
     the kernel clears it on a credential change, so it is set again, and delivered at once
     if the parent died meanwhile.
     """
-    death = prctl.get_pdeathsig()
+    death = syscalls.get_pdeathsig()
     parent = os.getppid()
     try:
-        prctl.set_keepcaps(False)
+        syscalls.prctl(syscalls.PR_SET_KEEPCAPS, 0)
         for cap in range(_last_cap() + 1):
-            prctl.capbset_drop(cap)
+            syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
         os.setgroups(list(ident.groups))
         os.setresgid(ident.gid, ident.gid, ident.gid)
         os.setresuid(ident.uid, ident.uid, ident.uid)
-        prctl.set_no_new_privs(True)
+        syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
     except OSError as e:
         raise OvlrunError(f"cannot drop privileges to {ident.name}: {e.strerror}") from None
     if death:
-        prctl.set_pdeathsig(death)
+        syscalls.set_pdeathsig(death)
         if os.getppid() != parent:
             os.kill(os.getpid(), death)
     verify_dropped(ident)
